@@ -1,0 +1,159 @@
+"""Visual and audio encoders: R(2+1)D-18 and a 1-channel-stem ResNet-18 (torchvision's block structure).
+
+Both follow torchvision's `r2plus1d_18` / `resnet18` without the classifier: at `width=1.0` and
+`blocks_per_stage=2` the parameter counts equal torchvision's (tests/test_models.py states them).
+Submodule names mirror torchvision's state-dict structure so that `iaca_jax.convert_torch` is a name map.
+Inputs are channels-last: video (N, T, H, W, 3), spectrogram (N, H=mels, W=time, 1).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch BatchNorm: momentum 0.1 on the new value == Flax momentum 0.9 on the running value.
+_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+BASE_WIDTHS = (64, 128, 256, 512)
+R2PLUS1D_STEM_WIDTH = 45
+
+
+def scaled_widths(width: float) -> tuple[int, ...]:
+  """Channel counts of the four stages at a width multiplier (1.0 = torchvision)."""
+  return tuple(max(1, int(round(c * width))) for c in BASE_WIDTHS)
+
+
+def r2plus1d_mid_channels(in_channels: int, out_channels: int) -> int:
+  """torchvision's midplanes: keeps the (2+1)D block's parameter count equal to a full 3x3x3 conv."""
+  return (in_channels * out_channels * 27) // (in_channels * 9 + 3 * out_channels)
+
+
+class Conv2Plus1D(nn.Module):
+  """A 1x3x3 spatial conv, BatchNorm, ReLU, then a 3x1x1 temporal conv (torchvision `Conv2Plus1D`)."""
+
+  mid_channels: int
+  out_channels: int
+  stride: int = 1
+  frozen_bn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    s = self.stride
+    x = nn.Conv(self.mid_channels, (1, 3, 3), (1, s, s), padding=((0, 0), (1, 1), (1, 1)),
+                use_bias=False, dtype=self.dtype, name='spatial_conv')(x)
+    x = _BatchNorm(use_running_average=not train or self.frozen_bn, dtype=self.dtype, name='mid_bn')(x)
+    x = nn.relu(x)
+    return nn.Conv(self.out_channels, (3, 1, 1), (s, 1, 1), padding=((1, 1), (0, 0), (0, 0)),
+                   use_bias=False, dtype=self.dtype, name='temporal_conv')(x)
+
+
+class BasicBlock3D(nn.Module):
+  """Residual block of two (2+1)D convs; a strided 1x1x1 conv shortcut when the shape changes."""
+
+  channels: int
+  stride: int = 1
+  frozen_bn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    bn = functools.partial(_BatchNorm, use_running_average=not train or self.frozen_bn, dtype=self.dtype)
+    conv = functools.partial(Conv2Plus1D, r2plus1d_mid_channels(x.shape[-1], self.channels), self.channels,
+                             frozen_bn=self.frozen_bn, dtype=self.dtype)
+    y = nn.relu(bn(name='bn1')(conv(stride=self.stride, name='conv1')(x, train=train)))
+    y = bn(name='bn2')(conv(stride=1, name='conv2')(y, train=train))
+    if self.stride != 1 or x.shape[-1] != self.channels:
+      x = nn.Conv(self.channels, (1, 1, 1), (self.stride,) * 3, use_bias=False, dtype=self.dtype,
+                  name='downsample_conv')(x)
+      x = bn(name='downsample_bn')(x)
+    return nn.relu(y + x)
+
+
+class R2Plus1D18(nn.Module):
+  """R(2+1)D-18 trunk; returns the layer-4 feature map without pooling.
+
+  Input (N, T, H, W, 3); output (N, T/8, H/16, W/16, 512 * width): (N, 1, 7, 7, 512) for 8x112x112 clips.
+  """
+
+  width: float = 1.0
+  blocks_per_stage: int = 2
+  frozen_bn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    bn = functools.partial(_BatchNorm, use_running_average=not train or self.frozen_bn, dtype=self.dtype)
+    widths = scaled_widths(self.width)
+    stem = max(1, int(round(R2PLUS1D_STEM_WIDTH * self.width)))
+    x = x.astype(self.dtype)
+    x = nn.Conv(stem, (1, 7, 7), (1, 2, 2), padding=((0, 0), (3, 3), (3, 3)), use_bias=False,
+                dtype=self.dtype, name='stem_spatial_conv')(x)
+    x = nn.relu(bn(name='stem_spatial_bn')(x))
+    x = nn.Conv(widths[0], (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), use_bias=False,
+                dtype=self.dtype, name='stem_temporal_conv')(x)
+    x = nn.relu(bn(name='stem_temporal_bn')(x))
+    for stage, channels in enumerate(widths):
+      for block in range(self.blocks_per_stage):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock3D(channels, stride, self.frozen_bn, self.dtype,
+                         name=f'layer{stage + 1}_{block}')(x, train=train)
+    return x
+
+
+class BasicBlock2D(nn.Module):
+  """ResNet basic block: two 3x3 convs with BatchNorm; a strided 1x1 conv shortcut when needed."""
+
+  channels: int
+  stride: int = 1
+  frozen_bn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    bn = functools.partial(_BatchNorm, use_running_average=not train or self.frozen_bn, dtype=self.dtype)
+    conv = functools.partial(nn.Conv, self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                             dtype=self.dtype)
+    y = nn.relu(bn(name='bn1')(conv(strides=(self.stride, self.stride), name='conv1')(x)))
+    y = bn(name='bn2')(conv(name='conv2')(y))
+    if self.stride != 1 or x.shape[-1] != self.channels:
+      x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=False, dtype=self.dtype,
+                  name='downsample_conv')(x)
+      x = bn(name='downsample_bn')(x)
+    return nn.relu(y + x)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 trunk with global average pooling.
+
+  Input (N, H, W, C_in) (a log-mel is (N, 64, 104, 1)); output (N, 512 * width).
+  """
+
+  width: float = 1.0
+  blocks_per_stage: int = 2
+  frozen_bn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    bn = functools.partial(_BatchNorm, use_running_average=not train or self.frozen_bn, dtype=self.dtype)
+    widths = scaled_widths(self.width)
+    x = x.astype(self.dtype)
+    x = nn.Conv(widths[0], (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
+                name='conv1')(x)
+    x = nn.relu(bn(name='bn1')(x))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for stage, channels in enumerate(widths):
+      for block in range(self.blocks_per_stage):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock2D(channels, stride, self.frozen_bn, self.dtype,
+                         name=f'layer{stage + 1}_{block}')(x, train=train)
+    return jnp.mean(x, axis=(1, 2))
+
+
+def encoder_output_channels(width: float) -> int:
+  return scaled_widths(width)[-1]

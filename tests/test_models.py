@@ -1,0 +1,199 @@
+"""Model family: shapes under jit for every block/gate combination, torchvision parameter counts,
+gates, the layout switch and the spatial attention against NumPy."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from iaca_jax.models import (AudioGuidedSpatialAttention, FusionGate, IACAModel, R2Plus1D18, ResNet18,
+                             CROSS_ATTENTION_TYPES)
+from iaca_jax.models.attention import torch_quirk_layout
+from iaca_jax.models.gates import gate_weights
+
+TINY = dict(features=16, lstm_hidden=8, head_hidden=8, encoder_width=0.125, encoder_blocks_per_stage=1)
+
+
+def count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def feature_batch(rng, batch=2, clips=4, channels=8, hw=3):
+  k1, k2 = jax.random.split(rng)
+  return {'video_features': jax.random.normal(k1, (batch, clips, hw, hw, channels)),
+          'audio_features': jax.random.normal(k2, (batch, clips, channels))}
+
+
+# torchvision's published totals, and the parts of them that our trunks leave out.
+TORCHVISION_R2PLUS1D_18 = 31_505_325       # torchvision.models.video.r2plus1d_18(num_classes=400)
+TORCHVISION_RESNET18 = 11_689_512          # torchvision.models.resnet18(num_classes=1000)
+
+
+def test_encoder_parameter_counts_equal_torchvision():
+  video = jax.eval_shape(lambda: R2Plus1D18().init(jax.random.key(0), jnp.ones((1, 8, 112, 112, 3))))
+  audio = jax.eval_shape(lambda: ResNet18().init(jax.random.key(0), jnp.ones((1, 64, 104, 1))))
+  r2plus1d_fc = 512 * 400 + 400
+  resnet_fc = 512 * 1000 + 1000
+  rgb_stem_minus_mono_stem = 64 * 7 * 7 * (3 - 1)
+  assert count(video['params']) == TORCHVISION_R2PLUS1D_18 - r2plus1d_fc == 31_300_125
+  assert count(audio['params']) == TORCHVISION_RESNET18 - resnet_fc - rgb_stem_minus_mono_stem == 11_170_240
+  # BatchNorm running statistics (mean and var of every BN layer) live outside `params`.
+  assert count(video['batch_stats']) == 25_350
+
+
+def test_encoder_output_shapes_and_small_variants():
+  video_out = jax.eval_shape(lambda: R2Plus1D18().init_with_output(
+      jax.random.key(0), jnp.ones((1, 8, 112, 112, 3)))[0])
+  assert video_out.shape == (1, 1, 7, 7, 512)
+  audio_out = jax.eval_shape(lambda: ResNet18().init_with_output(jax.random.key(0), jnp.ones((2, 64, 104, 1)))[0])
+  assert audio_out.shape == (2, 512)
+  small = R2Plus1D18(width=0.125, blocks_per_stage=1)
+  out, variables = jax.jit(small.init_with_output)(jax.random.key(0), jnp.ones((1, 8, 112, 112, 3)))
+  assert out.shape == (1, 1, 7, 7, 64) and np.isfinite(np.asarray(out)).all()
+  assert count(variables['params']) < 31_300_125 / 50
+
+
+@pytest.mark.parametrize('frozen', [False, True])
+def test_batchnorm_runs_frozen(frozen):
+  model = ResNet18(width=0.125, blocks_per_stage=1, frozen_bn=frozen)
+  x = jax.random.normal(jax.random.key(1), (4, 64, 104, 1)) * 3 + 1
+  variables = model.init(jax.random.key(0), x)
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'],
+                                         updates['batch_stats']))
+  assert all(changed) if not frozen else not any(changed)
+
+
+COMBINATIONS = [(ca, gating, stage2) for ca in CROSS_ATTENTION_TYPES
+                for gating, stage2 in [('none', 'modality'), ('stage1', 'modality'), ('iaca', 'modality'),
+                                       ('iaca', 'sum'), ('iaca', 'iteration'), ('iaca', 'raw')]]
+
+
+@pytest.mark.parametrize('cross_attention,gating,stage2', COMBINATIONS)
+def test_every_combination_composes_under_jit(cross_attention, gating, stage2):
+  model = IACAModel(**TINY, cross_attention=cross_attention, gating=gating, stage2=stage2)
+  batch = feature_batch(jax.random.key(0))
+  variables = model.init({'params': jax.random.key(1)}, batch)
+  apply = jax.jit(lambda v, b, rng: model.apply(v, b, train=True, rngs={'dropout': rng}))
+  predictions, aux = apply(variables, batch, jax.random.key(2))
+  assert predictions.shape == (2, 4, 2)
+  assert np.isfinite(np.asarray(predictions)).all()
+  assert aux['score_audio'].shape == aux['score_video'].shape == (2, 4)
+  assert aux['spatial_attention'].shape == (2, 4, 9)
+  for weights in aux['gates'].values():
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_raw_inputs_through_small_encoders_and_train_eval_modes():
+  model = IACAModel(**TINY)
+  rng = jax.random.key(0)
+  batch = {'video': jax.random.normal(rng, (1, 4, 8, 32, 32, 3)),
+           'audio': jax.random.normal(rng, (1, 4, 64, 104))}
+  variables = jax.jit(lambda r: model.init({'params': r}, batch))(jax.random.key(1))
+  assert set(variables['params']['encoders']) == {'video_encoder', 'audio_encoder'}
+  eval_fn = jax.jit(lambda v, b: model.apply(v, b, train=False)[0])
+  first, second = eval_fn(variables, batch), eval_fn(variables, batch)
+  np.testing.assert_array_equal(first, second)               # eval is deterministic
+  train_fn = jax.jit(lambda v, b, r: model.apply(v, b, train=True, rngs={'dropout': r},
+                                                 mutable=['batch_stats'])[0][0])
+  a, b = train_fn(variables, batch, jax.random.key(3)), train_fn(variables, batch, jax.random.key(4))
+  assert first.shape == (1, 4, 2) and not np.allclose(a, b)  # dropout follows the rng
+  # Frozen encoders pass no gradient.
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, batch)[0])))(variables["params"])
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads['encoders']))
+  assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads['joint_temporal']))
+
+
+def test_torch_layout_matches_numpy_view_of_channel_major_map():
+  rng = np.random.default_rng(0)
+  nhwc = rng.normal(size=(2, 7, 7, 512)).astype(np.float32)
+  # PyTorch: the map is (C, H, W); the authors flatten it and view the vector as (49, 512).
+  torch_view = np.transpose(nhwc, (0, 3, 1, 2)).reshape(2, -1).reshape(2, 49, 512)
+  ours = torch_quirk_layout(jnp.asarray(nhwc.reshape(2, 49, 512)))
+  np.testing.assert_array_equal(np.asarray(ours), torch_view)
+
+
+@pytest.mark.parametrize('torch_layout', [False, True])
+def test_spatial_attention_matches_numpy(torch_layout):
+  rng = jax.random.key(0)
+  visual = jax.random.normal(rng, (2, 3, 2, 2, 6))
+  audio = jax.random.normal(jax.random.key(1), (2, 3, 5))
+  module = AudioGuidedSpatialAttention(features=4, torch_layout=torch_layout)
+  variables = module.init(jax.random.key(2), visual, audio)
+  out, attention = module.apply(variables, visual, audio)
+  p = jax.tree.map(np.asarray, variables['params'])
+  dense = lambda x, name: x @ p[name]['kernel'] + p[name].get('bias', 0.0)
+  values = np.asarray(visual).reshape(2, 3, 4, 6)
+  if torch_layout:
+    values = np.transpose(values, (0, 1, 3, 2)).reshape(2, 3, 24).reshape(2, 3, 4, 6)
+  expected_out = np.zeros((2, 3, 4))
+  expected_attn = np.zeros((2, 3, 4))
+  for b, l in itertools.product(range(2), range(3)):
+    v = values[b, l]                                              # (P, C)
+    u = np.maximum(dense(v, 'affine_video'), 0)
+    g = np.maximum(dense(np.asarray(audio)[b, l], 'affine_audio'), 0)
+    s, t = dense(u, 'affine_v'), dense(g, 'affine_g')             # (P, P), (P,)
+    z = np.array([np.sum(p['affine_h']['kernel'][:, 0] * np.tanh(s[i] + t[i])) for i in range(4)])
+    alpha = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    expected_attn[b, l] = alpha
+    expected_out[b, l] = dense(alpha @ v, 'affine_feat')
+  np.testing.assert_allclose(np.asarray(attention), expected_attn, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), expected_out, atol=1e-5)
+
+
+def test_gate_weights_sum_to_one_and_pick_one_branch_as_temperature_vanishes():
+  logits = jax.random.normal(jax.random.key(0), (3, 5, 2))
+  np.testing.assert_allclose(np.asarray(gate_weights(logits, 0.1)).sum(-1), 1.0, rtol=1e-6)
+  hard = np.asarray(gate_weights(logits, 1e-6))
+  np.testing.assert_array_equal(hard, np.eye(2)[np.argmax(np.asarray(logits), -1)])
+
+  gate = FusionGate(gating='stage1', temperature=1e-6)
+  x, att = jnp.ones((1, 4, 3)), -2 * jnp.ones((1, 4, 3))
+  variables = gate.init(jax.random.key(0), x, x, att, att, [(att, att)])
+  fused, gates = gate.apply(variables, x, x, att, att, [(att, att)])
+  picks = np.asarray(gates['video']).argmax(-1)
+  expected = np.where(picks[..., None] == 0, 1.0, 0.0) * np.ones((1, 4, 3))  # relu(x)=1 or relu(att)=0
+  np.testing.assert_allclose(np.asarray(fused[..., :3]), expected, atol=1e-6)
+
+
+def test_stage2_learns_to_down_weight_a_constant_modality():
+  """Both modalities carry the target; each is replaced by a constant in its own time steps. IACA's
+  stage 2 should turn, per time step, to the modality that still carries the signal."""
+  rng = np.random.default_rng(0)
+  batch, clips, dim = 64, 8, 8
+  signal = rng.normal(size=(batch, clips, 1))
+  audio = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
+  video = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
+  which = rng.integers(0, 3, size=(batch, clips))          # 0 clean, 1 audio corrupted, 2 video corrupted
+  audio = np.where((which == 1)[..., None], 2.0, audio)
+  video = np.where((which == 2)[..., None], 2.0, video)
+  audio, video, target = (jnp.asarray(x, jnp.float32) for x in (audio, video, signal[..., 0]))
+  gate = FusionGate(gating='iaca', stage2='modality')
+  mlp = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(1)])
+  head = lambda params, fused: mlp.apply({'params': params['head']}, fused)[..., 0]
+  params = {'gate': gate.init(jax.random.key(0), audio, video, audio, video, [])['params'],
+            'head': mlp.init(jax.random.key(1), jnp.zeros((1, 2 * dim)))['params']}
+  optimizer = optax.adam(1e-2)
+  opt_state = optimizer.init(params)
+
+  def loss_fn(p):
+    fused, gates = gate.apply({'params': p['gate']}, audio, video, audio, video, [])
+    return jnp.mean((head(p, fused) - target) ** 2), gates
+
+  @jax.jit
+  def step(p, s):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+    updates, s = optimizer.update(grads, s)
+    return optax.apply_updates(p, updates), s, loss
+
+  for _ in range(800):
+    params, opt_state, loss = step(params, opt_state)
+  _, gates = loss_fn(params)
+  audio_weight = np.asarray(gates['modality'][..., 0])
+  assert float(loss) < 0.1
+  assert audio_weight[which == 1].mean() < 0.1           # constant audio: weight on video
+  assert audio_weight[which == 2].mean() > 0.9           # constant video: weight on audio
