@@ -12,7 +12,9 @@ import pytest
 
 from iaca_jax.models import (AudioGuidedSpatialAttention, FusionGate, IACAModel, R2Plus1D18, ResNet18,
                              CROSS_ATTENTION_TYPES)
+from iaca_jax import train_lib
 from iaca_jax.models.attention import torch_quirk_layout
+from iaca_jax.models.encoders import FactoredConv3D
 from iaca_jax.models.gates import gate_weights
 
 TINY = dict(features=16, lstm_hidden=8, head_hidden=8, encoder_width=0.125, encoder_blocks_per_stage=1)
@@ -45,6 +47,18 @@ def test_encoder_parameter_counts_equal_torchvision():
   assert count(video['batch_stats']) == 25_350
 
 
+@pytest.mark.parametrize('kernel,strides', [((1, 3, 3), (1, 2, 2)), ((1, 7, 7), (1, 2, 2)), ((3, 1, 1), (2, 1, 1)),
+                                            ((3, 1, 1), (1, 1, 1)), ((1, 1, 1), (2, 2, 2))])
+def test_factored_conv_equals_a_3d_convolution(kernel, strides):
+  x = jax.random.normal(jax.random.key(0), (2, 8, 14, 14, 5))
+  conv = FactoredConv3D(6, kernel, strides)
+  variables = conv.init(jax.random.key(1), x)
+  padding = [(k // 2, k // 2) for k in kernel]
+  expected = jax.lax.conv_general_dilated(x, variables['params']['kernel'], strides, padding,
+                                          dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+  np.testing.assert_allclose(np.asarray(conv.apply(variables, x)), np.asarray(expected), atol=1e-5)
+
+
 def test_encoder_output_shapes_and_small_variants():
   video_out = jax.eval_shape(lambda: R2Plus1D18().init_with_output(
       jax.random.key(0), jnp.ones((1, 8, 112, 112, 3)))[0])
@@ -52,7 +66,8 @@ def test_encoder_output_shapes_and_small_variants():
   audio_out = jax.eval_shape(lambda: ResNet18().init_with_output(jax.random.key(0), jnp.ones((2, 64, 104, 1)))[0])
   assert audio_out.shape == (2, 512)
   small = R2Plus1D18(width=0.125, blocks_per_stage=1)
-  out, variables = jax.jit(small.init_with_output)(jax.random.key(0), jnp.ones((1, 8, 112, 112, 3)))
+  with jax.threefry_partitionable(False):
+    out, variables = jax.jit(small.init_with_output)(jax.random.key(0), jnp.ones((1, 8, 112, 112, 3)))
   assert out.shape == (1, 1, 7, 7, 64) and np.isfinite(np.asarray(out)).all()
   assert count(variables['params']) < 31_300_125 / 50
 
@@ -61,7 +76,8 @@ def test_encoder_output_shapes_and_small_variants():
 def test_batchnorm_runs_frozen(frozen):
   model = ResNet18(width=0.125, blocks_per_stage=1, frozen_bn=frozen)
   x = jax.random.normal(jax.random.key(1), (4, 64, 104, 1)) * 3 + 1
-  variables = model.init(jax.random.key(0), x)
+  with jax.threefry_partitionable(False):
+    variables = jax.jit(model.init)(jax.random.key(0), x)
   _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'],
                                          updates['batch_stats']))
@@ -93,7 +109,7 @@ def test_raw_inputs_through_small_encoders_and_train_eval_modes():
   rng = jax.random.key(0)
   batch = {'video': jax.random.normal(rng, (1, 4, 8, 32, 32, 3)),
            'audio': jax.random.normal(rng, (1, 4, 64, 104))}
-  variables = jax.jit(lambda r: model.init({'params': r}, batch))(jax.random.key(1))
+  variables = train_lib.init_variables(model, batch, jax.random.key(1))
   assert set(variables['params']['encoders']) == {'video_encoder', 'audio_encoder'}
   eval_fn = jax.jit(lambda v, b: model.apply(v, b, train=False)[0])
   first, second = eval_fn(variables, batch), eval_fn(variables, batch)

@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -20,6 +21,40 @@ Dtype = Any
 _BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 BASE_WIDTHS = (64, 128, 256, 512)
 R2PLUS1D_STEM_WIDTH = 45
+
+
+class FactoredConv3D(nn.Module):
+  """A 3-D convolution whose kernel is purely spatial (1, kh, kw) or purely temporal (kt, 1, 1), run
+  as the equivalent 2-D convolution: XLA's CPU backend runs those 2-7x faster than 3-D ones.
+
+  The parameter is `kernel` (kt, kh, kw, in, out), as `nn.Conv` names and initialises it, so weights
+  map one-to-one from PyTorch's Conv3d. Input (N, T, H, W, C); padding is symmetric per axis.
+  """
+
+  features: int
+  kernel_size: tuple[int, int, int]
+  strides: tuple[int, int, int] = (1, 1, 1)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kt, kh, kw = self.kernel_size
+    st, sh, sw = self.strides
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (kt, kh, kw, x.shape[-1], self.features))
+    kernel = kernel.astype(self.dtype)
+    x = x.astype(self.dtype)
+    n, t, h, w, c = x.shape
+    conv2d = lambda y, k, strides, pad: jax.lax.conv_general_dilated(
+        y, k, strides, pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if kt == 1 and st == 1:                                         # spatial: fold time into the batch
+      y = conv2d(x.reshape(n * t, h, w, c), kernel[0], (sh, sw), ((kh // 2,) * 2, (kw // 2,) * 2))
+      return y.reshape(n, t, *y.shape[1:])
+    if kh == kw == 1:                                               # temporal (or 1x1x1): fold space
+      x = x[:, :, ::sh, ::sw]
+      h, w = x.shape[2:4]
+      y = conv2d(x.reshape(n, t, h * w, c), kernel[:, 0], (st, 1), ((kt // 2,) * 2, (0, 0)))
+      return y.reshape(n, y.shape[1], h, w, -1)
+    raise ValueError(f'FactoredConv3D needs a (1, kh, kw) or (kt, 1, 1) kernel, got {self.kernel_size}.')
 
 
 def scaled_widths(width: float) -> tuple[int, ...]:
@@ -44,12 +79,10 @@ class Conv2Plus1D(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     s = self.stride
-    x = nn.Conv(self.mid_channels, (1, 3, 3), (1, s, s), padding=((0, 0), (1, 1), (1, 1)),
-                use_bias=False, dtype=self.dtype, name='spatial_conv')(x)
+    x = FactoredConv3D(self.mid_channels, (1, 3, 3), (1, s, s), self.dtype, name='spatial_conv')(x)
     x = _BatchNorm(use_running_average=not train or self.frozen_bn, dtype=self.dtype, name='mid_bn')(x)
     x = nn.relu(x)
-    return nn.Conv(self.out_channels, (3, 1, 1), (s, 1, 1), padding=((1, 1), (0, 0), (0, 0)),
-                   use_bias=False, dtype=self.dtype, name='temporal_conv')(x)
+    return FactoredConv3D(self.out_channels, (3, 1, 1), (s, 1, 1), self.dtype, name='temporal_conv')(x)
 
 
 class BasicBlock3D(nn.Module):
@@ -68,8 +101,7 @@ class BasicBlock3D(nn.Module):
     y = nn.relu(bn(name='bn1')(conv(stride=self.stride, name='conv1')(x, train=train)))
     y = bn(name='bn2')(conv(stride=1, name='conv2')(y, train=train))
     if self.stride != 1 or x.shape[-1] != self.channels:
-      x = nn.Conv(self.channels, (1, 1, 1), (self.stride,) * 3, use_bias=False, dtype=self.dtype,
-                  name='downsample_conv')(x)
+      x = FactoredConv3D(self.channels, (1, 1, 1), (self.stride,) * 3, self.dtype, name='downsample_conv')(x)
       x = bn(name='downsample_bn')(x)
     return nn.relu(y + x)
 
@@ -91,11 +123,9 @@ class R2Plus1D18(nn.Module):
     widths = scaled_widths(self.width)
     stem = max(1, int(round(R2PLUS1D_STEM_WIDTH * self.width)))
     x = x.astype(self.dtype)
-    x = nn.Conv(stem, (1, 7, 7), (1, 2, 2), padding=((0, 0), (3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, name='stem_spatial_conv')(x)
+    x = FactoredConv3D(stem, (1, 7, 7), (1, 2, 2), self.dtype, name='stem_spatial_conv')(x)
     x = nn.relu(bn(name='stem_spatial_bn')(x))
-    x = nn.Conv(widths[0], (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), use_bias=False,
-                dtype=self.dtype, name='stem_temporal_conv')(x)
+    x = FactoredConv3D(widths[0], (3, 1, 1), (1, 1, 1), self.dtype, name='stem_temporal_conv')(x)
     x = nn.relu(bn(name='stem_temporal_bn')(x))
     for stage, channels in enumerate(widths):
       for block in range(self.blocks_per_stage):

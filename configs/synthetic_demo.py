@@ -1,0 +1,24 @@
+"""A CPU-sized setting for the synthetic set (make demo): small encoders, cached features, few epochs."""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = default.get_config(arg)
+  config.dataset.name = 'synthetic_av'
+  config.dataset.data_dir = 'results/demo/tfds'
+  config.dataset.features_dir = 'results/demo/features'
+  config.dataset.shuffle_buffer = 256
+  config.model.encoder_width = 0.125
+  config.model.encoder_blocks_per_stage = 1
+  config.model.features = 128
+  config.model.lstm_hidden = 64
+  config.model.head_hidden = 64
+  config.batch_size = 16
+  config.num_epochs = 12
+  config.learning_rate = 2e-3
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 100
+  return config

@@ -1,0 +1,20 @@
+"""The smallest setting, for tests: tiny encoders and fusion model, two epochs."""
+
+import ml_collections
+
+from configs import synthetic_demo
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = synthetic_demo.get_config(arg)
+  config.dataset.features_dir = ''
+  config.dataset.shuffle_buffer = 16
+  config.model.encoder_width = 0.0625
+  config.model.features = 16
+  config.model.lstm_hidden = 8
+  config.model.head_hidden = 8
+  config.batch_size = 8
+  config.num_epochs = 2
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  return config

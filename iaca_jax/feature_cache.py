@@ -1,0 +1,135 @@
+r"""The feature-caching stage: runs the frozen encoders once over every window of every split and
+writes the features, with the labels, as a tfds dataset that the fusion model trains on directly.
+
+    python -m iaca_jax.feature_cache --config configs/synthetic_demo.py
+
+reads config.dataset.{name,data_dir}, builds (or loads, from config.pretrained) the encoders of
+config.model, and writes <config.dataset.features_dir>/ (a tfds version folder holding
+dataset_info.json and the TFRecord shards, plus silent_audio.npz: the inputs and the encoder
+feature of silence, for the missing-audio evaluation). The encoders must be frozen: caching is only
+valid when they do not train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from iaca_jax import convert_torch, input_pipeline, train_lib
+from iaca_jax.models import IACAModel
+from iaca_jax.preprocessing import mel
+
+PASSTHROUGH = ('labels', 'mask', 'frame_labels', 'frame_mask', 'end_frame', 'video_name',
+               'corrupt_video', 'corrupt_audio')
+VERSION = '1.0.0'
+
+
+def silent_log_mel(sample_rate: int = mel.REFERENCE_SAMPLE_RATE) -> np.ndarray:
+  """The normalised log-mel of a silent clip (SPEC 2: a zero waveform), (64, frames)."""
+  settings = mel.mel_settings(sample_rate)
+  return mel.log_mel(np.zeros(settings.clip_samples, np.float32), settings)
+
+
+def source_sample_rate(builder) -> int:
+  metadata = builder.info.metadata or {}
+  return int(metadata.get('sample_rate', mel.REFERENCE_SAMPLE_RATE))
+
+
+def encoder_variables(config: ml_collections.ConfigDict, model: IACAModel, example: dict) -> dict:
+  """Encoder variables: converted pretrained weights when configured, else a seeded initialisation."""
+  inputs = {k: jnp.asarray(example[k][:1]) for k in ('video', 'audio')}
+  variables = train_lib.init_variables(model, inputs, jax.random.key(config.seed))
+  if config.pretrained:
+    variables = convert_torch.merge_pretrained(variables, convert_torch.load_converted(config.pretrained))
+  return variables
+
+
+class _Encoder:
+  def __init__(self, model: IACAModel, variables: dict):
+    self.variables = variables
+    self.apply = jax.jit(lambda v, video, audio: model.apply(v, {'video': video, 'audio': audio},
+                                                             method=IACAModel.encode))
+
+  def __call__(self, video: np.ndarray, audio: np.ndarray):
+    return jax.device_get(self.apply(self.variables, video, audio))
+
+
+def _feature_spec(example_video: np.ndarray, example_audio: np.ndarray, source) -> tfds.features.FeaturesDict:
+  spec = {'video_features': tfds.features.Tensor(shape=example_video.shape[1:], dtype=np.float32),
+          'audio_features': tfds.features.Tensor(shape=example_audio.shape[1:], dtype=np.float32)}
+  for name in PASSTHROUGH:
+    spec[name] = source.info.features[name]
+  return tfds.features.FeaturesDict(spec)
+
+
+class CachedFeatures(tfds.core.GeneratorBasedBuilder):
+  """A tfds dataset of encoder features; written once by `cache_features`, read by path."""
+
+  VERSION = tfds.core.Version(VERSION)
+
+  def __init__(self, *, features: tfds.features.FeaturesDict, generators: dict, **kwargs):
+    self._features, self._generators = features, generators
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=self._features)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return dict(self._generators)
+
+  def _generate_examples(self, examples):  # pragma: no cover (generators are passed in directly)
+    yield from examples
+
+
+def _examples(encoder: _Encoder, batches) -> Iterator[tuple[str, dict]]:
+  index = 0
+  for batch in batches:
+    video_features, audio_features = encoder(batch['video'], batch['audio'])
+    for i in np.flatnonzero(batch['valid_window']):
+      example = {name: batch[name][i] for name in PASSTHROUGH}
+      example.update(video_features=video_features[i], audio_features=audio_features[i])
+      yield f'{index:09d}', example
+      index += 1
+
+
+def cache_features(config: ml_collections.ConfigDict, *, batch_size: int = 8) -> str:
+  """Writes the cached-feature dataset; returns its directory. Nothing is left half-written."""
+  if not config.model.freeze_encoders:
+    raise ValueError('Feature caching needs frozen encoders (config.model.freeze_encoders=True).')
+  out_dir = os.path.abspath(config.dataset.features_dir)
+  source = input_pipeline.get_builder(config.dataset.name, config.dataset.data_dir)
+  splits = list(source.info.splits.keys())
+  model = train_lib.build_model(config.model)
+  eval_batches = lambda split: input_pipeline.create_eval_dataset(
+      config.dataset.name, config.dataset.data_dir, global_batch_size=batch_size, split=split,
+      process_index=0, process_count=1)
+  first = next(iter(eval_batches(splits[0])))
+  encoder = _Encoder(model, encoder_variables(config, model, first))
+  silent_mel = silent_log_mel(source_sample_rate(source))
+  video_f, audio_f = encoder(first['video'][:1], np.broadcast_to(silent_mel, first['audio'][:1].shape))
+  features = _feature_spec(video_f[0], audio_f[0], source)
+  tmp_dir = out_dir + '.partial'
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  generators = {s: _examples(encoder, eval_batches(s)) for s in splits}
+  CachedFeatures(features=features, generators=generators, data_dir=tmp_dir,
+                 file_format='tfrecord').download_and_prepare()
+  writer_dir = os.path.join(tmp_dir, 'cached_features', VERSION)
+  np.savez(os.path.join(writer_dir, 'silent_audio.npz'), audio=silent_mel,
+           audio_features=audio_f[0, 0])
+  with open(os.path.join(writer_dir, 'cache_config.json'), 'w') as f:
+    json.dump({'source': config.dataset.name, 'model': config.model.to_dict(),
+               'pretrained': config.pretrained}, f, indent=1, default=str)
+  if os.path.exists(out_dir):
+    shutil.rmtree(out_dir)
+  os.rename(writer_dir, out_dir)
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  return out_dir

@@ -1,0 +1,95 @@
+"""The data-parallel train step: 8 fake CPU devices give the same parameters as one device; frozen
+encoders have no optimizer state; a non-finite loss leaves the state unchanged."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from iaca_jax import train_lib
+
+
+def random_batch(seed=0, batch=8, clips=16, raw=False):
+  rng = np.random.default_rng(seed)
+  out = {'labels': rng.uniform(-1, 1, (batch, clips, 2)).astype(np.float32),
+         'mask': rng.random((batch, clips)) > 0.2}
+  if raw:
+    out['video'] = rng.normal(size=(batch, clips, 8, 16, 16, 3)).astype(np.float32)
+    out['audio'] = rng.normal(size=(batch, clips, 64, 104)).astype(np.float32)
+  else:
+    out['video_features'] = rng.normal(size=(batch, clips, 3, 3, 8)).astype(np.float32)
+    out['audio_features'] = rng.normal(size=(batch, clips, 8)).astype(np.float32)
+  return out
+
+
+def run_steps(devices, batches, config, steps=2):
+  model = train_lib.build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh(devices))
+  tx = train_lib.make_optimizer(config, steps_per_epoch=10)
+  state = trainer.replicate(train_lib.init_state(model, batches[0], jax.random.key(0), tx))
+  for i in range(steps):
+    state, metrics = trainer.train_step(state, trainer.shard_batch(batches[i]), jax.random.key(1))
+  return jax.device_get(state), train_lib.device_get_metrics(metrics)
+
+
+@pytest.mark.parametrize('raw', [False, True])
+def test_eight_devices_match_one_device(raw):
+  assert jax.device_count() == 8, 'tests/conftest.py sets 8 fake CPU devices'
+  config = tiny.get_config()
+  if raw:
+    config.model.freeze_encoders = False   # BatchNorm statistics of the global batch are exercised too
+  batches = [random_batch(s, clips=4 if raw else 16, raw=raw) for s in range(2)]
+  one, metrics_one = run_steps(jax.devices()[:1], batches, config)
+  eight, metrics_eight = run_steps(jax.devices(), batches, config)
+  np.testing.assert_allclose(metrics_one['loss'], metrics_eight['loss'], rtol=1e-5)
+  # Adam divides by sqrt(v): a parameter with a near-zero gradient moves by up to ~lr whatever the
+  # rounding of its gradient, so allow a small fraction of one step (lr = 2e-3) on top of fp32 noise.
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+    np.testing.assert_allclose(a, b, atol=5e-4 if raw else 2e-5, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  assert int(eight.step) == 2
+
+
+def test_frozen_encoders_get_no_optimizer_state_and_stay_fixed():
+  config = tiny.get_config()
+  batch = random_batch(raw=True)
+  model = train_lib.build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  state = train_lib.init_state(model, batch, jax.random.key(0), train_lib.make_optimizer(config, 10))
+  assert 'encoders' in state.frozen_params and 'encoders' not in state.params
+  opt_shapes = {x.shape for x in jax.tree.leaves(state.opt_state)}
+  encoder_shapes = {x.shape for x in jax.tree.leaves(state.frozen_params)}
+  assert not any(len(s) >= 4 for s in opt_shapes) and any(len(s) >= 4 for s in encoder_shapes)
+  before = jax.device_get(state.frozen_params)
+  state, _ = trainer.train_step(trainer.replicate(state), trainer.shard_batch(batch), jax.random.key(1))
+  after = jax.device_get(state.frozen_params)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_leaves_state_unchanged_and_is_reported():
+  config = tiny.get_config()
+  batch = random_batch()
+  model = train_lib.build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  state = trainer.replicate(train_lib.init_state(model, batch, jax.random.key(0),
+                                                 train_lib.make_optimizer(config, 10)))
+  before = jax.device_get(state.params)
+  bad = dict(batch, audio_features=np.full_like(batch['audio_features'], np.nan))
+  state, metrics = trainer.train_step(state, trainer.shard_batch(bad), jax.random.key(1))
+  metrics = train_lib.device_get_metrics(metrics)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(FloatingPointError, match='Non-finite'):
+    train_lib.check_finite(metrics, step=1)
+
+
+def test_learning_rate_schedule_follows_the_paper():
+  config = tiny.get_config()
+  config.learning_rate, config.lr_decay_start_epoch = 1e-3, 5
+  schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10)
+  expected = {0: 1e-3, 49: 1e-3, 50: 8e-4, 69: 8e-4, 70: 6.4e-4, 90: 5.12e-4}
+  for step, lr in expected.items():
+    np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6)

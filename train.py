@@ -1,0 +1,30 @@
+r"""Trains the IACA model. Thin entry point; the logic is in iaca_jax/train_lib.py.
+
+  python train.py --config configs/synthetic_demo.py --workdir runs/demo [--config.key=value ...]
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from iaca_jax import train_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training configuration.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.', required=True)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  logging.info('Best validation CCC_v + CCC_a = %.4f at step %d.', result['best_score'], result['best_step'])
+
+
+if __name__ == '__main__':
+  app.run(main)
