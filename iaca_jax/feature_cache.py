@@ -63,8 +63,8 @@ class _Encoder:
 
 
 def _feature_spec(example_video: np.ndarray, example_audio: np.ndarray, source) -> tfds.features.FeaturesDict:
-  spec = {'video_features': tfds.features.Tensor(shape=example_video.shape[1:], dtype=np.float32),
-          'audio_features': tfds.features.Tensor(shape=example_audio.shape[1:], dtype=np.float32)}
+  spec = {'video_features': tfds.features.Tensor(shape=example_video.shape, dtype=np.float32),
+          'audio_features': tfds.features.Tensor(shape=example_audio.shape, dtype=np.float32)}
   for name in PASSTHROUGH:
     spec[name] = source.info.features[name]
   return tfds.features.FeaturesDict(spec)
@@ -133,3 +133,18 @@ def cache_features(config: ml_collections.ConfigDict, *, batch_size: int = 8) ->
   os.rename(writer_dir, out_dir)
   shutil.rmtree(tmp_dir, ignore_errors=True)
   return out_dir
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  out = cache_features(flags.FLAGS.config)
+  print(f'Cached encoder features written to {out}')
+
+
+if __name__ == '__main__':
+  from absl import app
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', 'configs/synthetic_demo.py', 'Config whose encoders to cache.',
+                                  lock_config=True)
+  app.run(main)

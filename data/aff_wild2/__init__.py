@@ -1,0 +1,1 @@
+"""Aff-Wild2 (licensed, read from a manual directory): tfds builder."""

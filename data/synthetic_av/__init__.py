@@ -1,0 +1,1 @@
+"""The synthetic audio-visual emotion set: generator (`generate`) and tfds builder."""

@@ -1,0 +1,11 @@
+"""The one error type of the preprocessing stage."""
+
+
+class DataError(ValueError):
+  """Raw input that the preprocessing stage cannot use.
+
+  The message always names the offending file or folder. Raised for problems
+  that must stop a build (a malformed annotation file, a missing validation
+  crop folder, ...); problems that can be skipped are logged and counted in
+  `BuildStats` instead.
+  """

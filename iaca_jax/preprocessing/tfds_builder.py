@@ -1,0 +1,278 @@
+"""The tfds builder shared by `data/aff_wild2` and `data/synthetic_av`.
+
+Both read the Aff-Wild2 layout (see `layout.py`) from the manual directory and
+write one example per 16-clip window (`examples.py`) as TFRecord shards. The
+builders in `data/` only name the dataset and say whether a corruption sidecar
+is expected.
+
+Everything that must stop the build (malformed annotation files, a missing
+validation/test crop folder, an annotation length that disagrees with the
+video) is checked in `_split_generators`, before any example is written; tfds
+writes into a temporary folder that is renamed only when every split is done,
+so a failed build never leaves a complete-looking dataset folder.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from iaca_jax.preprocessing import (annotations, audio as audio_lib, corruptions, examples,
+                                    layout, mel as mel_lib, windows)
+from iaca_jax.preprocessing.errors import DataError
+
+DEFAULT_FPS = 30.0
+
+
+@dataclasses.dataclass(eq=False)
+class AvConfig(tfds.core.BuilderConfig):
+  """Builder settings.
+
+  Attributes:
+    sample_rate: audio rate of the log-mels (44.1 kHz in the paper).
+    min_valid_clips: keep rule for training windows.
+    frame_count_tolerance: how many frames the annotation file of a video may
+      differ from its raw video's frame count before the build stops.
+  """
+  sample_rate: int = mel_lib.REFERENCE_SAMPLE_RATE
+  min_valid_clips: int = examples.DEFAULT_MIN_VALID_CLIPS
+  frame_count_tolerance: int = 0
+
+
+def make_configs(frame_count_tolerance: int) -> list[AvConfig]:
+  return [
+      AvConfig(name='sr44100', sample_rate=44_100, frame_count_tolerance=frame_count_tolerance,
+               description='log-mels at 44.1 kHz (the paper)'),
+      AvConfig(name='sr16000', sample_rate=16_000, frame_count_tolerance=frame_count_tolerance,
+               description='log-mels at 16 kHz (window/hop/clip keep their durations)'),
+  ]
+
+
+def features_dict(mel: mel_lib.MelSettings) -> tfds.features.FeaturesDict:
+  L = windows.CLIPS_PER_WINDOW
+  f = tfds.features
+  return f.FeaturesDict({
+      # 16 clips x 8 frames stored flat (nested video features do not read back in tfds 4.9.10).
+      'video': f.Video(shape=(examples.FRAMES_PER_WINDOW, examples.FACE_SIZE, examples.FACE_SIZE, 3),
+                       encoding_format='jpeg'),
+      'audio': f.Tensor(shape=(L,) + mel.shape, dtype=np.float32),
+      'labels': f.Tensor(shape=(L, 2), dtype=np.float32),
+      'mask': f.Tensor(shape=(L,), dtype=np.bool_),
+      'frame_labels': f.Tensor(shape=(L, 2), dtype=np.float32),
+      'frame_mask': f.Tensor(shape=(L,), dtype=np.bool_),
+      'end_frame': f.Tensor(shape=(L,), dtype=np.int32),
+      'video_name': f.Text(),
+      'corrupt_video': f.Tensor(shape=(L,), dtype=np.bool_),
+      'corrupt_audio': f.Tensor(shape=(L,), dtype=np.bool_),
+  })
+
+
+@dataclasses.dataclass
+class VideoPlan:
+  """One video of a split, checked before anything is written."""
+  name: str
+  crop_dir: str
+  raw_path: str | None
+  num_frames: int
+  fps: float
+  video_start: float
+  labels: np.ndarray | None
+
+
+class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base class: Aff-Wild2 layout in the manual dir -> windows as TFRecord shards."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  HAS_CORRUPTIONS = False          # read `corruptions.json` and flag corrupted clips
+  HOMEPAGE = ''
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.build_stats: dict[str, examples.BuildStats] = {}
+
+  @property
+  def mel_settings(self) -> mel_lib.MelSettings:
+    return mel_lib.mel_settings(self.builder_config.sample_rate)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=features_dict(self.mel_settings), supervised_keys=None,
+        homepage=self.HOMEPAGE or None,
+        metadata=tfds.core.MetadataDict(sample_rate=self.builder_config.sample_rate,
+                                        clips_per_window=windows.CLIPS_PER_WINDOW,
+                                        frames_per_clip=windows.FRAMES_PER_CLIP,
+                                        frames_per_sample=windows.FRAMES_PER_SAMPLE,
+                                        min_valid_clips=self.builder_config.min_valid_clips))
+
+  # --------------------------------------------------------------- planning
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = os.fspath(dl_manager.manual_dir)
+    return {split: self._generate_examples(plan, split, root)
+            for split, plan in plan_splits(root, self.builder_config, self.HAS_CORRUPTIONS,
+                                           self.build_stats).items()}
+
+  # ------------------------------------------------------------- generation
+  def _generate_examples(self, plan: list[VideoPlan], split: str, root: str):
+    stats = self.build_stats.setdefault(split, examples.BuildStats())
+    mel = self.mel_settings
+    side = None
+    if self.HAS_CORRUPTIONS:
+      side = corruptions.read_corruptions(os.path.join(root, corruptions.FILENAME))
+    cache: collections.OrderedDict[str, audio_lib.AudioTrack] = collections.OrderedDict()
+    for v in tqdm.tqdm(plan, desc=f'{self.name} {split}', unit='video'):
+      track = _cached_audio(cache, v, mel.sample_rate, stats)
+      crops = examples.load_crops(layout.list_crops(v.crop_dir), v.num_frames, v.name, stats)
+      stats.count('videos')
+      stats.count('frames', v.num_frames)
+      stats.count('frames_without_face', v.num_frames - len(crops))
+      face_mask = audio_mask = None
+      if side is not None:
+        if v.name not in side:
+          raise DataError(f'video {v.name} is missing from {corruptions.FILENAME} in {root}')
+        face_mask = corruptions.frame_mask(side[v.name].get('face', []), v.num_frames)
+        audio_mask = corruptions.frame_mask(side[v.name].get('audio', []), v.num_frames)
+      video = examples.VideoInput(
+          name=v.name, num_frames=v.num_frames, fps=v.fps, crops=crops, audio=track.samples,
+          labels=v.labels, corrupt_face=face_mask, corrupt_audio=audio_mask)
+      yield from examples.video_examples(video, mel, train=(split == 'train'),
+                                         min_valid_clips=self.builder_config.min_valid_clips,
+                                         stats=stats)
+    logging.info('%s %s: %s', self.name, split, stats.summary())
+    if not stats.counts['windows']:
+      raise DataError(
+          f'split {split} of {root}: no window kept ({len(plan)} videos; a training window needs '
+          f'{self.builder_config.min_valid_clips} valid clips, i.e. videos of at least '
+          f'{32 * (self.builder_config.min_valid_clips - 1) + 1} frames; see --min_valid_clips)')
+
+
+def _cached_audio(cache, v: VideoPlan, sample_rate: int, stats: examples.BuildStats):
+  """Decodes the audio of a video once per raw file (`_left`/`_right` share one).
+
+  A missing, unreadable, audio-less, truncated or silent track is warned about
+  and counted once per video that uses it; its missing part is zeros.
+  """
+  key = v.raw_path or f'<missing:{v.name}>'
+  if key in cache:
+    cache.move_to_end(key)
+    track = cache[key]
+  else:
+    track = audio_lib.decode_audio(v.raw_path, sample_rate, video_start=v.video_start,
+                                   expected_duration=v.num_frames / v.fps)
+    cache[key] = track
+    while len(cache) > 2:
+      cache.popitem(last=False)
+  if track.status == audio_lib.MISSING_FILE:
+    stats.warn('audio_missing_file', f'{v.name}: no raw video for it nor for '
+               f'{layout.audio_source_name(v.name)} under {layout.RAW_VIDEOS_DIR}/: its audio is zeros')
+  elif track.status != audio_lib.OK:
+    stats.warn(f'audio_{track.status}', f'{v.name}: {track.message}')
+  return track
+
+
+def plan_splits(root: str, config: AvConfig, has_corruptions: bool,
+                build_stats: dict | None = None) -> dict[str, list[VideoPlan]]:
+  """Lists and checks the videos of every split; raises DataError on what cannot be skipped.
+
+  Skipped (logged and counted): a training video without a crop folder.
+  Fatal (DataError): a malformed annotation file, an annotation length that
+  differs from the raw video's frame count by more than the tolerance, a
+  validation or test video without a crop folder, a test video of unknown
+  length, a missing corruption sidecar when one is expected.
+  """
+  build_stats = build_stats if build_stats is not None else {}
+  if not os.path.isdir(root):
+    raise DataError(f'manual directory {root} does not exist')
+  if not os.path.isdir(os.path.join(root, layout.CROPS_DIR)):
+    raise DataError(f'missing crop folder {os.path.join(root, layout.CROPS_DIR)}')
+  if has_corruptions:
+    side_path = os.path.join(root, corruptions.FILENAME)
+    if not os.path.isfile(side_path):
+      raise DataError(f'missing corruption sidecar {side_path}')
+    side = corruptions.read_corruptions(side_path)
+  raw_index = layout.index_raw_videos(root)
+  plans: dict[str, list[VideoPlan]] = {}
+  for split in ('train', 'validation'):
+    stats = build_stats.setdefault(split, examples.BuildStats())
+    plans[split] = []
+    files = layout.split_annotation_files(root, split)
+    for name, path in tqdm.tqdm(sorted(files.items()), desc=f'checking {split}', unit='video'):
+      labels = annotations.read_annotation(path)                    # raises DataError
+      plan = _plan_video(root, name, raw_index, split, stats, labels=labels,
+                         annotation_path=path, tolerance=config.frame_count_tolerance)
+      if plan is not None:
+        plans[split].append(plan)
+  test_list = layout.find_test_list(root)
+  if test_list is None:
+    logging.warning('no test list in %s (looked for %s): no test split', root,
+                    ', '.join(layout.TEST_LIST_NAMES))
+  else:
+    stats = build_stats.setdefault('test', examples.BuildStats())
+    plans['test'] = []
+    for name in annotations.read_video_list(test_list):
+      plans['test'].append(_plan_video(root, name, raw_index, 'test', stats))
+  seen = collections.Counter(v.name for p in plans.values() for v in p)
+  twice = sorted(n for n, c in seen.items() if c > 1)
+  if twice:
+    raise DataError(f'videos in more than one split in {root}: {", ".join(twice)}')
+  for split, p in plans.items():
+    if not p:
+      raise DataError(f'split {split} of {root} has no usable video')
+    if has_corruptions:
+      absent = [v.name for v in p if v.name not in side]
+      if absent:
+        raise DataError(f'{split} videos {", ".join(absent)} are missing from '
+                        f'{os.path.join(root, corruptions.FILENAME)}')
+  return plans
+
+
+def _plan_video(root, name, raw_index, split, stats, *, labels=None, annotation_path=None,
+                tolerance=0) -> VideoPlan | None:
+  folder = layout.crop_dir(root, name)
+  if not os.path.isdir(folder):
+    if split == 'train':
+      stats.warn('videos_without_crop_folder', f'missing crop folder {folder}: training video '
+                 f'{name} skipped')
+      return None
+    raise DataError(f'missing crop folder {folder} for {split} video {name}')
+  raw = layout.raw_video_for(name, raw_index)
+  info = None
+  if raw is not None:
+    try:
+      info = audio_lib.probe_media(raw)
+    except Exception:  # pylint: disable=broad-except  (PyAV raises many types)
+      info = None      # decode_audio reports the unreadable file when the audio is read
+  fps = info.fps if info and info.fps else None
+  name_fps = layout.fps_from_name(layout.audio_source_name(name))
+  if fps is None:
+    fps = name_fps or DEFAULT_FPS
+    if raw is not None:
+      stats.warn('fps_not_from_container', f'{raw}: no frame rate in the container, using {fps}')
+  elif name_fps and abs(name_fps - fps) > 0.5:
+    logging.info('%s: container says %.3f fps, name says %s; using the container', raw, fps,
+                 name_fps)
+  video_frames = info.num_frames if info else None
+  if labels is not None:
+    num_frames = len(labels)
+    if video_frames is not None and abs(video_frames - num_frames) > tolerance:
+      raise DataError(
+          f'annotation file {annotation_path} has {num_frames} label lines but raw video {raw} '
+          f'has {video_frames} frames (tolerance {tolerance}; see frame_count_tolerance)')
+  elif video_frames is not None:
+    num_frames = video_frames
+  else:
+    crops = layout.list_crops(folder)
+    if not crops:
+      raise DataError(f'test video {name}: unknown length (no readable raw video and no crop in '
+                      f'{folder})')
+    num_frames = max(crops)
+    stats.warn('length_from_crops', f'test video {name}: length taken from its last crop '
+               f'({num_frames})')
+  start = info.video_start if info else 0.0
+  return VideoPlan(name=name, crop_dir=folder, raw_path=raw,
+                   num_frames=num_frames, fps=fps, video_start=start, labels=labels)

@@ -1,0 +1,277 @@
+"""Bad raw input: what stops a build (DataError naming the file) and what is skipped and counted."""
+import json
+import os
+import shutil
+
+import av
+import numpy as np
+import pytest
+
+from data import build
+from data.synthetic_av import generate
+from iaca_jax.preprocessing import DataError, annotations, examples, tfds_builder
+
+VA = '6th_ABAW_Annotations/VA_Estimation_Challenge'
+MICRO = generate.Settings(num_train_videos=3, num_validation_videos=1, num_test_videos=1,
+                          min_frames=70, max_frames=90)
+SILENCE = (-100 + 14.8) / 19.895
+
+
+@pytest.fixture(scope='module')
+def micro(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('micro') / 'raw')
+  generate.generate(root, MICRO, seed=1)
+  return root
+
+
+@pytest.fixture
+def raw(micro, tmp_path):
+  dst = str(tmp_path / 'raw')
+  shutil.copytree(micro, dst)
+  return dst
+
+
+def _side(raw):
+  with open(os.path.join(raw, 'corruptions.json')) as f:
+    return json.load(f)['videos']
+
+
+def _ann(raw, split, video):
+  return os.path.join(raw, VA, {'train': 'Train_Set', 'validation': 'Validation_Set'}[split],
+                      video + '.txt')
+
+
+def _val_video(raw):
+  return next(v for v, d in _side(raw).items() if d['split'] == 'validation')
+
+
+def _write(path, text):
+  with open(path, 'w') as f:
+    f.write(text)
+
+
+def _nothing_complete(data_dir):
+  for dirpath, dirnames, filenames in os.walk(data_dir):
+    assert 'dataset_info.json' not in filenames, dirpath
+    assert not any('incomplete' in d for d in dirnames), dirpath
+    assert '1.0.0' not in dirnames, dirpath
+
+
+# ------------------------------------------------------- annotation files
+@pytest.mark.parametrize('text, fragment', [
+    ('', 'empty'),
+    ('valence;arousal\n0.1,0.2\n', 'header'),
+    ('arousal,valence\n0.1,0.2\n', 'header'),
+    ('valence,arousal\n', 'no label line'),
+    ('valence,arousal\n0.1,0.2\n1.5,0.2\n', 'line 3'),
+    ('valence,arousal\n0.1,-1.01\n', 'line 2'),
+    ('valence,arousal\nnan,0.2\n', 'line 2'),
+    ('valence,arousal\n-4,0.2\n', 'line 2'),
+    ('valence,arousal\n0.1\n', 'line 2'),
+    ('valence,arousal\n0.1,abc\n', 'line 2'),
+    ('valence,arousal\n0.1,0.2\n\n0.3,0.4\n', 'line 3'),
+])
+def test_malformed_annotation_files(tmp_path, text, fragment):
+  path = str(tmp_path / 'vid.txt')
+  _write(path, text)
+  with pytest.raises(DataError, match=fragment) as e:
+    annotations.read_annotation(path)
+  assert path in str(e.value)
+  assert isinstance(e.value, ValueError)
+
+
+def test_valid_annotation_values(tmp_path):
+  path = str(tmp_path / 'vid.txt')
+  _write(path, 'valence,arousal\r\n-5,-5\r\n-1,1\r\n0.25,-5\r\n')
+  labels = annotations.read_annotation(path)
+  np.testing.assert_array_equal(labels, [[-5, -5], [-1, 1], [0.25, -5]])
+  assert annotations.label_valid(labels).tolist() == [False, True, False]
+
+
+def test_wrong_annotation_length_stops_the_build(raw, tmp_path):
+  video = _val_video(raw)
+  path = _ann(raw, 'validation', video)
+  with open(path) as f:
+    lines = f.read().splitlines()
+  _write(path, '\n'.join(lines[:-3]) + '\n')                   # 3 frames short of the video
+  with pytest.raises(DataError, match='label lines') as e:
+    tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
+  assert path in str(e.value)
+  data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(DataError):
+    build.build('synthetic_av', raw, data_dir)
+  _nothing_complete(data_dir)
+
+
+def test_bad_header_stops_the_build_before_writing(raw, tmp_path):
+  path = _ann(raw, 'train', 'syn001')
+  with open(path) as f:
+    body = f.read().split('\n', 1)[1]
+  _write(path, 'Valence,Arousal,Extra\n' + body)
+  data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(DataError, match='header') as e:
+    build.build('synthetic_av', raw, data_dir)
+  assert path in str(e.value)
+  _nothing_complete(data_dir)
+
+
+def test_no_training_window_kept_is_a_clear_error(micro, tmp_path):
+  """The micro videos (70-90 frames) are too short for the default keep rule (8 valid clips)."""
+  data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(DataError, match='no window kept'):
+    build.build('synthetic_av', micro, data_dir)
+  _nothing_complete(data_dir)
+
+
+# ------------------------------------------------------------ crop folders
+def test_missing_crop_folder(raw):
+  shutil.rmtree(os.path.join(raw, 'cropped_aligned', 'syn001'))          # a training video
+  stats = {}
+  plans = tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True, stats)
+  assert 'syn001' not in [p.name for p in plans['train']]
+  assert stats['train'].counts['videos_without_crop_folder'] == 1
+  assert any('cropped_aligned/syn001' in m for m in stats['train'].messages)
+  video = _val_video(raw)                                                # a validation video
+  shutil.rmtree(os.path.join(raw, 'cropped_aligned', video))
+  with pytest.raises(DataError, match='missing crop folder') as e:
+    tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
+  assert os.path.join(raw, 'cropped_aligned', video) in str(e.value)
+
+
+def test_video_missing_from_the_sidecar(raw):
+  path = os.path.join(raw, 'corruptions.json')
+  with open(path) as f:
+    side = json.load(f)
+  del side['videos']['syn001']
+  _write(path, json.dumps(side))
+  with pytest.raises(DataError, match='syn001'):
+    tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
+
+
+# ------------------------------------------------- skipped and counted
+def _write_mp4(path, num_frames, fps, audio_seconds=None, sr=44_100):
+  """A raw video with `num_frames` frames and, unless None, `audio_seconds` of a tone."""
+  with av.open(path, 'w') as c:
+    vs = c.add_stream('mpeg4', rate=int(fps))
+    vs.width = vs.height = 16
+    vs.pix_fmt = 'yuv420p'
+    ast = None
+    if audio_seconds is not None:
+      ast = c.add_stream('aac', rate=sr)
+      ast.layout = 'mono'
+    for _ in range(num_frames):
+      for p in vs.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), 99, np.uint8),
+                                                    format='rgb24')):
+        c.mux(p)
+    for p in vs.encode():
+      c.mux(p)
+    if ast is not None:
+      y = (0.3 * np.sin(2 * np.pi * 300 * np.arange(int(audio_seconds * sr)) / sr)).astype(
+          np.float32)
+      for i in range(0, len(y), 1024):
+        fr = av.AudioFrame.from_ndarray(y[None, i:i + 1024], format='fltp', layout='mono')
+        fr.sample_rate, fr.pts = sr, i
+        for p in ast.encode(fr):
+          c.mux(p)
+      for p in ast.encode():
+        c.mux(p)
+
+
+def test_skippable_defects_are_counted_and_the_build_completes(raw, tmp_path):
+  side = _side(raw)
+  val = _val_video(raw)
+  test = next(v for v, d in side.items() if d['split'] == 'test')
+  vids = os.path.join(raw, 'raw_videos')
+  # Train: one video without a crop folder; the `_left`/`_right` pair's video has no audio stream.
+  shutil.rmtree(os.path.join(raw, 'cropped_aligned', 'syn001'))
+  n = side['syn000_left']['num_frames']
+  _write_mp4(os.path.join(vids, 'syn000.mp4'), n, 30)
+  # Validation: the audio track stops half-way through the video.
+  nv, fps = side[val]['num_frames'], side[val]['fps']
+  _write_mp4(os.path.join(vids, val + '.mp4'), nv, fps, audio_seconds=nv / fps / 2)
+  # Test: an unreadable JPEG, and a raw video cut off after 2000 bytes.
+  crops = os.path.join(raw, 'cropped_aligned', test)
+  bad_jpeg = os.path.join(crops, sorted(os.listdir(crops))[5])
+  _write(bad_jpeg, 'not a jpeg')
+  with open(os.path.join(vids, test + '.mp4'), 'rb') as f:
+    head = f.read(2000)
+  with open(os.path.join(vids, test + '.mp4'), 'wb') as f:
+    f.write(head)
+
+  builder = build.build('synthetic_av', raw, str(tmp_path / 'tfds'), min_valid_clips=1)
+  stats = {k: dict(v.counts) for k, v in builder.build_stats.items()}
+  assert stats['train']['videos_without_crop_folder'] == 1
+  assert stats['train']['audio_no_audio_stream'] == 2                  # both people of the pair
+  assert stats['validation']['audio_truncated'] == 1
+  assert stats['test']['unreadable_jpegs'] == 1
+  assert stats['test']['audio_unreadable'] == 1
+  assert stats['test']['length_from_crops'] == 1
+  messages = [m for v in builder.build_stats.values() for m in v.messages]
+  assert any(bad_jpeg in m for m in messages)
+  assert any(os.path.join(vids, 'syn000.mp4') in m for m in messages)
+
+  data = {split: list(builder.as_dataset(split=split).as_numpy_iterator())
+          for split in ('train', 'validation', 'test')}
+  assert {ex['video_name'] for ex in data['train']} == {b'syn000_left', b'syn000_right'}
+  for ex in data['train']:                                              # no audio: silence
+    np.testing.assert_allclose(ex['audio'], SILENCE, atol=1e-5)
+  half = nv / 2                                                         # truncated half-way
+  silent = sounding = 0
+  for ex in data['validation']:
+    for c, k in enumerate(ex['end_frame']):
+      if k > half + 2 + 35:                   # the clip lies entirely after the audio's end
+        np.testing.assert_allclose(ex['audio'][c], SILENCE, atol=1e-5)
+        silent += 1
+      elif 0 < k < half - 2:
+        assert ex['audio'][c].max() > SILENCE + 1
+        sounding += 1
+  assert silent and sounding
+  ends = np.concatenate([ex['end_frame'] for ex in data['test']])
+  last_crop = max(int(f[:5]) for f in os.listdir(crops))
+  np.testing.assert_array_equal(np.sort(ends[ends > 0]), np.arange(1, last_crop + 1))
+
+
+def test_failure_in_the_middle_of_a_build_leaves_nothing_complete(raw, tmp_path, monkeypatch):
+  real = examples.video_examples
+  calls = []
+
+  def failing(video, *args, **kwargs):
+    calls.append(video.name)
+    if len(calls) == 4:                        # the first validation video: train is written
+      raise DataError(f'simulated failure on {video.name}')
+    return real(video, *args, **kwargs)
+
+  monkeypatch.setattr(examples, 'video_examples', failing)
+  data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(DataError, match='simulated'):
+    build.build('synthetic_av', raw, data_dir, min_valid_clips=1)
+  assert len(calls) == 4
+  _nothing_complete(data_dir)
+
+
+# --------------------------------------------------------- aff_wild2 builder
+def test_aff_wild2_builder_reads_the_layout(micro, tmp_path):
+  """The Aff-Wild2 builder on an Aff-Wild2-layout folder, at 16 kHz: no corruption flags."""
+  builder = build.build('aff_wild2', micro, str(tmp_path / 'tfds'), sample_rate=16_000,
+                        min_valid_clips=1)
+  assert builder.name == 'aff_wild2' and builder.builder_config.name == 'sr16000_keep1'
+  assert builder.info.features['audio'].shape == (16, 64, 104)
+  assert set(builder.info.splits) == {'train', 'validation', 'test'}
+  names = set()
+  for split in ('train', 'validation', 'test'):
+    for ex in builder.as_dataset(split=split).as_numpy_iterator():
+      names.add(ex['video_name'].decode())
+      assert not ex['corrupt_video'].any() and not ex['corrupt_audio'].any()
+      assert ex['video'].shape == (128, 112, 112, 3)
+  assert names == set(_side(micro))
+
+
+def test_builders_load_like_the_tfds_cli():
+  """`tfds build data/<name>` imports `<name>.<name>_dataset_builder` with data/ on sys.path."""
+  import tensorflow_datasets as tfds
+  data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
+  with tfds.core.utils.add_sys_path(data):
+    for name in ('synthetic_av', 'aff_wild2'):
+      cls = tfds.core.community.builder_cls_from_module(f'{name}.{name}_dataset_builder')
+      assert cls.name == name
+      assert [c.name for c in cls.BUILDER_CONFIGS] == ['sr44100', 'sr16000']
