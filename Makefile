@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= results/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo ablation test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m iaca_jax.demo --results_dir=$(RESULTS)
+	$(PY) -m iaca_jax.experiments --mode=demo --results_dir=$(RESULTS)
 
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15 tests
@@ -27,3 +27,6 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) results
+
+ablation: setup
+	$(PY) -m iaca_jax.experiments --mode=ablation --results_dir=$(RESULTS)

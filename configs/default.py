@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.encoder_width = 1.0            # 1.0 = torchvision R(2+1)D-18 / ResNet-18
   config.model.encoder_blocks_per_stage = 2
   config.model.freeze_encoders = True         # the paper freezes its pretrained encoders
+  config.model.face_size = 0                  # resize faces before the encoder; 0 = as stored (112)
   config.model.features = 512
   config.model.lstm_hidden = 256
   config.model.temporal_dropout = 0.1

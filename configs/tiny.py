@@ -10,6 +10,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.features_dir = ''
   config.dataset.shuffle_buffer = 16
   config.model.encoder_width = 0.0625
+  config.model.face_size = 28
   config.model.features = 16
   config.model.lstm_hidden = 8
   config.model.head_hidden = 8

@@ -79,9 +79,10 @@ def to_frames(clips: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray
     rows = names == video
     order = np.argsort(frames[rows], kind='stable')
     video_frames = frames[rows][order]
-    if np.any(np.diff(video_frames) == 0):
-      raise ValueError(f'Video {video}: frame {video_frames[np.diff(video_frames) == 0][0]} is predicted '
-                       'twice; the evaluation pipeline must visit every window once.')
+    repeated = video_frames[1:][np.diff(video_frames) == 0]
+    if repeated.size:
+      raise ValueError(f'Video {video}: frame {repeated[0]} is predicted twice; the evaluation pipeline '
+                       'must visit every window once.')
     n = int(video_frames[-1])
     entry = {'predictions': np.full((n, 2), np.nan), 'labels': np.full((n, 2), INVALID)}
     for key in ('corrupt_video', 'corrupt_audio', 'silenced'):

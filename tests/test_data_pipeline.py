@@ -28,25 +28,6 @@ DATASET = 'synthetic_av'
 VA = '6th_ABAW_Annotations/VA_Estimation_Challenge'
 
 
-@pytest.fixture(scope='session')
-def tiny(tmp_path_factory):
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    base = base.parent                       # shared by all workers of this session
-  root = base / 'iaca_data_tiny'
-  with open(str(root) + '.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (root / 'DONE').exists():
-      shutil.rmtree(root, ignore_errors=True)
-      generate.generate(str(root / 'raw'), generate.SIZES['tiny'], seed=0)
-      build.build(DATASET, str(root / 'raw'), str(root / 'tfds'), num_shards=3)
-      (root / 'DONE').touch()
-  raw = str(root / 'raw')
-  with open(os.path.join(raw, 'corruptions.json')) as f:
-    side = json.load(f)['videos']
-  return types.SimpleNamespace(raw=raw, data_dir=str(root / 'tfds'), side=side)
-
-
 # ----------------------------------------------------------- expectations
 def _labels(path):
   with open(path) as f:

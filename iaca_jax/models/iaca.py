@@ -53,6 +53,7 @@ class AudioVisualEncoders(nn.Module):
   width: float = 1.0
   blocks_per_stage: int = 2
   frozen: bool = False
+  face_size: int = 0          # resize faces to (face_size, face_size) first; 0 keeps them (112 in the paper)
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -63,6 +64,9 @@ class AudioVisualEncoders(nn.Module):
 
   def encode_video(self, video: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     b = video.shape[0]
+    if self.face_size and video.shape[-2] != self.face_size:
+      shape = video.shape[:3] + (self.face_size, self.face_size, video.shape[-1])
+      video = jax.image.resize(video, shape, 'linear', antialias=True)
     maps = self.video_encoder(einops.rearrange(video, 'b l t h w c -> (b l) t h w c'), train=train)
     maps = einops.rearrange(jnp.mean(maps, axis=1), '(b l) h w c -> b l h w c', b=b)  # time is 1 at 8 frames
     return jax.lax.stop_gradient(maps) if self.frozen else maps
@@ -84,6 +88,7 @@ class IACAModel(nn.Module):
   encoder_width: float = 1.0
   encoder_blocks_per_stage: int = 2
   freeze_encoders: bool = True
+  face_size: int = 0            # 0: faces as given (112); a CPU demo uses 56 (a 4x4 visual map)
   # Fusion model.
   features: int = 512
   lstm_hidden: int = 256
@@ -101,7 +106,7 @@ class IACAModel(nn.Module):
 
   def setup(self):
     self.encoders = AudioVisualEncoders(self.encoder_width, self.encoder_blocks_per_stage,
-                                        self.freeze_encoders, self.dtype)
+                                        self.freeze_encoders, self.face_size, self.dtype)
     temporal = lambda dropout: ResidualBLSTM(self.features, self.lstm_hidden, 2, dropout, self.dtype)
     self.audio_temporal = temporal(self.temporal_dropout)
     self.video_temporal = temporal(self.temporal_dropout)

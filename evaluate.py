@@ -1,0 +1,61 @@
+r"""Evaluates a trained IACA model. Thin entry point; the logic is in iaca_jax/evaluate_lib.py.
+
+  python evaluate.py --config configs/synthetic_demo.py --workdir runs/demo            # CCC on validation
+  python evaluate.py ... --missing_audio          # SPEC 5 sweep: 10-90% of clips silenced, 3 seeds
+  python evaluate.py ... --attention_figure=VIDEO # faces, spectrogram and attention heat strips
+  python evaluate.py ... --submission             # the challenge file for the test split
+
+Use the same --config and overrides as for training. Results go to --output_dir (default
+<workdir>/eval).
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from iaca_jax import evaluate_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/default.py', 'The training configuration.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'The training run to evaluate.', required=True)
+flags.DEFINE_string('output_dir', None, 'Where results are written (default <workdir>/eval).')
+flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint to load.')
+flags.DEFINE_string('split', None, 'Split to score (default: config.dataset.eval_split).')
+flags.DEFINE_bool('missing_audio', False, 'Run the missing-audio sweep.')
+flags.DEFINE_list('missing_fractions', [str(f) for f in evaluate_lib.MISSING_AUDIO_FRACTIONS],
+                  'Shares of clips whose audio is silenced.')
+flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of the missing-audio sweep.')
+flags.DEFINE_string('label', 'model', 'Name of this model in tables and plots.')
+flags.DEFINE_string('attention_figure', None, 'Draw the attention-score figure for this video.')
+flags.DEFINE_bool('submission', False, 'Write the challenge submission file for the test split.')
+flags.DEFINE_string('test_split', 'test', 'Split used for --submission.')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval')
+  split = FLAGS.split or FLAGS.config.dataset.eval_split
+  evaluator = evaluate_lib.Evaluator(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+  print(f'Restored the {FLAGS.checkpoint} checkpoint (step {evaluator.step}) from {FLAGS.workdir}.')
+  scores = evaluate_lib.evaluate_split(evaluator, split, output_dir)
+  print(f'{split}: CCC_v={scores["ccc_valence"]:.4f} CCC_a={scores["ccc_arousal"]:.4f} '
+        f'mean={scores["ccc_mean"]:.4f}')
+  print(evaluate_lib.metrics_table(scores))
+  if FLAGS.missing_audio:
+    result = evaluate_lib.missing_audio_sweep(
+        evaluator, split, output_dir, [float(f) for f in FLAGS.missing_fractions],
+        [int(s) for s in FLAGS.seeds], FLAGS.label)
+    print(evaluate_lib.missing_audio_table([result]))
+  if FLAGS.attention_figure:
+    print('Wrote', evaluate_lib.attention_figure(evaluator, FLAGS.attention_figure, split, output_dir))
+  if FLAGS.submission:
+    print('Wrote', evaluate_lib.write_submission(evaluator, FLAGS.test_split, output_dir))
+  print(f'Results in {output_dir}')
+
+
+if __name__ == '__main__':
+  app.run(main)
