@@ -12,7 +12,8 @@ Cases (the step is `iaca_jax.train_lib.Trainer.train_step`: jit, donated state, 
   full_frozen     the whole model with R(2+1)D-18 and ResNet-18 on raw clips (B, 16, 8, 112, 112, 3)
                   + log-mels (B, 16, 64, 104), encoders frozen (the paper); B = 64 on an accelerator,
                   2 on a CPU (a 64-sequence step is 1024 clips of 8 frames).
-  full_trainable  the same with trainable encoders.
+  full_trainable  the same with trainable encoders; B = 64 on an accelerator, 1 on a CPU (XLA's
+                  buffer assignment needs 7 GB at B = 1, 12.7 GB at B = 2).
   demo            configs/synthetic_demo.py as `make demo` trains it (cached features, batch 16).
 Every case runs in its own process (a clean peak memory, no JAX state shared) unless --noisolate.
 
@@ -85,8 +86,10 @@ def case_settings(case: str, on_cpu: bool) -> dict:
     batch, steps, warmup = 64, 20, 2
   elif case == 'demo':
     batch, steps, warmup = 0, 30, 3          # 0: the config's batch
-  else:
+  elif case == 'full_frozen':
     batch, steps, warmup = (2, 3, 1) if on_cpu else (64, 20, 3)
+  else:                                       # trainable: ~7 GB of activations per sequence on a CPU
+    batch, steps, warmup = (1, 2, 1) if on_cpu else (64, 20, 3)
   if not on_cpu:
     steps, warmup = max(steps, 50 if case in ('fusion', 'demo') else 20), max(warmup, 3)
   return dict(batch=FLAGS.batch or batch, steps=FLAGS.steps or steps, warmup=FLAGS.warmup or warmup)

@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.gating = 'iaca'                # none | stage1 | iaca
   config.model.stage2 = 'modality'            # modality | sum | iteration | raw
   config.model.gate_temperature = 0.1
+  config.model.stage2_temperature = 0.0       # 0: the same as gate_temperature
   config.model.head_hidden = 128
   config.model.head_dropout = 0.6
   config.model.torch_layout = False           # True to run the authors' fusion weights (SPEC 3.4)

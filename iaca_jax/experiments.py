@@ -23,7 +23,9 @@ from iaca_jax import evaluate_lib, feature_cache, train_lib
 DEMO_VARIANTS = (('rjca_iaca', dict(cross_attention='rjca', gating='iaca')),
                  ('rjca_nogate', dict(cross_attention='rjca', gating='none')))
 ABLATION_VARIANTS = tuple((f'{ca}_{gate}', dict(cross_attention=ca, gating=gate))
-                          for ca in ('ca', 'jca', 'rjca') for gate in ('none', 'iaca'))
+                          for ca in ('ca', 'jca', 'rjca') for gate in ('none', 'iaca')) + (
+    ('rjca_stage1', dict(cross_attention='rjca', gating='stage1')),
+    ('rjca_iaca_t2_0.1', dict(cross_attention='rjca', gating='iaca', stage2_temperature=0.1)))
 
 
 def log(message: str) -> None:

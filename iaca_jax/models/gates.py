@@ -67,6 +67,7 @@ class FusionGate(nn.Module):
   gating: str = 'iaca'
   stage2: str = 'modality'
   temperature: float = 0.1
+  stage2_temperature: float | None = None   # None: the same as stage 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -96,7 +97,7 @@ class FusionGate(nn.Module):
           [gated_v, video])
       return jnp.concatenate([gated_v, gated_a], axis=-1), gates
     logits = nn.Dense(2, dtype=self.dtype, name='modality_gate')(jnp.concatenate([gated_a, gated_v], axis=-1))
-    w = gate_weights(logits, self.temperature)                                  # (B, L, 2) = [audio, video]
+    w = gate_weights(logits, self.stage2_temperature or self.temperature)                                  # (B, L, 2) = [audio, video]
     gates['modality'] = w
     scaled_a, scaled_v = w[..., :1] * gated_a, w[..., 1:] * gated_v
     if self.stage2 == 'sum':

@@ -99,6 +99,7 @@ class IACAModel(nn.Module):
   gating: str = 'iaca'
   stage2: str = 'modality'
   gate_temperature: float = 0.1
+  stage2_temperature: float = 0.0   # 0: the same as gate_temperature
   head_hidden: int = 128
   head_dropout: float = 0.6
   torch_layout: bool = False
@@ -114,7 +115,8 @@ class IACAModel(nn.Module):
     self.spatial_attention = AudioGuidedSpatialAttention(self.features, self.torch_layout, self.dtype)
     self.fusion = make_cross_attention(self.cross_attention, iterations=self.rjca_iterations,
                                        dropout=self.cross_attention_dropout, dtype=self.dtype)
-    self.gate = FusionGate(self.gating, self.stage2, self.gate_temperature, self.dtype)
+    self.gate = FusionGate(self.gating, self.stage2, self.gate_temperature, self.stage2_temperature or None,
+                           self.dtype)
     self.valence_head = RegressionHead(self.head_hidden, self.head_dropout, self.dtype)
     self.arousal_head = RegressionHead(self.head_hidden, self.head_dropout, self.dtype)
 
