@@ -221,14 +221,15 @@ def classify(op_name: str, module: str) -> tuple[str, str]:
   'jit(train_step)/transpose(jvp(IACAModel))/cross_attention/layer_1/...' -> ('cross_attention', 'backward').
   """
   phase = 'backward' if 'transpose(' in op_name else 'forward' if 'jvp(' in op_name else 'update'
-  match = re.search(re.escape(module) + r'\)*/(\w+)/', op_name)   # a submodule scope, not a top-level op
-  if match and match.group(1) == 'encoders':
-    sub = re.search(r'(video_encoder|audio_encoder)', op_name)
-    component = f'encoders/{sub.group(1)}' if sub else 'encoders'
-  elif match:
-    component = match.group(1)
+  match = re.search(re.escape(module) + r'\)*/(.*)$', op_name)
+  # Module scopes below the model, without method-call scopes such as 'IACAModel.encode'.
+  scopes = [p for p in match.group(1).split('/')[:-1] if '.' not in p and '(' not in p] if match else []
+  if scopes and scopes[0] == 'encoders':
+    component = '/'.join(scopes[:2])                        # encoders/video_encoder, encoders/audio_encoder
+  elif scopes:
+    component = scopes[0]
   elif module in op_name:
-    component = 'model: input L2-norm, stacking'
+    component = 'model: input L2-norm, stacking'           # top-level jnp ops of the model
   elif phase == 'update':
     component = 'optimizer, norms, finiteness check'
   else:

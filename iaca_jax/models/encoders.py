@@ -57,6 +57,39 @@ class FactoredConv3D(nn.Module):
     raise ValueError(f'FactoredConv3D needs a (1, kh, kw) or (kt, 1, 1) kernel, got {self.kernel_size}.')
 
 
+class Conv2D(nn.Module):
+  """`nn.Conv` without bias for NHWC maps (same `kernel` parameter, initialiser and result), except
+  that a kernel window covering at least as many positions as the output map runs as patches @ kernel.
+
+  XLA swaps the operands of such a convolution (the activation becomes the kernel), and its CPU
+  backend then runs it ~100x slower than the equivalent matmul: the 3x3 convs of the audio
+  ResNet-18's last stage, on a 2x4 map, took 1.6 s each at 32 clips (docs/PERFORMANCE.md).
+  """
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kh, kw = self.kernel_size
+    sh, sw = self.strides
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    (pt, pb), (pl, pr) = self.padding
+    n, h, w, c = x.shape
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    if oh * ow > kh * kw or kh * kw == 1:
+      return jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    patches = jnp.stack([x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+                         for i in range(kh) for j in range(kw)], axis=3)       # (N, oh, ow, kh*kw, C)
+    return jnp.einsum('nhwkc,kco->nhwo', patches, kernel.reshape(kh * kw, c, self.features))
+
+
 def scaled_widths(width: float) -> tuple[int, ...]:
   """Channel counts of the four stages at a width multiplier (1.0 = torchvision)."""
   return tuple(max(1, int(round(c * width))) for c in BASE_WIDTHS)
@@ -146,13 +179,11 @@ class BasicBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     bn = functools.partial(_BatchNorm, use_running_average=not train or self.frozen_bn, dtype=self.dtype)
-    conv = functools.partial(nn.Conv, self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                             dtype=self.dtype)
+    conv = functools.partial(Conv2D, self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
     y = nn.relu(bn(name='bn1')(conv(strides=(self.stride, self.stride), name='conv1')(x)))
     y = bn(name='bn2')(conv(name='conv2')(y))
     if self.stride != 1 or x.shape[-1] != self.channels:
-      x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=False, dtype=self.dtype,
-                  name='downsample_conv')(x)
+      x = Conv2D(self.channels, (1, 1), (self.stride, self.stride), dtype=self.dtype, name='downsample_conv')(x)
       x = bn(name='downsample_bn')(x)
     return nn.relu(y + x)
 
@@ -173,8 +204,7 @@ class ResNet18(nn.Module):
     bn = functools.partial(_BatchNorm, use_running_average=not train or self.frozen_bn, dtype=self.dtype)
     widths = scaled_widths(self.width)
     x = x.astype(self.dtype)
-    x = nn.Conv(widths[0], (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
-                name='conv1')(x)
+    x = Conv2D(widths[0], (7, 7), (2, 2), padding=((3, 3), (3, 3)), dtype=self.dtype, name='conv1')(x)
     x = nn.relu(bn(name='bn1')(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for stage, channels in enumerate(widths):
