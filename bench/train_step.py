@@ -1,9 +1,13 @@
 r"""Benchmark of the train step: compile time, step time, sequences/s, FLOPs, FLOP/s and its share of
 the measured matmul peak, memory; optionally where the time goes (a per-component profile).
 
-    .venv/bin/python bench/train_step.py                                   # CPU default, ~6-8 min
-    python bench/train_step.py --case=all --dtype=bf16 --batch=64          # on a GPU
-    python bench/train_step.py --case=fusion --dtype=fp32 --profile        # + per-component profile
+    .venv/bin/python bench/train_step.py                     # CPU: fp32, fusion + demo + full_frozen, ~3 min
+    .venv/bin/python bench/train_step.py --case=all --dtype=bf16   # + full_trainable, bf16
+    .venv/bin/python bench/train_step.py --case=fusion --profile   # + per-component profile
+    .venv/bin/python bench/train_step.py --malloc=tcmalloc   # the cases under tcmalloc (LD_PRELOAD)
+    python bench/train_step.py --case=all --dtype=bf16 --batch=64  # on a GPU
+
+docs/PERFORMANCE.md has the results and their analysis.
 
 Cases (the step is `iaca_jax.train_lib.Trainer.train_step`: jit, donated state, batch sharded on the
 'data' mesh, AdamW; random inputs of the real shapes):
@@ -25,8 +29,9 @@ step's jaxpr (the MFU numerator); achieved FLOP/s and its share of the peak of a
 same dtype measured in the same process (before and after the steps; the larger is used); XLA's
 buffer assignment (arguments + outputs - donated + temporaries), the process's max RSS, and on
 accelerators the device's peak bytes in use; that the state is donated and the host returns before
-the step completes (dispatch time); the load average. `--profile` adds a `jax.profiler` trace of a few more steps with the op time attributed to
-model components (encoders, BLSTMs, attention, co-attention, optimizer), forward and backward.
+the step completes (dispatch time); the load average. `--profile` adds a `jax.profiler` trace of a
+few more steps with the op time attributed to model components (encoders, BLSTMs, attention,
+co-attention, optimizer), forward and backward.
 
 Also reports whether the input pipeline keeps up: it reads bench/results/input_pipeline.json and
 times the cached-feature reader on results/demo/features when that exists (`make demo` writes it).
@@ -53,7 +58,7 @@ CASES = ('fusion', 'demo', 'full_frozen', 'full_trainable')
 
 flags.DEFINE_string('case', 'fusion,demo,full_frozen',
                     f'Comma-separated cases among {CASES}, or "all". The default leaves out full_trainable, '
-                    'which takes ~5 min on a 2-core CPU (~80 s a step at batch 1).')
+                    'which adds 3-5 min on a 2-core CPU (40-80 s a step at batch 1).')
 flags.DEFINE_string('dtype', 'fp32', 'Comma-separated compute dtypes among fp32, bf16, or "all".')
 flags.DEFINE_integer('batch', 0, 'Global batch (sequences of 16 clips) for every case; 0 = per-case default.')
 flags.DEFINE_integer('steps', 0, 'Timed steps; 0 = per-case default (fewer for the full model on a CPU).')
