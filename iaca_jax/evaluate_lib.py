@@ -146,14 +146,16 @@ def _find_window(config, video: str, split: str) -> dict:
   return fallback
 
 
-def attention_figure(evaluator: Evaluator, video: str, split: str, output_dir: str) -> str:
+def attention_figure(evaluator: Evaluator, video: str, split: str, output_dir: str,
+                     clips: dict | None = None) -> str:
   """Faces, the spectrogram, and per-clip cross-attention scores of each modality, min-max normalised
-  to [0, 1] and drawn as two heat strips (the paper's Fig. 1); the stage-2 gate below when present."""
+  to [0, 1] and drawn as two heat strips (the paper's Fig. 1); the stage-2 gate below when present.
+  `clips`: the split's predictions when the caller already has them."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   window = _find_window(evaluator.config, video, split)
-  clips = evaluator.predict(split)
+  clips = evaluator.predict(split) if clips is None else clips
   names = np.array([n.decode() for n in clips['video_name']])
   rows = np.flatnonzero((names == video) & np.all(clips['end_frame'] == window['end_frame'], axis=1))
   if rows.size == 0:

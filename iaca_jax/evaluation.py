@@ -67,32 +67,34 @@ def predict_split(trainer, state, batches: Iterable[Mapping[str, np.ndarray]], *
   return {k: np.concatenate(v) for k, v in collected.items()}
 
 
+FRAME_FLAGS = ('corrupt_video', 'corrupt_audio', 'silenced')
+
+
 def to_frames(clips: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
   """Per video, frame-indexed arrays (row j = frame j + 1): predictions (N, 2), labels (N, 2) with -5
   where invalid, and the clip flags of the clip that ends on each frame."""
   real = clips['end_frame'] > 0
   names = np.repeat(clips['video_name'][:, None], clips['end_frame'].shape[1], axis=1)[real]
   names = np.array([n.decode() if isinstance(n, bytes) else str(n) for n in names])
-  frames = clips['end_frame'][real]
+  flat = {k: clips[k][real] for k in ('end_frame', 'predictions', 'frame_labels', 'frame_mask') + FRAME_FLAGS}
   per_video = {}
   for video in np.unique(names):
-    rows = names == video
-    order = np.argsort(frames[rows], kind='stable')
-    video_frames = frames[rows][order]
+    rows = np.flatnonzero(names == video)
+    rows = rows[np.argsort(flat['end_frame'][rows], kind='stable')]
+    video_frames = flat['end_frame'][rows]
     repeated = video_frames[1:][np.diff(video_frames) == 0]
     if repeated.size:
       raise ValueError(f'Video {video}: frame {repeated[0]} is predicted twice; the evaluation pipeline '
                        'must visit every window once.')
     n = int(video_frames[-1])
-    entry = {'predictions': np.full((n, 2), np.nan), 'labels': np.full((n, 2), INVALID)}
-    for key in ('corrupt_video', 'corrupt_audio', 'silenced'):
-      entry[key] = np.zeros(n, bool)
     index = video_frames - 1
-    entry['predictions'][index] = clips['predictions'][real][rows][order]
-    valid = clips['frame_mask'][real][rows][order]
-    entry['labels'][index[valid]] = clips['frame_labels'][real][rows][order][valid]
-    for key in ('corrupt_video', 'corrupt_audio', 'silenced'):
-      entry[key][index] = clips[key][real][rows][order]
+    entry = {'predictions': np.full((n, 2), np.nan), 'labels': np.full((n, 2), INVALID)}
+    entry['predictions'][index] = flat['predictions'][rows]
+    valid = flat['frame_mask'][rows]
+    entry['labels'][index[valid]] = flat['frame_labels'][rows][valid]
+    for key in FRAME_FLAGS:
+      entry[key] = np.zeros(n, bool)
+      entry[key][index] = flat[key][rows]
     per_video[video] = entry
   return per_video
 
@@ -101,7 +103,7 @@ def score(clips: Mapping[str, np.ndarray]) -> dict[str, float]:
   """Split-level CCC_v, CCC_a and their mean, also over clean / corrupted frames per modality."""
   videos = to_frames(clips)
   subsets = {}
-  for key in ('corrupt_video', 'corrupt_audio', 'silenced'):
+  for key in FRAME_FLAGS:
     if any(v[key].any() for v in videos.values()):
       subsets[key] = {name: v[key] for name, v in videos.items()}
       subsets[f'clean_{key.split("_")[1]}' if key != 'silenced' else 'not_silenced'] = {

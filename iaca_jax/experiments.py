@@ -92,8 +92,9 @@ def run_demo(results_dir: str, size: str = 'default') -> str:
   config = prepare_data(results_dir, size=size)
   results = [run_variant(results_dir, name, overrides, missing_audio=True) for name, overrides in DEMO_VARIANTS]
   iaca = results[0]['evaluator']
-  video = _first_video(iaca, config.dataset.eval_split)
-  figure = evaluate_lib.attention_figure(iaca, video, config.dataset.eval_split, results_dir)
+  clips = iaca.predict(config.dataset.eval_split)
+  video = sorted({n.decode() for n in clips['video_name']})[0]
+  figure = evaluate_lib.attention_figure(iaca, video, config.dataset.eval_split, results_dir, clips)
   submission = evaluate_lib.write_submission(iaca, 'test', results_dir)
   sweeps = [r['missing_audio'] for r in results]
   evaluate_lib.plot_missing_audio(sweeps, os.path.join(results_dir, 'missing_audio.png'))
@@ -120,11 +121,6 @@ def run_ablation(results_dir: str, size: str = 'default') -> str:
   evaluate_lib.atomic_write(path, '# Ablation on the synthetic set (validation)\n\n' + ablation_table(results))
   log(f'Ablation table: {path}')
   return path
-
-
-def _first_video(evaluator, split: str) -> str:
-  clips = evaluator.predict(split)
-  return sorted({n.decode() for n in clips['video_name']})[0]
 
 
 def main(argv):
