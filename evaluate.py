@@ -13,6 +13,11 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# Before JAX and TensorFlow start their threads; IACA_HOST_ALLOCATOR=auto|retain|default.
+from iaca_jax import host_allocator  # noqa: E402
+
+HOST_ALLOCATOR = host_allocator.configure_from_env()
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -37,6 +42,7 @@ flags.DEFINE_string('test_split', 'test', 'Split used for --submission.')
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  print(HOST_ALLOCATOR, flush=True)
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval')
   split = FLAGS.split or FLAGS.config.dataset.eval_split
   evaluator = evaluate_lib.Evaluator(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)

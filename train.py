@@ -9,6 +9,11 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# Before JAX and TensorFlow start their threads; IACA_HOST_ALLOCATOR=auto|retain|default.
+from iaca_jax import host_allocator  # noqa: E402
+
+HOST_ALLOCATOR = host_allocator.configure_from_env()
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -22,6 +27,7 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard log
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  print(HOST_ALLOCATOR, flush=True)
   result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info('Best validation CCC_v + CCC_a = %.4f at step %d.', result['best_score'], result['best_step'])
 

@@ -4,7 +4,7 @@ the measured matmul peak, memory; optionally where the time goes (a per-componen
     .venv/bin/python bench/train_step.py                     # CPU: fp32, fusion + demo + full_frozen, ~3 min
     .venv/bin/python bench/train_step.py --case=all --dtype=bf16   # + full_trainable, bf16
     .venv/bin/python bench/train_step.py --case=fusion --profile   # + per-component profile
-    .venv/bin/python bench/train_step.py --malloc=tcmalloc   # the cases under tcmalloc (LD_PRELOAD)
+    .venv/bin/python bench/train_step.py --malloc=default    # glibc malloc untouched (see --malloc)
     python bench/train_step.py --case=all --dtype=bf16 --batch=64  # on a GPU
 
 docs/PERFORMANCE.md has the results and their analysis.
@@ -67,9 +67,11 @@ flags.DEFINE_bool('profile', False, 'Per-component profile of each case from a j
 flags.DEFINE_integer('profile_steps', 2, 'Steps in the profiled trace.')
 flags.DEFINE_bool('isolate', True, 'Run every case in its own process.')
 flags.DEFINE_bool('input', True, 'Time the cached-feature reader (results/demo/features) and compare.')
-flags.DEFINE_enum('malloc', 'default', ['default', 'tcmalloc'],
-                  'Allocator of the case processes: tcmalloc (LD_PRELOAD libtcmalloc_minimal) keeps freed '
-                  'memory mapped, saving the page faults of XLA\'s per-step temporaries on a CPU.')
+flags.DEFINE_enum('malloc', 'auto', ['auto', 'retain', 'default', 'tcmalloc'],
+                  'Host allocator of the case processes. auto/retain/default: IACA_HOST_ALLOCATOR as train.py '
+                  'applies it (auto = what train.py does; retain keeps freed memory in the process, saving the '
+                  'page faults of XLA:CPU\'s per-step temporaries; default = glibc untouched); tcmalloc: '
+                  'LD_PRELOAD libtcmalloc_minimal.')
 flags.DEFINE_string('out', '', 'JSON result file; default bench/results/train_step_<backend>.json.')
 flags.DEFINE_string('child_out', '', 'Internal: run one case and write its result here.')
 FLAGS = flags.FLAGS
@@ -244,12 +246,14 @@ def run_input_check() -> dict:
 
 def child_main() -> None:
   case, dtype = os.environ['IACA_BENCH_CASE'], os.environ['IACA_BENCH_DTYPE']
+  from iaca_jax import host_allocator   # before JAX is imported, as train.py does
+  allocator = host_allocator.configure_from_env()
   import common
   if case == 'input':
     result = run_input_check()
   else:
     result = run_case(case, dtype)
-  result['machine'] = common.machine()
+  result['machine'] = dict(common.machine(), host_allocator=allocator)
   common.write_json(FLAGS.child_out, result)
 
 
@@ -264,6 +268,7 @@ def run_child(case: str, dtype: str) -> dict:
     if FLAGS.profile and case != 'input':
       import common
       env['XLA_FLAGS'] = common.profile_flags(env.get('XLA_FLAGS', ''))
+    env['IACA_HOST_ALLOCATOR'] = 'default' if FLAGS.malloc == 'tcmalloc' else FLAGS.malloc
     if FLAGS.malloc == 'tcmalloc' and case != 'input':
       library = next((p for p in TCMALLOC if os.path.exists(p)), None)
       if library is None:

@@ -58,4 +58,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2                 # latest checkpoints kept; the best one is kept apart
   config.distributed = False                  # call jax.distributed.initialize() (multi-host)
   config.prefetch_batches = 2                 # batches staged on the devices ahead of the step
+  config.max_steps_in_flight = 2              # dispatched, unfinished steps the host may queue (0: no bound)
   return config

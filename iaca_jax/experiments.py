@@ -15,6 +15,11 @@ import os
 import time
 from typing import Sequence
 
+if __name__ == '__main__':
+  # Before JAX and TensorFlow start their threads; IACA_HOST_ALLOCATOR=auto|retain|default.
+  from iaca_jax import host_allocator
+  print(host_allocator.configure_from_env(), flush=True)
+
 import ml_collections
 
 from configs import synthetic_demo

@@ -8,6 +8,7 @@ CCC loss is computed on the global batch, so it is exact across devices. Frozen 
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -169,6 +170,20 @@ def prefetch_to_devices(batches: Iterable[Mapping[str, np.ndarray]], shard: Call
   yield from queue
 
 
+def wait_for_steps_in_flight(in_flight: collections.deque, newest: jax.Array, limit: int) -> None:
+  """Keeps at most `limit` dispatched steps unfinished: waits (no transfer) for older ones.
+
+  With an input faster than the step, asynchronous dispatch would otherwise let the host queue
+  steps, each holding its device batch, until the next metrics flush. Waiting for step n - limit
+  keeps `limit` steps queued, so the device never idles for it. limit <= 0: no bound.
+  """
+  if limit <= 0:
+    return
+  in_flight.append(newest)
+  while len(in_flight) > limit:
+    in_flight.popleft().block_until_ready()
+
+
 def device_get_metrics(metrics: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -292,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.warning('Resumed from step %d in %s.', int(state.step), workdir)
   writer = MetricWriter(workdir)
   step = int(jax.device_get(state.step))
-  base_rng = jax.random.key(config.seed + 1)
+  base_rng = trainer.replicate(jax.random.key(config.seed + 1))
+  in_flight = collections.deque()   # losses of the steps dispatched and maybe not yet done
   progress = tqdm.tqdm(total=total_steps, initial=step, disable=jax.process_index() != 0,
                        desc='train', dynamic_ncols=True)
   pending, interval_start = [], time.time()
@@ -322,8 +338,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     epoch, offset = divmod(step, steps_per_epoch)
     batches = data.train_batches(config, epoch=epoch, start_batch=offset)
     for device_batch, _ in prefetch_to_devices(batches, trainer.shard_batch, config.prefetch_batches):
-      state, step_metrics = trainer.train_step(state, device_batch, base_rng)
+      with jax.transfer_guard('disallow'):   # an implicit transfer here would be a hidden sync
+        state, step_metrics = trainer.train_step(state, device_batch, base_rng)
       pending.append(step_metrics)
+      wait_for_steps_in_flight(in_flight, step_metrics['loss'], config.max_steps_in_flight)
       step += 1
       progress.update(1)
       if step % config.log_every_steps == 0:

@@ -1,6 +1,7 @@
 """The training loop, checkpoints, resumption and evaluation end to end on the tiny synthetic set
 (cached features of tiny frozen encoders, so each run takes seconds)."""
 
+import collections
 import fcntl
 import json
 import os
@@ -103,6 +104,26 @@ def test_resumed_run_equals_uninterrupted_run(cached, tmp_path):
     np.testing.assert_array_equal(a, b)
   assert os.path.isfile(os.path.join(resumed, 'train_result.json'))
   assert any(f.startswith('events') for f in os.listdir(os.path.join(resumed, 'tensorboard')))
+
+
+def test_host_waits_only_for_steps_beyond_the_limit_in_flight():
+  waited = []
+
+  class Dispatched:
+    def __init__(self, step):
+      self.step = step
+
+    def block_until_ready(self):
+      waited.append(self.step)
+
+  in_flight = collections.deque()
+  for step in range(6):
+    train_lib.wait_for_steps_in_flight(in_flight, Dispatched(step), limit=2)
+    assert waited == list(range(step - 1)), step    # step n waits for n - 2 and keeps 2 queued
+  unbounded = collections.deque()
+  for step in range(6):
+    train_lib.wait_for_steps_in_flight(unbounded, Dispatched(step), limit=0)
+  assert waited == [0, 1, 2, 3] and not unbounded
 
 
 def test_checkpoint_restores_bit_exactly(cached, tmp_path):
