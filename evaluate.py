@@ -13,7 +13,7 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-# Before JAX and TensorFlow start their threads; IACA_HOST_ALLOCATOR=auto|retain|default.
+# Before JAX and TensorFlow start their threads; IACA_HOST_ALLOCATOR=auto|keep|one_arena|default.
 from iaca_jax import host_allocator  # noqa: E402
 
 HOST_ALLOCATOR = host_allocator.configure_from_env()

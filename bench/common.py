@@ -60,7 +60,18 @@ def machine() -> dict:
       info['host_memory_gib'] = round(int(f.readline().split()[1]) / 2**20, 1)
   except OSError:
     pass
+  info['cpu_isa'] = _cpu_isa()
   return info
+
+
+def _cpu_isa() -> list[str]:
+  """The vector extensions XLA:CPU's kernels depend on most (same model name, different figures)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+  except OSError:
+    return []
+  return [flag for flag in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_tile') if flag in flags]
 
 
 def block(tree):

@@ -4,7 +4,7 @@ the measured matmul peak, memory; optionally where the time goes (a per-componen
     .venv/bin/python bench/train_step.py                     # CPU: fp32, fusion + demo + full_frozen, ~3 min
     .venv/bin/python bench/train_step.py --case=all --dtype=bf16   # + full_trainable, bf16
     .venv/bin/python bench/train_step.py --case=fusion --profile   # + per-component profile
-    .venv/bin/python bench/train_step.py --malloc=default    # glibc malloc untouched (see --malloc)
+    .venv/bin/python bench/train_step.py --malloc=one_arena  # host allocator mode (see --malloc)
     python bench/train_step.py --case=all --dtype=bf16 --batch=64  # on a GPU
 
 docs/PERFORMANCE.md has the results and their analysis.
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -67,11 +68,10 @@ flags.DEFINE_bool('profile', False, 'Per-component profile of each case from a j
 flags.DEFINE_integer('profile_steps', 2, 'Steps in the profiled trace.')
 flags.DEFINE_bool('isolate', True, 'Run every case in its own process.')
 flags.DEFINE_bool('input', True, 'Time the cached-feature reader (results/demo/features) and compare.')
-flags.DEFINE_enum('malloc', 'auto', ['auto', 'retain', 'default', 'tcmalloc'],
-                  'Host allocator of the case processes. auto/retain/default: IACA_HOST_ALLOCATOR as train.py '
-                  'applies it (auto = what train.py does; retain keeps freed memory in the process, saving the '
-                  'page faults of XLA:CPU\'s per-step temporaries; default = glibc untouched); tcmalloc: '
-                  'LD_PRELOAD libtcmalloc_minimal.')
+flags.DEFINE_enum('malloc', 'auto', ['auto', 'keep', 'one_arena', 'default', 'tcmalloc'],
+                  'Host allocator of the case processes: IACA_HOST_ALLOCATOR as train.py applies it (auto = '
+                  'what train.py does; see iaca_jax/host_allocator.py), or tcmalloc (LD_PRELOAD '
+                  'libtcmalloc_minimal, glibc settings left alone).')
 flags.DEFINE_string('out', '', 'JSON result file; default bench/results/train_step_<backend>.json.')
 flags.DEFINE_string('child_out', '', 'Internal: run one case and write its result here.')
 FLAGS = flags.FLAGS
@@ -193,7 +193,10 @@ def run_case(case: str, dtype: str) -> dict:
   result['dispatch_s'] = dispatch_s
   del state
   warm_walls, _, carry = common.time_calls(step, carry, settings['warmup'] - 1)
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   walls, cpus, carry = common.time_calls(step, carry, settings['steps'])
+  result['minor_faults_per_step'] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                                     - faults_before) / settings['steps']
   result['warmup_s'] = warm_walls
   result['step_s'] = walls
   result['finite'] = bool(jax.device_get(carry[1]['finite']))
@@ -327,7 +330,7 @@ RESULT_COLUMNS = [
     ('mm_gflop', 'matmul GFLOP', '.1f'), ('gflops', 'GFLOP/s', '.1f'), ('peak_gflops', 'peak GFLOP/s', '.1f'),
     ('mm_share', '% peak', '.1f'), ('share', '% peak XLA', '.1f'),
     ('xla_gib', 'XLA mem GiB', '.2f'), ('rss_gib', 'max RSS GiB', '.2f'), ('dev_gib', 'dev peak GiB', '.2f'),
-    ('load', 'load', 's')]
+    ('faults', 'faults/step', '.0f'), ('load', 'load', 's')]
 
 
 def _row(r: dict) -> dict:
@@ -341,7 +344,7 @@ def _row(r: dict) -> dict:
               peak_gflops=r['peak_flops_per_s'] / 1e9, mm_share=100 * r['matmul_share_of_peak'],
               share=100 * r.get('share_of_peak', 0),
               xla_gib=gib(r['memory_analysis'].get('peak_estimate')), rss_gib=gib(r['max_rss_bytes']),
-              dev_gib=gib(r['device_peak_bytes']),
+              dev_gib=gib(r['device_peak_bytes']), faults=r.get('minor_faults_per_step'),
               load=f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f}")
 
 
@@ -372,7 +375,8 @@ def main(argv):
   import common
   machine = next((r['machine'] for r in results if 'machine' in r), {})
   print(f"\nMachine: {machine.get('backend')} {machine.get('devices')} ({machine.get('cpu')}, "
-        f"{machine.get('cpu_count')} CPUs), jax {machine.get('jax')}")
+        f"{machine.get('cpu_count')} CPUs, {'/'.join(machine.get('cpu_isa', [])) or 'ISA unknown'}), "
+        f"jax {machine.get('jax')}, {machine.get('host_allocator', 'host allocator not recorded')}")
   print(common.table([_row(r) for r in results], RESULT_COLUMNS))
   for r in results:
     profile = r.get('profile') or {}

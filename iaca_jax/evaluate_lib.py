@@ -102,6 +102,45 @@ def missing_audio_table(results: Sequence[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+GATE_COLUMNS = (('gate_modality', 0, 'stage-2 audio weight'),
+                ('gate_audio', 1, 'stage-1 weight on the attended audio'),
+                ('gate_video', 1, 'stage-1 weight on the attended video'))
+
+
+def gate_summary(clips: dict) -> list[dict]:
+  """Mean gate values over real clips, for clean clips and for clips with a corrupted modality.
+
+  clips: `evaluation.predict_split` output: `gate_*` (N, L, K) weights, `corrupt_audio` /
+  `corrupt_video` (N, L) flags, `end_frame` (N, L) (0 = padding). Returns one row per clip group with
+  the mean of each gate column that the model has (GATE_COLUMNS) and the clip count n.
+  """
+  real = clips['end_frame'] > 0
+  corrupt_audio, corrupt_video = clips['corrupt_audio'].astype(bool), clips['corrupt_video'].astype(bool)
+  groups = (('both clean', real & ~corrupt_audio & ~corrupt_video), ('audio corrupted', real & corrupt_audio),
+            ('video corrupted', real & corrupt_video))
+  rows = []
+  for name, selected in groups:
+    row = {'clips': name, 'n': int(selected.sum())}
+    for key, index, label in GATE_COLUMNS:
+      if key in clips and row['n']:
+        row[label] = float(clips[key][..., index][selected].mean())
+    rows.append(row)
+  return rows
+
+
+def gate_table(clips: dict) -> str:
+  """`gate_summary` as a Markdown table ('' for a model without stage-1/stage-2 gates)."""
+  rows = gate_summary(clips)
+  labels = [label for key, _, label in GATE_COLUMNS if key in clips]
+  if not labels:
+    return ''
+  lines = ['| clips | ' + ' | '.join(labels) + ' | n |', '|---' * (len(labels) + 2) + '|']
+  for row in rows:
+    values = ' | '.join(f'{row[label]:.3f}' if label in row else '-' for label in labels)
+    lines.append(f'| {row["clips"]} | {values} | {row["n"]} |')
+  return '\n'.join(lines) + '\n'
+
+
 def plot_missing_audio(results: Sequence[dict], path: str) -> None:
   """Valence and arousal CCC against the share of silenced clips, one line per model (Fig. 3 style)."""
   import matplotlib

@@ -16,7 +16,7 @@ import time
 from typing import Sequence
 
 if __name__ == '__main__':
-  # Before JAX and TensorFlow start their threads; IACA_HOST_ALLOCATOR=auto|retain|default.
+  # Before JAX and TensorFlow start their threads; IACA_HOST_ALLOCATOR=auto|keep|one_arena|default.
   from iaca_jax import host_allocator
   print(host_allocator.configure_from_env(), flush=True)
 
@@ -106,6 +106,8 @@ def run_demo(results_dir: str, size: str = 'default') -> str:
   summary = ['# Demo results (synthetic set)', '',
              f'Made by `make demo` in {time.time() - start:.0f} s.', '',
              '## Validation CCC (SPEC 5 protocol)', '', ablation_table(results),
+             '## What the gates do (RJCA + IACA, mean gate values over validation clips)', '',
+             evaluate_lib.gate_table(clips),
              '## Missing audio (share of validation clips silenced; 3 seeds)', '',
              evaluate_lib.missing_audio_table(sweeps), '![missing audio](missing_audio.png)', '',
              f'## Attention scores ({video})', '', f'![attention]({os.path.basename(figure)})', '',

@@ -163,6 +163,35 @@ def test_silent_log_mel_is_the_floor_of_the_normalised_scale():
   np.testing.assert_allclose(feature_cache.silent_log_mel(), (-100 + 14.8) / 19.895, rtol=1e-6)
 
 
+def test_gate_summary_averages_each_gate_over_its_clip_group():
+  rng = np.random.default_rng(0)
+  n, length = 3, 4
+  clips = {'end_frame': np.array([[5, 10, 15, 0], [5, 10, 15, 20], [0, 0, 5, 10]]),
+           'corrupt_audio': rng.random((n, length)) < 0.4, 'corrupt_video': rng.random((n, length)) < 0.4,
+           'gate_modality': rng.random((n, length, 2)), 'gate_audio': rng.random((n, length, 2))}
+  rows = {r['clips']: r for r in evaluate_lib.gate_summary(clips)}
+  expected = collections.defaultdict(list)
+  for i in range(n):
+    for j in range(length):
+      if clips['end_frame'][i, j] == 0:
+        continue
+      audio, video = clips['corrupt_audio'][i, j], clips['corrupt_video'][i, j]
+      groups = (['both clean'] if not (audio or video) else []) + (['audio corrupted'] if audio else []) + (
+          ['video corrupted'] if video else [])
+      for group in groups:
+        expected[group].append((clips['gate_modality'][i, j, 0], clips['gate_audio'][i, j, 1]))
+  for group, values in expected.items():
+    assert rows[group]['n'] == len(values)
+    np.testing.assert_allclose(rows[group]['stage-2 audio weight'], np.mean([v[0] for v in values]))
+    np.testing.assert_allclose(rows[group]['stage-1 weight on the attended audio'], np.mean([v[1] for v in values]))
+    assert 'stage-1 weight on the attended video' not in rows[group]
+  table = evaluate_lib.gate_table(clips).splitlines()
+  assert table[0] == '| clips | stage-2 audio weight | stage-1 weight on the attended audio | n |'
+  assert len(table) == 5 and evaluate_lib.gate_table({'end_frame': clips['end_frame'],
+                                                      'corrupt_audio': clips['corrupt_audio'],
+                                                      'corrupt_video': clips['corrupt_video']}) == ''
+
+
 def test_to_frames_puts_clip_predictions_back_on_frames():
   clips = {'video_name': np.array([b'a', b'a']),
            'end_frame': np.array([[1, 3], [2, 0]]),
