@@ -11,7 +11,7 @@ allocator", has the measurements):
 - `one_arena`: `keep`, plus every thread shares the main arena, which grows without a size limit.
   This also keeps the big blocks, such as the 1.85 GiB temporary block of the paper-size fusion step,
   which then runs 1.4-1.5x faster. But every allocation now takes the same lock, so steps made of
-  many small ops (the demo: 20-30% slower) and compilation get slower. It must be set before JAX or
+  many small ops (the demo: 10-25% slower) and compilation get slower. It must be set before JAX or
   TensorFlow is imported, because a thread picks its arena on its first malloc and importing either
   starts threads.
 
