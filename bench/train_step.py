@@ -68,10 +68,12 @@ flags.DEFINE_bool('profile', False, 'Per-component profile of each case from a j
 flags.DEFINE_integer('profile_steps', 2, 'Steps in the profiled trace.')
 flags.DEFINE_bool('isolate', True, 'Run every case in its own process.')
 flags.DEFINE_bool('input', True, 'Time the cached-feature reader (results/demo/features) and compare.')
-flags.DEFINE_enum('malloc', 'auto', ['auto', 'keep', 'one_arena', 'default', 'tcmalloc'],
+MALLOC_MODES = ['auto', 'keep', 'one_arena', 'default', 'tcmalloc']
+flags.DEFINE_enum('malloc', os.environ.get('IACA_HOST_ALLOCATOR', 'auto') if os.environ.get(
+                      'IACA_HOST_ALLOCATOR', 'auto') in MALLOC_MODES else 'auto', MALLOC_MODES,
                   'Host allocator of the case processes: IACA_HOST_ALLOCATOR as train.py applies it (auto = '
                   'what train.py does; see iaca_jax/host_allocator.py), or tcmalloc (LD_PRELOAD '
-                  'libtcmalloc_minimal, glibc settings left alone).')
+                  'libtcmalloc_minimal, glibc settings left alone). Default: $IACA_HOST_ALLOCATOR, else auto.')
 flags.DEFINE_string('out', '', 'JSON result file; default bench/results/train_step_<backend>.json.')
 flags.DEFINE_string('child_out', '', 'Internal: run one case and write its result here.')
 FLAGS = flags.FLAGS
