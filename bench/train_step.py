@@ -55,6 +55,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from iaca_jax import host_allocator  # noqa: E402  (imports neither JAX nor TensorFlow)
+
 CASES = ('fusion', 'demo', 'full_frozen', 'full_trainable')
 
 flags.DEFINE_string('case', 'fusion,demo,full_frozen',
@@ -68,9 +70,9 @@ flags.DEFINE_bool('profile', False, 'Per-component profile of each case from a j
 flags.DEFINE_integer('profile_steps', 2, 'Steps in the profiled trace.')
 flags.DEFINE_bool('isolate', True, 'Run every case in its own process.')
 flags.DEFINE_bool('input', True, 'Time the cached-feature reader (results/demo/features) and compare.')
-MALLOC_MODES = ['auto', 'keep', 'one_arena', 'default', 'tcmalloc']
-flags.DEFINE_enum('malloc', os.environ.get('IACA_HOST_ALLOCATOR', 'auto') if os.environ.get(
-                      'IACA_HOST_ALLOCATOR', 'auto') in MALLOC_MODES else 'auto', MALLOC_MODES,
+MALLOC_MODES = list(host_allocator.MODES) + ['tcmalloc']
+_ENV_MALLOC = os.environ.get(host_allocator.ENV_VAR, 'auto')
+flags.DEFINE_enum('malloc', _ENV_MALLOC if _ENV_MALLOC in MALLOC_MODES else 'auto', MALLOC_MODES,
                   'Host allocator of the case processes: IACA_HOST_ALLOCATOR as train.py applies it (auto = '
                   'what train.py does; see iaca_jax/host_allocator.py), or tcmalloc (LD_PRELOAD '
                   'libtcmalloc_minimal, glibc settings left alone). Default: $IACA_HOST_ALLOCATOR, else auto.')
@@ -251,8 +253,7 @@ def run_input_check() -> dict:
 
 def child_main() -> None:
   case, dtype = os.environ['IACA_BENCH_CASE'], os.environ['IACA_BENCH_DTYPE']
-  from iaca_jax import host_allocator   # before JAX is imported, as train.py does
-  allocator = host_allocator.configure_from_env()
+  allocator = host_allocator.configure_from_env()   # before JAX is imported, as train.py does
   import common
   if case == 'input':
     result = run_input_check()
@@ -273,7 +274,7 @@ def run_child(case: str, dtype: str) -> dict:
     if FLAGS.profile and case != 'input':
       import common
       env['XLA_FLAGS'] = common.profile_flags(env.get('XLA_FLAGS', ''))
-    env['IACA_HOST_ALLOCATOR'] = 'default' if FLAGS.malloc == 'tcmalloc' else FLAGS.malloc
+    env[host_allocator.ENV_VAR] = 'default' if FLAGS.malloc == 'tcmalloc' else FLAGS.malloc
     if FLAGS.malloc == 'tcmalloc' and case != 'input':
       library = next((p for p in TCMALLOC if os.path.exists(p)), None)
       if library is None:

@@ -39,8 +39,9 @@ def _probe(mode: str, megabytes: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('XLA_FLAGS', None)
   env.pop('LD_PRELOAD', None)
-  out = subprocess.run([sys.executable, '-c', _PROBE, mode, str(megabytes * 2**20 // (4 * 4096))], env=env, capture_output=True, text=True,
-                       check=True, timeout=300)
+  rows = megabytes * 2**20 // (4 * 4096)
+  out = subprocess.run([sys.executable, '-c', _PROBE, mode, str(rows)], env=env, capture_output=True,
+                       text=True, check=True, timeout=300)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
