@@ -4,8 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= results/demo
+# glibc malloc keeps freed memory in the process (no mmap, no trimming), so that XLA:CPU does not
+# page-fault every step's temporaries in again (docs/PERFORMANCE.md, "Host allocator"). Append
+# :glibc.malloc.arena_max=1 for paper-size training on a CPU; HOST_MALLOC= leaves glibc alone.
+HOST_MALLOC ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615
+export GLIBC_TUNABLES = $(HOST_MALLOC)
 
-.PHONY: setup demo ablation test bench clean
+.PHONY: setup demo ablation lint format test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +21,17 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m iaca_jax.experiments --mode=demo --results_dir=$(RESULTS)
+	$(PY) experiments.py --mode=demo --results_dir=$(RESULTS)
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 bench: setup
@@ -29,4 +42,4 @@ clean:
 	rm -rf $(VENV) results
 
 ablation: setup
-	$(PY) -m iaca_jax.experiments --mode=ablation --results_dir=$(RESULTS)
+	$(PY) experiments.py --mode=ablation --results_dir=$(RESULTS)

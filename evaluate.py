@@ -1,7 +1,7 @@
 r"""Evaluates a trained IACA model. Thin entry point; the logic is in iaca_jax/evaluate_lib.py.
 
   python evaluate.py --config configs/synthetic_demo.py --workdir runs/demo            # CCC on validation
-  python evaluate.py ... --missing_audio          # SPEC 5 sweep: 10-90% of clips silenced, 3 seeds
+  python evaluate.py ... --missing_audio          # docs/DESIGN.md §5 sweep: 10-90% of clips silenced, 3 seeds
   python evaluate.py ... --attention_figure=VIDEO # faces, spectrogram and attention heat strips
   python evaluate.py ... --submission             # the challenge file for the test split
 
@@ -13,25 +13,25 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-# Before JAX and TensorFlow start their threads; IACA_HOST_ALLOCATOR=auto|keep|one_arena|default.
-from iaca_jax import host_allocator  # noqa: E402
-
-HOST_ALLOCATOR = host_allocator.configure_from_env()
-
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from iaca_jax import evaluate_lib  # noqa: E402
+from iaca_jax import evaluate_lib, reports  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/default.py', 'The training configuration.', lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', 'configs/default.py', 'The training configuration.', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'The training run to evaluate.', required=True)
 flags.DEFINE_string('output_dir', None, 'Where results are written (default <workdir>/eval).')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint to load.')
 flags.DEFINE_string('split', None, 'Split to score (default: config.dataset.eval_split).')
 flags.DEFINE_bool('missing_audio', False, 'Run the missing-audio sweep.')
-flags.DEFINE_list('missing_fractions', [str(f) for f in evaluate_lib.MISSING_AUDIO_FRACTIONS],
-                  'Shares of clips whose audio is silenced.')
+flags.DEFINE_list(
+  'missing_fractions',
+  [str(f) for f in evaluate_lib.MISSING_AUDIO_FRACTIONS],
+  'Shares of clips whose audio is silenced.',
+)
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of the missing-audio sweep.')
 flags.DEFINE_string('label', 'model', 'Name of this model in tables and plots.')
 flags.DEFINE_string('attention_figure', None, 'Draw the attention-score figure for this video.')
@@ -42,20 +42,26 @@ flags.DEFINE_string('test_split', 'test', 'Split used for --submission.')
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  print(HOST_ALLOCATOR, flush=True)
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval')
   split = FLAGS.split or FLAGS.config.dataset.eval_split
   evaluator = evaluate_lib.Evaluator(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
   print(f'Restored the {FLAGS.checkpoint} checkpoint (step {evaluator.step}) from {FLAGS.workdir}.')
-  scores = evaluate_lib.evaluate_split(evaluator, split, output_dir)
-  print(f'{split}: CCC_v={scores["ccc_valence"]:.4f} CCC_a={scores["ccc_arousal"]:.4f} '
-        f'mean={scores["ccc_mean"]:.4f}')
-  print(evaluate_lib.metrics_table(scores))
+  scores = evaluate_lib.score_split(evaluator, split, output_dir)
+  print(
+    f'{split}: CCC_v={scores["ccc_valence"]:.4f} CCC_a={scores["ccc_arousal"]:.4f} '
+    f'mean={scores["ccc_mean"]:.4f}'
+  )
+  print(reports.metrics_table(scores))
   if FLAGS.missing_audio:
     result = evaluate_lib.missing_audio_sweep(
-        evaluator, split, output_dir, [float(f) for f in FLAGS.missing_fractions],
-        [int(s) for s in FLAGS.seeds], FLAGS.label)
-    print(evaluate_lib.missing_audio_table([result]))
+      evaluator,
+      split,
+      output_dir,
+      [float(f) for f in FLAGS.missing_fractions],
+      [int(s) for s in FLAGS.seeds],
+      FLAGS.label,
+    )
+    print(reports.missing_audio_table([result]))
   if FLAGS.attention_figure:
     print('Wrote', evaluate_lib.attention_figure(evaluator, FLAGS.attention_figure, split, output_dir))
   if FLAGS.submission:

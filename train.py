@@ -9,11 +9,6 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-# Before JAX and TensorFlow start their threads; IACA_HOST_ALLOCATOR=auto|keep|one_arena|default.
-from iaca_jax import host_allocator  # noqa: E402
-
-HOST_ALLOCATOR = host_allocator.configure_from_env()
-
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -21,13 +16,14 @@ from iaca_jax import train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training configuration.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.', required=True)
+flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints, TensorBoard logs and results.', required=True
+)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-  print(HOST_ALLOCATOR, flush=True)
   result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info('Best validation CCC_v + CCC_a = %.4f at step %d.', result['best_score'], result['best_step'])
 

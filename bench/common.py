@@ -17,11 +17,13 @@ import re
 import resource
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 # XLA's CPU runtime records one trace event per HLO op (thunk) only with this flag.
@@ -51,10 +53,17 @@ def _cpu_model() -> str:
 def machine() -> dict:
   """What the numbers were taken on."""
   devices = jax.devices()
-  info = dict(backend=jax.default_backend(), devices=[d.device_kind for d in devices],
-              cpu=_cpu_model(), cpu_count=os.cpu_count(), python=platform.python_version(),
-              jax=jax.__version__, hostname_hash=hash(platform.node()) % 10**6,
-              xla_flags=os.environ.get('XLA_FLAGS', ''), ld_preload=os.environ.get('LD_PRELOAD', ''))
+  info = dict(
+    backend=jax.default_backend(),
+    devices=[d.device_kind for d in devices],
+    cpu=_cpu_model(),
+    cpu_count=os.cpu_count(),
+    python=platform.python_version(),
+    jax=jax.__version__,
+    hostname_hash=hash(platform.node()) % 10**6,
+    xla_flags=os.environ.get('XLA_FLAGS', ''),
+    ld_preload=os.environ.get('LD_PRELOAD', ''),
+  )
   try:
     with open('/proc/meminfo') as f:
       info['host_memory_gib'] = round(int(f.readline().split()[1]) / 2**20, 1)
@@ -71,7 +80,9 @@ def _cpu_isa() -> list[str]:
       flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
   except OSError:
     return []
-  return [flag for flag in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_tile') if flag in flags]
+  return [
+    flag for flag in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_tile') if flag in flags
+  ]
 
 
 def block(tree):
@@ -116,7 +127,6 @@ def matmul_flops(jaxpr) -> float:
   The usual numerator of MFU: XLA's cost analysis also counts elementwise and integer ops (e.g. a
   dropout mask's hash), which no matmul peak bounds.
   """
-  from jax.extend import core as jex_core
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
   total = 0.0
   for eqn in jaxpr.eqns:
@@ -202,9 +212,16 @@ def _trace_events(trace_dir: str) -> list[dict]:
     data = json.load(f)
   events = data['traceEvents'] if isinstance(data, dict) else data
   # On accelerators keep the device's own timeline (the host side only launches kernels).
-  device_pids = {e['pid'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'
-                 and re.search(r'/device:(GPU|TPU)', str(e.get('args', {}).get('name', '')))}
-  return [e for e in events if e.get('ph') == 'X' and 'dur' in e and (not device_pids or e['pid'] in device_pids)]
+  device_pids = {
+    e['pid']
+    for e in events
+    if e.get('ph') == 'M'
+    and e.get('name') == 'process_name'
+    and re.search(r'/device:(GPU|TPU)', str(e.get('args', {}).get('name', '')))
+  }
+  return [
+    e for e in events if e.get('ph') == 'X' and 'dur' in e and (not device_pids or e['pid'] in device_pids)
+  ]
 
 
 def _self_times(events: Iterable[dict]) -> dict[str, float]:
@@ -236,11 +253,11 @@ def classify(op_name: str, module: str) -> tuple[str, str]:
   # Module scopes below the model, without method-call scopes such as 'IACAModel.encode'.
   scopes = [p for p in match.group(1).split('/')[:-1] if '.' not in p and '(' not in p] if match else []
   if scopes and scopes[0] == 'encoders':
-    component = '/'.join(scopes[:2])                        # encoders/video_encoder, encoders/audio_encoder
+    component = '/'.join(scopes[:2])  # encoders/video_encoder, encoders/audio_encoder
   elif scopes:
     component = scopes[0]
   elif module in op_name:
-    component = 'model: input L2-norm, stacking'           # top-level jnp ops of the model
+    component = 'model: input L2-norm, stacking'  # top-level jnp ops of the model
   elif phase == 'update':
     component = 'optimizer, norms, finiteness check'
   else:
@@ -250,8 +267,9 @@ def classify(op_name: str, module: str) -> tuple[str, str]:
   return component, phase
 
 
-def profile_steps(run_steps: Callable[[], Any], hlo_text: str, *, module: str = 'IACAModel',
-                  steps: int = 1) -> dict:
+def profile_steps(
+  run_steps: Callable[[], Any], hlo_text: str, *, module: str = 'IACAModel', steps: int = 1
+) -> dict:
   """Traces `run_steps()` (which runs `steps` steps and waits) and attributes op time to components.
 
   Returns {'rows': [(component, phase, seconds_per_step, share)], 'op_seconds_per_step', 'top_ops'}.
@@ -264,16 +282,19 @@ def profile_steps(run_steps: Callable[[], Any], hlo_text: str, *, module: str = 
     events = _trace_events(trace_dir)
   totals = {name: t for name, t in _self_times(events).items() if name in names}
   if not totals:
-    return {'rows': [], 'op_seconds_per_step': 0.0, 'top_ops': [],
-            'note': 'no per-op events in the trace (on a CPU set XLA_FLAGS=' + CPU_TRACE_FLAG + ')'}
+    return {
+      'rows': [],
+      'op_seconds_per_step': 0.0,
+      'top_ops': [],
+      'note': 'no per-op events in the trace (on a CPU set XLA_FLAGS=' + CPU_TRACE_FLAG + ')',
+    }
   grouped = collections.defaultdict(float)
   for name, seconds in totals.items():
     grouped[classify(names[name], module)] += seconds / steps
   total = sum(grouped.values())
   rows = sorted(((c, p, s, s / total) for (c, p), s in grouped.items()), key=lambda r: -r[2])
   top = sorted(totals.items(), key=lambda kv: -kv[1])[:15]
-  return {'rows': rows, 'op_seconds_per_step': total,
-          'top_ops': [(n, s / steps, names[n]) for n, s in top]}
+  return {'rows': rows, 'op_seconds_per_step': total, 'top_ops': [(n, s / steps, names[n]) for n, s in top]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The paper setting (SPEC 3-4): RJCA + IACA, R(2+1)D-18 and ResNet-18 encoders, batch 64, AdamW.
+"""The paper setting (docs/DESIGN.md §3-4): RJCA + IACA, R(2+1)D-18 and ResNet-18 encoders, batch 64, AdamW.
 
 Use: python train.py --config configs/default.py --workdir runs/paper \
        --config.dataset.data_dir=/data/tfds --config.pretrained=/ckpt/tsav_converted
@@ -14,49 +14,52 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = 'aff_wild2'           # tfds name of the shards (synthetic_av or aff_wild2)
-  config.dataset.data_dir = 'tfds_data'       # tfds data_dir that holds <name>/<version>/
+  config.dataset.name = 'aff_wild2'  # tfds name of the shards (synthetic_av or aff_wild2)
+  config.dataset.data_dir = 'tfds_data'  # tfds data_dir that holds <name>/<version>/
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'validation'
-  config.dataset.features_dir = ''            # cached encoder features (python -m iaca_jax.feature_cache); '' = online encoders
-  config.dataset.jitter = (0.8, 1.2)          # per-clip brightness and contrast jitter (training only)
+  config.dataset.features_dir = (
+    ''  # cached encoder features (python cache_features.py); '' = online encoders
+  )
+  config.dataset.jitter = (0.8, 1.2)  # per-clip brightness and contrast jitter (training only)
   config.dataset.shuffle_buffer = 1024
 
   config.model = ml_collections.ConfigDict()
-  config.model.encoder_width = 1.0            # 1.0 = torchvision R(2+1)D-18 / ResNet-18
+  config.model.encoder_width = 1.0  # 1.0 = torchvision R(2+1)D-18 / ResNet-18
   config.model.encoder_blocks_per_stage = 2
-  config.model.freeze_encoders = True         # the paper freezes its pretrained encoders
-  config.model.face_size = 0                  # resize faces before the encoder; 0 = as stored (112)
+  config.model.freeze_encoders = True  # the paper freezes its pretrained encoders
+  config.model.face_size = 0  # resize faces before the encoder; 0 = as stored (112)
   config.model.features = 512
   config.model.lstm_hidden = 256
   config.model.temporal_dropout = 0.1
-  config.model.cross_attention = 'rjca'       # none | ca | jca | rjca
+  config.model.cross_attention = 'rjca'  # none | ca | jca | rjca
   config.model.rjca_iterations = 2
   config.model.cross_attention_dropout = 0.6
-  config.model.gating = 'iaca'                # none | stage1 | iaca
-  config.model.stage2 = 'modality'            # modality | sum | iteration | raw
+  config.model.gating = 'iaca'  # none | stage1 | iaca
+  config.model.stage2 = 'modality'  # modality | sum | iteration | raw
   config.model.gate_temperature = 0.1
-  config.model.stage2_temperature = 0.0       # 0: the same as gate_temperature
+  config.model.stage2_temperature = 0.0  # 0: the same as gate_temperature
   config.model.head_hidden = 128
   config.model.head_dropout = 0.6
-  config.model.torch_layout = False           # True to run the authors' fusion weights (SPEC 3.4)
-  config.model.dtype = 'float32'              # compute dtype; 'bfloat16' on GPU/TPU (parameters stay fp32)
+  config.model.torch_layout = False  # True to run the authors' fusion weights (docs/DESIGN.md §3.4)
+  config.model.fused_dropout = True  # co-attention dropout as one fused op (same bits as nn.Dropout)
+  config.model.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU (parameters stay fp32)
 
-  config.pretrained = ''                      # converted PyTorch weights (python -m iaca_jax.convert_torch)
-  config.batch_size = 64                      # global batch of 16-clip sequences
+  config.pretrained = ''  # converted PyTorch weights (python -m iaca_jax.conversion)
+  config.batch_size = 64  # global batch of 16-clip sequences
   config.num_epochs = 100
   config.learning_rate = 1e-3
   config.weight_decay = 1e-5
-  config.lr_decay = 0.8                       # x0.8 ...
-  config.lr_decay_every_epochs = 2            # ... every 2 epochs ...
-  config.lr_decay_start_epoch = 5             # ... after epoch 5
-  config.max_steps = -1                       # stop early after this many steps (-1: num_epochs)
+  config.lr_decay = 0.8  # x0.8 ...
+  config.lr_decay_every_epochs = 2  # ... every 2 epochs ...
+  config.lr_decay_start_epoch = 5  # ... after epoch 5
+  config.max_steps = -1  # stop early after this many steps (-1: num_epochs)
 
   config.log_every_steps = 50
   config.eval_every_epochs = 1
-  config.checkpoint_every_steps = 500         # the latest state is also saved after every evaluation
-  config.keep_checkpoints = 2                 # latest checkpoints kept; the best one is kept apart
-  config.distributed = False                  # call jax.distributed.initialize() (multi-host)
-  config.prefetch_batches = 2                 # batches staged on the devices ahead of the step
-  config.max_steps_in_flight = 2              # dispatched, unfinished steps the host may queue (0: no bound)
+  config.checkpoint_every_steps = 500  # the latest state is also saved after every evaluation
+  config.keep_checkpoints = 2  # latest checkpoints kept; the best one is kept apart
+  config.distributed = False  # call jax.distributed.initialize() (multi-host)
+  config.prefetch_batches = 2  # batches staged on the devices ahead of the step
+  config.max_steps_in_flight = 2  # dispatched, unfinished steps the host may queue (0: no bound)
   return config

@@ -10,13 +10,18 @@ default size) unless --nogenerate_if_missing. `tfds build data/<dataset>` runs
 the same builders but needs apache-beam and mlcroissant, which conflict with
 this project's pins (see docs/DATA.md).
 """
+
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import time
 
+import tensorflow_datasets as tfds
 from absl import app, flags, logging
+
+from data.synthetic_av import generate
 
 DATASETS = ('synthetic_av', 'aff_wild2')
 
@@ -29,8 +34,14 @@ def builder_class(dataset: str):
   return module.Builder
 
 
-def make_builder(dataset: str, data_dir: str, *, config: str | None = None,
-                 sample_rate: int | None = None, min_valid_clips: int | None = None):
+def make_builder(
+  dataset: str,
+  data_dir: str,
+  *,
+  config: str | None = None,
+  sample_rate: int | None = None,
+  min_valid_clips: int | None = None,
+):
   """A builder of `dataset` writing TFRecords under `data_dir`.
 
   Args:
@@ -40,7 +51,6 @@ def make_builder(dataset: str, data_dir: str, *, config: str | None = None,
     sample_rate, min_valid_clips: build a custom config instead (named
       `sr<rate>` or `sr<rate>_keep<n>`).
   """
-  import dataclasses
   cls = builder_class(dataset)
   configs = {c.name: c for c in cls.BUILDER_CONFIGS}
   base = configs[config or cls.BUILDER_CONFIGS[0].name]
@@ -50,15 +60,23 @@ def make_builder(dataset: str, data_dir: str, *, config: str | None = None,
     sr = sample_rate or base.sample_rate
     keep = base.min_valid_clips if min_valid_clips is None else min_valid_clips
     name = f'sr{sr}' + ('' if keep == base.min_valid_clips else f'_keep{keep}')
-    cfg = configs.get(name) or dataclasses.replace(base, name=name, sample_rate=sr,
-                                                   min_valid_clips=keep,
-                                                   description=f'custom: {sr} Hz, keep {keep}')
+    cfg = configs.get(name) or dataclasses.replace(
+      base, name=name, sample_rate=sr, min_valid_clips=keep, description=f'custom: {sr} Hz, keep {keep}'
+    )
   return cls(data_dir=data_dir, config=cfg, file_format='tfrecord')
 
 
-def build(dataset: str, manual_dir: str, data_dir: str, *, config: str | None = None,
-          sample_rate: int | None = None, min_valid_clips: int | None = None,
-          overwrite: bool = False, num_shards: int | None = None):
+def build(
+  dataset: str,
+  manual_dir: str,
+  data_dir: str,
+  *,
+  config: str | None = None,
+  sample_rate: int | None = None,
+  min_valid_clips: int | None = None,
+  overwrite: bool = False,
+  num_shards: int | None = None,
+):
   """Prepares the dataset (no-op if already built, unless `overwrite`); returns the builder.
 
   `num_shards` fixes the number of TFRecord files per split (default: tfds picks by size).
@@ -67,13 +85,19 @@ def build(dataset: str, manual_dir: str, data_dir: str, *, config: str | None = 
     iaca_jax.preprocessing.DataError on input that cannot be used; nothing
     complete-looking is left under `data_dir` then.
   """
-  import tensorflow_datasets as tfds
-  builder = make_builder(dataset, data_dir, config=config, sample_rate=sample_rate,
-                         min_valid_clips=min_valid_clips)
-  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.abspath(manual_dir), download_mode=mode, num_shards=num_shards))
+  builder = make_builder(
+    dataset, data_dir, config=config, sample_rate=sample_rate, min_valid_clips=min_valid_clips
+  )
+  mode = (
+    tfds.download.GenerateMode.FORCE_REDOWNLOAD
+    if overwrite
+    else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  )
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=os.path.abspath(manual_dir), download_mode=mode, num_shards=num_shards
+    )
+  )
   for split, stats in builder.build_stats.items():
     logging.info('%s %s: %s', dataset, split, stats.summary())
   return builder
@@ -82,14 +106,16 @@ def build(dataset: str, manual_dir: str, data_dir: str, *, config: str | None = 
 def _define_flags():
   flags.DEFINE_enum('dataset', 'synthetic_av', DATASETS, 'Dataset to build.')
   flags.DEFINE_string('manual_dir', None, 'Raw data in the Aff-Wild2 layout.', required=True)
-  flags.DEFINE_string('data_dir', os.path.expanduser('~/tensorflow_datasets'),
-                      'tfds data dir the shards are written under.')
+  flags.DEFINE_string(
+    'data_dir', os.path.expanduser('~/tensorflow_datasets'), 'tfds data dir the shards are written under.'
+  )
   flags.DEFINE_string('config', None, 'Builder config (sr44100 = default, sr16000).')
   flags.DEFINE_integer('sample_rate', None, 'Custom audio sample rate (builds config sr<rate>).')
   flags.DEFINE_integer('min_valid_clips', None, 'Custom keep rule for training windows.')
   flags.DEFINE_bool('overwrite', False, 'Rebuild even if the dataset exists.')
-  flags.DEFINE_bool('generate_if_missing', True,
-                    'synthetic_av only: generate the raw set into an empty/missing manual_dir.')
+  flags.DEFINE_bool(
+    'generate_if_missing', True, 'synthetic_av only: generate the raw set into an empty/missing manual_dir.'
+  )
   flags.DEFINE_integer('synthetic_seed', 0, 'Seed when generating the synthetic set.')
   flags.DEFINE_enum('synthetic_size', 'default', ['default', 'tiny'], 'Size preset when generating.')
 
@@ -97,15 +123,23 @@ def _define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
-  if f.dataset == 'synthetic_av' and f.generate_if_missing and (
-      not os.path.isdir(f.manual_dir) or not os.listdir(f.manual_dir)):
-    from data.synthetic_av import generate
+  if (
+    f.dataset == 'synthetic_av'
+    and f.generate_if_missing
+    and (not os.path.isdir(f.manual_dir) or not os.listdir(f.manual_dir))
+  ):
     logging.info('generating the synthetic set into %s', f.manual_dir)
-    generate.generate(f.manual_dir, generate.SIZES[f.synthetic_size], f.synthetic_seed,
-                      overwrite=True)
+    generate.generate(f.manual_dir, generate.SIZES[f.synthetic_size], f.synthetic_seed, overwrite=True)
   start = time.time()
-  builder = build(f.dataset, f.manual_dir, f.data_dir, config=f.config, sample_rate=f.sample_rate,
-                  min_valid_clips=f.min_valid_clips, overwrite=f.overwrite)
+  builder = build(
+    f.dataset,
+    f.manual_dir,
+    f.data_dir,
+    config=f.config,
+    sample_rate=f.sample_rate,
+    min_valid_clips=f.min_valid_clips,
+    overwrite=f.overwrite,
+  )
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f'{f.dataset}: {splits} windows in {builder.data_dir} ({time.time() - start:.1f} s)')
 

@@ -39,6 +39,21 @@ class Checkpoints:
     restored = manager.restore(step, args=args)
     return restored.state, restored.meta
 
+  def restore_part(self, abstract_part: dict[str, Any], *, best: bool = False, step: int | None = None):
+    """(part, meta): only the state fields named in `abstract_part` (e.g. params and statistics,
+    without the optimizer state), or None when there is no checkpoint."""
+    manager = self.best if best else self.latest
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    state_args = ocp.args.PyTreeRestore(
+      item=abstract_part,
+      partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part),
+    )
+    restored = manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
   def latest_step(self, *, best: bool = False) -> int | None:
     return (self.best if best else self.latest).latest_step()
 

@@ -1,7 +1,7 @@
 r"""The feature-caching stage: runs the frozen encoders once over every window of every split and
 writes the features, with the labels, as a tfds dataset that the fusion model trains on directly.
 
-    python -m iaca_jax.feature_cache --config configs/synthetic_demo.py
+    python cache_features.py --config configs/synthetic_demo.py
 
 reads config.dataset.{name,data_dir}, builds (or loads, from config.pretrained) the encoders of
 config.model, and writes <config.dataset.features_dir>/ (a tfds version folder holding
@@ -15,56 +15,46 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from iaca_jax import convert_torch, input_pipeline, train_lib
-from iaca_jax.models import IACAModel
+from iaca_jax import data_source, input_pipeline, pretrained
+from iaca_jax.models import IACAModel, build_model, init_variables
 from iaca_jax.preprocessing import mel
 
-PASSTHROUGH = ('labels', 'mask', 'frame_labels', 'frame_mask', 'end_frame', 'video_name',
-               'corrupt_video', 'corrupt_audio')
+PASSTHROUGH = ('labels', 'mask', 'video_name') + input_pipeline.CLIP_KEYS  # copied from the source
 VERSION = '1.0.0'
-
-
-def silent_log_mel(sample_rate: int = mel.REFERENCE_SAMPLE_RATE) -> np.ndarray:
-  """The normalised log-mel of a silent clip (SPEC 2: a zero waveform), (64, frames)."""
-  settings = mel.mel_settings(sample_rate)
-  return mel.log_mel(np.zeros(settings.clip_samples, np.float32), settings)
-
-
-def source_sample_rate(builder) -> int:
-  metadata = builder.info.metadata or {}
-  return int(metadata.get('sample_rate', mel.REFERENCE_SAMPLE_RATE))
 
 
 def encoder_variables(config: ml_collections.ConfigDict, model: IACAModel, example: dict) -> dict:
   """Encoder variables: converted pretrained weights when configured, else a seeded initialisation."""
-  inputs = {k: jnp.asarray(example[k][:1]) for k in ('video', 'audio')}
-  variables = train_lib.init_variables(model, inputs, jax.random.key(config.seed))
+  inputs = {k: example[k] for k in ('video', 'audio')}
+  variables = init_variables(model, inputs, jax.random.key(config.seed))
   if config.pretrained:
-    variables = convert_torch.merge_pretrained(variables, convert_torch.load_converted(config.pretrained))
+    variables = pretrained.merge_pretrained(variables, pretrained.load_converted(config.pretrained))
   return variables
 
 
 class _Encoder:
   def __init__(self, model: IACAModel, variables: dict):
     self.variables = variables
-    self.apply = jax.jit(lambda v, video, audio: model.apply(v, {'video': video, 'audio': audio},
-                                                             method=IACAModel.encode))
+    self.apply = jax.jit(
+      lambda v, video, audio: model.apply(v, {'video': video, 'audio': audio}, method=IACAModel.encode)
+    )
 
   def __call__(self, video: np.ndarray, audio: np.ndarray):
     return jax.device_get(self.apply(self.variables, video, audio))
 
 
 def _feature_spec(example_video: np.ndarray, example_audio: np.ndarray, source) -> tfds.features.FeaturesDict:
-  spec = {'video_features': tfds.features.Tensor(shape=example_video.shape, dtype=np.float32),
-          'audio_features': tfds.features.Tensor(shape=example_audio.shape, dtype=np.float32)}
+  spec = {
+    'video_features': tfds.features.Tensor(shape=example_video.shape, dtype=np.float32),
+    'audio_features': tfds.features.Tensor(shape=example_audio.shape, dtype=np.float32),
+  }
   for name in PASSTHROUGH:
     spec[name] = source.info.features[name]
   return tfds.features.FeaturesDict(spec)
@@ -108,43 +98,39 @@ def cache_features(config: ml_collections.ConfigDict, *, batch_size: int = 8) ->
   out_dir = os.path.abspath(config.dataset.features_dir)
   source = input_pipeline.get_builder(config.dataset.name, config.dataset.data_dir)
   splits = list(source.info.splits.keys())
-  model = train_lib.build_model(config.model)
+  model = build_model(config.model)
   eval_batches = lambda split: input_pipeline.create_eval_dataset(
-      config.dataset.name, config.dataset.data_dir, global_batch_size=batch_size, split=split,
-      process_index=0, process_count=1)
+    config.dataset.name,
+    config.dataset.data_dir,
+    global_batch_size=batch_size,
+    split=split,
+    process_index=0,
+    process_count=1,
+  )
   first = next(iter(eval_batches(splits[0])))
   encoder = _Encoder(model, encoder_variables(config, model, first))
-  silent_mel = silent_log_mel(source_sample_rate(source))
+  silent_mel = mel.silent_log_mel(data_source.source_sample_rate(source))
   video_f, audio_f = encoder(first['video'][:1], np.broadcast_to(silent_mel, first['audio'][:1].shape))
   features = _feature_spec(video_f[0], audio_f[0], source)
   tmp_dir = out_dir + '.partial'
   shutil.rmtree(tmp_dir, ignore_errors=True)
   generators = {s: _examples(encoder, eval_batches(s)) for s in splits}
-  CachedFeatures(features=features, generators=generators, data_dir=tmp_dir,
-                 file_format='tfrecord').download_and_prepare()
+  CachedFeatures(
+    features=features, generators=generators, data_dir=tmp_dir, file_format='tfrecord'
+  ).download_and_prepare()
   writer_dir = os.path.join(tmp_dir, 'cached_features', VERSION)
-  np.savez(os.path.join(writer_dir, 'silent_audio.npz'), audio=silent_mel,
-           audio_features=audio_f[0, 0])
+  np.savez(
+    os.path.join(writer_dir, input_pipeline.SILENT_AUDIO_FILE), audio=silent_mel, audio_features=audio_f[0, 0]
+  )
   with open(os.path.join(writer_dir, 'cache_config.json'), 'w') as f:
-    json.dump({'source': config.dataset.name, 'model': config.model.to_dict(),
-               'pretrained': config.pretrained}, f, indent=1, default=str)
+    json.dump(
+      {'source': config.dataset.name, 'model': config.model.to_dict(), 'pretrained': config.pretrained},
+      f,
+      indent=1,
+      default=str,
+    )
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.rename(writer_dir, out_dir)
   shutil.rmtree(tmp_dir, ignore_errors=True)
   return out_dir
-
-
-def main(argv):
-  del argv
-  from absl import flags
-  out = cache_features(flags.FLAGS.config)
-  print(f'Cached encoder features written to {out}')
-
-
-if __name__ == '__main__':
-  from absl import app
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', 'configs/synthetic_demo.py', 'Config whose encoders to cache.',
-                                  lock_config=True)
-  app.run(main)

@@ -1,7 +1,7 @@
 """tf.data input pipeline over the TFRecord shards written by the tfds builders in data/.
 
 Each process reads its own contiguous slice of a split, decodes the face
-JPEGs, normalises them with the Kinetics mean/std (SPEC 2) and, in training,
+JPEGs, normalises them with the Kinetics mean/std (docs/DESIGN.md §2) and, in training,
 applies per-clip brightness and contrast jitter. Batches are numpy dicts of
 the process's share of the global batch (per-host batch B):
 
@@ -29,13 +29,18 @@ floor(N / process_count) windows, the last batch dropped if partial) and the
 same number of evaluation batches (its slice padded with invalid windows), and
 evaluation visits every window exactly once.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import jax
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
@@ -45,21 +50,25 @@ FRAMES_PER_CLIP = 8
 FACE_SIZE = 112
 DEFAULT_SHUFFLE_BUFFER = 256
 
-_TF = None
+# The batch keys (one home for every module that selects from a batch).
+MODEL_INPUT_KEYS = ('video', 'audio', 'video_features', 'audio_features')
+DEVICE_KEYS = MODEL_INPUT_KEYS + ('labels', 'mask')  # numeric keys that go to the devices
+RAW_TRAIN_KEYS = ('video', 'audio', 'labels', 'mask')
+CACHED_TRAIN_KEYS = ('video_features', 'audio_features', 'labels', 'mask')
+CLIP_KEYS = ('end_frame', 'frame_labels', 'frame_mask', 'corrupt_video', 'corrupt_audio')
+SILENT_AUDIO_FILE = 'silent_audio.npz'  # in a cached-feature dataset: the inputs of silence
 
 
-def _tf():
-  """Imports TensorFlow once, keeping it off every accelerator (JAX owns them)."""
-  global _TF
-  if _TF is None:
-    import tensorflow as tf
-    for kind in ('GPU', 'TPU'):
-      try:
-        tf.config.set_visible_devices([], kind)
-      except (RuntimeError, ValueError):   # already initialised, or no such device type
-        pass
-    _TF = tf
-  return _TF
+def _hide_accelerators_from_tf() -> None:
+  """Keeps TensorFlow (used only for tf.data) off every accelerator: JAX owns them."""
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # already initialised, or no such device type
+      pass
+
+
+_hide_accelerators_from_tf()
 
 
 def get_builder(dataset: str, data_dir: str | None = None):
@@ -71,8 +80,6 @@ def get_builder(dataset: str, data_dir: str | None = None):
       version folder (the one holding dataset_info.json).
     data_dir: tfds data dir holding the dataset (ignored for a path).
   """
-  _tf()
-  import tensorflow_datasets as tfds
   if os.path.isfile(os.path.join(dataset, 'dataset_info.json')):
     return tfds.builder_from_directory(dataset)
   return tfds.builder(dataset, data_dir=data_dir)
@@ -80,7 +87,6 @@ def get_builder(dataset: str, data_dir: str | None = None):
 
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -90,8 +96,10 @@ def _process(process_index, process_count) -> tuple[int, int]:
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of the '
-                     f'process count {process_count}')
+    raise ValueError(
+      f'global_batch_size {global_batch_size} must be a positive multiple of the '
+      f'process count {process_count}'
+    )
   return global_batch_size // process_count
 
 
@@ -108,8 +116,7 @@ def train_slice(num_examples: int, process_index: int, process_count: int) -> tu
 
 def eval_slice(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
   """[start, end) of a process's evaluation windows: together they cover all N once."""
-  return (num_examples * process_index // process_count,
-          num_examples * (process_index + 1) // process_count)
+  return (num_examples * process_index // process_count, num_examples * (process_index + 1) // process_count)
 
 
 class Batches:
@@ -122,8 +129,7 @@ class Batches:
     element_spec: the tf.data element spec of a batch.
   """
 
-  def __init__(self, make_dataset: Callable[[], Any], num_batches: int, num_windows: int,
-               batch_size: int):
+  def __init__(self, make_dataset: Callable[[], Any], num_batches: int, num_windows: int, batch_size: int):
     self._make_dataset = make_dataset
     self.num_batches = num_batches
     self.num_windows = num_windows
@@ -132,21 +138,15 @@ class Batches:
   def __len__(self) -> int:
     return self.num_batches
 
-  def as_tf_dataset(self):
-    """The underlying tf.data.Dataset (a fresh one per call)."""
-    return self._make_dataset()
-
   @property
   def element_spec(self):
     return self._make_dataset().element_spec
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    import tensorflow_datasets as tfds
     return iter(tfds.as_numpy(self._make_dataset()))
 
 
 def _decoders(builder, features: Sequence[str] | None):
-  import tensorflow_datasets as tfds
   names = list(builder.info.features.keys())
   if features is None:
     features = names
@@ -160,65 +160,71 @@ def _decoders(builder, features: Sequence[str] | None):
 
 
 def _read(builder, split: str, start: int, end: int, *, shuffle_seed: int | None, decoders):
-  tf = _tf()
-  import tensorflow_datasets as tfds
   options = tf.data.Options()
   options.deterministic = True
   read_config = tfds.ReadConfig(
-      shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=False, options=options,
-      try_autocache=False)
-  return builder.as_dataset(split=f'{split}[{start}:{end}]', shuffle_files=shuffle_seed is not None,
-                            read_config=read_config, decoders=decoders)
+    shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=False, options=options, try_autocache=False
+  )
+  return builder.as_dataset(
+    split=f'{split}[{start}:{end}]',
+    shuffle_files=shuffle_seed is not None,
+    read_config=read_config,
+    decoders=decoders,
+  )
 
 
-def _decode_video(jpegs, tf):
+def _decode_video(jpegs):
   """(128,) JPEG strings -> float32 (16, 8, 112, 112, 3) in [0, 1]."""
-  frames = tf.map_fn(lambda b: tf.io.decode_jpeg(b, channels=3, dct_method='INTEGER_ACCURATE'),
-                     jpegs, fn_output_signature=tf.TensorSpec((FACE_SIZE, FACE_SIZE, 3), tf.uint8),
-                     parallel_iterations=16)
+  frames = tf.map_fn(
+    lambda b: tf.io.decode_jpeg(b, channels=3, dct_method='INTEGER_ACCURATE'),
+    jpegs,
+    fn_output_signature=tf.TensorSpec((FACE_SIZE, FACE_SIZE, 3), tf.uint8),
+    parallel_iterations=16,
+  )
   frames = tf.reshape(frames, (CLIPS, FRAMES_PER_CLIP, FACE_SIZE, FACE_SIZE, 3))
   return tf.cast(frames, tf.float32) * (1.0 / 255.0)
 
 
-def jitter_clips(video, seed, tf=None):
-  """Per-clip brightness then contrast factors in JITTER_RANGE (stateless, keyed by `seed`).
+def jitter_clips(video, seed, jitter_range: Sequence[float] = JITTER_RANGE):
+  """Per-clip brightness then contrast factors in `jitter_range` (stateless, keyed by `seed`).
 
   One brightness and one contrast factor per clip, applied to its 8 frames as
   torchvision does to an image: brightness scales the pixels, contrast blends
   each frame with its own mean grey level (so an all-zero "no face" frame stays
   zero). Input and output in [0, 1], shape (16, 8, H, W, 3).
   """
-  tf = tf or _tf()
-  lo, hi = JITTER_RANGE
+  lo, hi = jitter_range
   f = tf.random.stateless_uniform((CLIPS, 2), seed=seed, minval=lo, maxval=hi)
   b = tf.reshape(f[:, 0], (CLIPS, 1, 1, 1, 1))
   c = tf.reshape(f[:, 1], (CLIPS, 1, 1, 1, 1))
-  video = tf.minimum(video * b, 1.0)                      # inputs are >= 0
+  video = tf.minimum(video * b, 1.0)  # inputs are >= 0
   # Mean grey level of each frame (grey is linear in RGB: average the channels first).
-  channel_mean = tf.reduce_mean(video, axis=[2, 3])                               # (16, 8, 3)
-  grey = tf.linalg.matvec(channel_mean, tf.constant([0.299, 0.587, 0.114]))       # (16, 8)
+  channel_mean = tf.reduce_mean(video, axis=[2, 3])  # (16, 8, 3)
+  grey = tf.linalg.matvec(channel_mean, tf.constant([0.299, 0.587, 0.114]))  # (16, 8)
   mean = tf.reshape(grey, (CLIPS, -1, 1, 1, 1))
-  return tf.clip_by_value(video * c + mean * (1.0 - c), 0.0, 1.0)   # (x - m) c + m
+  return tf.clip_by_value(video * c + mean * (1.0 - c), 0.0, 1.0)  # (x - m) c + m
 
 
-def _normalise(video, tf):
+def _normalise(video):
   """(x - Kinetics mean) / std, with per-pixel constants (much faster than a (3,) broadcast)."""
   scale = tf.constant(np.tile(1.0 / np.asarray(KINETICS_STD, np.float32), (FACE_SIZE, FACE_SIZE, 1)))
-  offset = tf.constant(np.tile(-np.asarray(KINETICS_MEAN, np.float32) /
-                               np.asarray(KINETICS_STD, np.float32), (FACE_SIZE, FACE_SIZE, 1)))
+  offset = tf.constant(
+    np.tile(
+      -np.asarray(KINETICS_MEAN, np.float32) / np.asarray(KINETICS_STD, np.float32), (FACE_SIZE, FACE_SIZE, 1)
+    )
+  )
   return video * scale + offset
 
 
-def _prepare(example, *, jitter_seed=None):
-  """One decoded window: faces decoded, jittered (if a seed is given) and normalised."""
-  tf = _tf()
+def _prepare(example, *, jitter_seed=None, jitter_range: Sequence[float] | None = None):
+  """One decoded window: faces decoded, jittered (given a seed and a range) and normalised."""
   out = {}
   for name, value in example.items():
     if name == 'video':
-      video = _decode_video(value, tf)
-      if jitter_seed is not None:
-        video = jitter_clips(video, jitter_seed, tf)
-      value = _normalise(video, tf)
+      video = _decode_video(value)
+      if jitter_seed is not None and jitter_range:
+        video = jitter_clips(video, jitter_seed, jitter_range)
+      value = _normalise(video)
     elif value.dtype.is_floating and value.dtype != tf.float32:
       value = tf.cast(value, tf.float32)
     out[name] = value
@@ -226,23 +232,38 @@ def _prepare(example, *, jitter_seed=None):
   return out
 
 
-def num_train_batches(dataset: str, data_dir: str | None = None, *, global_batch_size: int,
-                      split: str = 'train', process_count: int | None = None) -> int:
+def num_train_batches(
+  dataset: str,
+  data_dir: str | None = None,
+  *,
+  global_batch_size: int,
+  split: str = 'train',
+  process_count: int | None = None,
+) -> int:
   """Training batches per epoch (the same on every process)."""
   if process_count is None:
-    import jax
     process_count = jax.process_count()
   pc = process_count
   n = get_builder(dataset, data_dir).info.splits[split].num_examples
   return (n // pc) // _local_batch(global_batch_size, pc)
 
 
-def create_train_dataset(dataset: str, data_dir: str | None = None, *, global_batch_size: int,
-                         seed: int, epoch: int = 0, start_batch: int = 0, split: str = 'train',
-                         features: Sequence[str] | None = None, jitter: bool = True,
-                         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                         process_index: int | None = None, process_count: int | None = None,
-                         prefetch: int = 2) -> Batches:
+def create_train_dataset(
+  dataset: str,
+  data_dir: str | None = None,
+  *,
+  global_batch_size: int,
+  seed: int,
+  epoch: int = 0,
+  start_batch: int = 0,
+  split: str = 'train',
+  features: Sequence[str] | None = None,
+  jitter: Sequence[float] | None = JITTER_RANGE,
+  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  prefetch: int = 2,
+) -> Batches:
   """One epoch of shuffled training batches for this process.
 
   Args:
@@ -254,7 +275,8 @@ def create_train_dataset(dataset: str, data_dir: str | None = None, *, global_ba
     split: a split of the dataset.
     features: features to load (default all); e.g. leave out 'video' when a
       model uses precomputed features.
-    jitter: per-clip brightness/contrast jitter of the faces.
+    jitter: (low, high) range of the per-clip brightness and contrast factors of the faces;
+      None or () for none.
     shuffle_buffer: windows in the shuffle buffer (before JPEG decoding).
     process_index, process_count: default jax.process_index()/process_count().
     prefetch: batches prepared ahead.
@@ -262,7 +284,6 @@ def create_train_dataset(dataset: str, data_dir: str | None = None, *, global_ba
   Returns:
     Batches (len = batches per epoch, minus start_batch).
   """
-  tf = _tf()
   pi, pc = _process(process_index, process_count)
   local = _local_batch(global_batch_size, pc)
   builder = get_builder(dataset, data_dir)
@@ -270,8 +291,9 @@ def create_train_dataset(dataset: str, data_dir: str | None = None, *, global_ba
   start, end = train_slice(n, pi, pc)
   num_batches = (end - start) // local
   if num_batches == 0:
-    raise ValueError(f'{split} of {builder.name} has {n} windows: not one batch of {local} per '
-                     f'process over {pc} processes')
+    raise ValueError(
+      f'{split} of {builder.name} has {n} windows: not one batch of {local} per process over {pc} processes'
+    )
   if not 0 <= start_batch <= num_batches:
     raise ValueError(f'start_batch {start_batch} not in [0, {num_batches}]')
   decoders = _decoders(builder, features)
@@ -281,9 +303,11 @@ def create_train_dataset(dataset: str, data_dir: str | None = None, *, global_ba
     ds = _read(builder, split, start, end, shuffle_seed=es, decoders=decoders)
     ds = ds.shuffle(min(shuffle_buffer, end - start), seed=es, reshuffle_each_iteration=False)
     ds = ds.take(num_batches * local).enumerate().skip(start_batch * local)
-    ds = ds.map(lambda i, ex: _prepare(
-        ex, jitter_seed=tf.stack([tf.constant(es, tf.int64), i]) if jitter else None),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(
+      lambda i, ex: _prepare(ex, jitter_seed=tf.stack([tf.constant(es, tf.int64), i]), jitter_range=jitter),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
     ds = ds.batch(local, drop_remainder=True)
     return ds.prefetch(prefetch)
 
@@ -291,17 +315,23 @@ def create_train_dataset(dataset: str, data_dir: str | None = None, *, global_ba
   return Batches(make, left, left * local, local)
 
 
-def create_eval_dataset(dataset: str, data_dir: str | None = None, *, global_batch_size: int,
-                        split: str = 'validation', features: Sequence[str] | None = None,
-                        process_index: int | None = None, process_count: int | None = None,
-                        prefetch: int = 2) -> Batches:
+def create_eval_dataset(
+  dataset: str,
+  data_dir: str | None = None,
+  *,
+  global_batch_size: int,
+  split: str = 'validation',
+  features: Sequence[str] | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  prefetch: int = 2,
+) -> Batches:
   """Every window of a split exactly once, in file order, for this process.
 
   The process's slice is padded with invalid windows (all zeros, masks False,
   valid_window False, video_name b'') to a whole number of batches, the same
   number on every process.
   """
-  tf = _tf()
   pi, pc = _process(process_index, process_count)
   local = _local_batch(global_batch_size, pc)
   builder = get_builder(dataset, data_dir)

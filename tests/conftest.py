@@ -1,10 +1,11 @@
 """Test-wide settings: 8 fake CPU devices (for the sharded-step tests), TF kept quiet and off accelerators."""
+
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
 import fcntl  # noqa: E402
@@ -14,15 +15,18 @@ import types  # noqa: E402
 
 import pytest  # noqa: E402
 
+from configs import tiny as tiny_config  # noqa: E402
+from data import build  # noqa: E402
+from data.synthetic_av import generate  # noqa: E402
+from iaca_jax import feature_cache  # noqa: E402
+
 
 @pytest.fixture(scope='session')
 def tiny(tmp_path_factory):
   """The tiny synthetic set, generated and built once per session (shared by xdist workers)."""
-  from data import build
-  from data.synthetic_av import generate
   base = tmp_path_factory.getbasetemp()
   if os.environ.get('PYTEST_XDIST_WORKER'):
-    base = base.parent                       # shared by all workers of this session
+    base = base.parent  # shared by all workers of this session
   root = base / 'iaca_data_tiny'
   with open(str(root) + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -35,3 +39,22 @@ def tiny(tmp_path_factory):
   with open(os.path.join(raw, 'corruptions.json')) as f:
     side = json.load(f)['videos']
   return types.SimpleNamespace(raw=raw, data_dir=str(root / 'tfds'), side=side, root=root)
+
+
+def make_config(data_dir, features_dir=''):
+  """configs/tiny.py reading the tiny set (and its cached features)."""
+  config = tiny_config.get_config()
+  config.dataset.data_dir = data_dir
+  config.dataset.features_dir = features_dir
+  return config
+
+
+@pytest.fixture(scope='session')
+def cached(tiny):
+  """Cached tiny-encoder features of the tiny set, written once per session."""
+  features_dir = str(tiny.root / 'features')
+  with open(features_dir + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(os.path.join(features_dir, 'dataset_info.json')):
+      feature_cache.cache_features(make_config(tiny.data_dir, features_dir))
+  return make_config(tiny.data_dir, features_dir)

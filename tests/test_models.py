@@ -10,9 +10,15 @@ import numpy as np
 import optax
 import pytest
 
-from iaca_jax.models import (AudioGuidedSpatialAttention, FusionGate, IACAModel, R2Plus1D18, ResNet18,
-                             CROSS_ATTENTION_TYPES)
-from iaca_jax import train_lib
+from iaca_jax import models
+from iaca_jax.models import (
+  CROSS_ATTENTION_TYPES,
+  AudioGuidedSpatialAttention,
+  FusionGate,
+  IACAModel,
+  R2Plus1D18,
+  ResNet18,
+)
 from iaca_jax.models.attention import torch_quirk_layout
 from iaca_jax.models.encoders import FactoredConv3D
 from iaca_jax.models.gates import gate_weights
@@ -26,13 +32,15 @@ def count(tree) -> int:
 
 def feature_batch(rng, batch=2, clips=4, channels=8, hw=3):
   k1, k2 = jax.random.split(rng)
-  return {'video_features': jax.random.normal(k1, (batch, clips, hw, hw, channels)),
-          'audio_features': jax.random.normal(k2, (batch, clips, channels))}
+  return {
+    'video_features': jax.random.normal(k1, (batch, clips, hw, hw, channels)),
+    'audio_features': jax.random.normal(k2, (batch, clips, channels)),
+  }
 
 
 # torchvision's published totals, and the parts of them that our trunks leave out.
-TORCHVISION_R2PLUS1D_18 = 31_505_325       # torchvision.models.video.r2plus1d_18(num_classes=400)
-TORCHVISION_RESNET18 = 11_689_512          # torchvision.models.resnet18(num_classes=1000)
+TORCHVISION_R2PLUS1D_18 = 31_505_325  # torchvision.models.video.r2plus1d_18(num_classes=400)
+TORCHVISION_RESNET18 = 11_689_512  # torchvision.models.resnet18(num_classes=1000)
 
 
 def test_encoder_parameter_counts_equal_torchvision():
@@ -47,23 +55,35 @@ def test_encoder_parameter_counts_equal_torchvision():
   assert count(video['batch_stats']) == 25_350
 
 
-@pytest.mark.parametrize('kernel,strides', [((1, 3, 3), (1, 2, 2)), ((1, 7, 7), (1, 2, 2)), ((3, 1, 1), (2, 1, 1)),
-                                            ((3, 1, 1), (1, 1, 1)), ((1, 1, 1), (2, 2, 2))])
+@pytest.mark.parametrize(
+  'kernel,strides',
+  [
+    ((1, 3, 3), (1, 2, 2)),
+    ((1, 7, 7), (1, 2, 2)),
+    ((3, 1, 1), (2, 1, 1)),
+    ((3, 1, 1), (1, 1, 1)),
+    ((1, 1, 1), (2, 2, 2)),
+  ],
+)
 def test_factored_conv_equals_a_3d_convolution(kernel, strides):
   x = jax.random.normal(jax.random.key(0), (2, 8, 14, 14, 5))
   conv = FactoredConv3D(6, kernel, strides)
   variables = conv.init(jax.random.key(1), x)
   padding = [(k // 2, k // 2) for k in kernel]
-  expected = jax.lax.conv_general_dilated(x, variables['params']['kernel'], strides, padding,
-                                          dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+  expected = jax.lax.conv_general_dilated(
+    x, variables['params']['kernel'], strides, padding, dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC')
+  )
   np.testing.assert_allclose(np.asarray(conv.apply(variables, x)), np.asarray(expected), atol=1e-5)
 
 
 def test_encoder_output_shapes_and_small_variants():
-  video_out = jax.eval_shape(lambda: R2Plus1D18().init_with_output(
-      jax.random.key(0), jnp.ones((1, 8, 112, 112, 3)))[0])
+  video_out = jax.eval_shape(
+    lambda: R2Plus1D18().init_with_output(jax.random.key(0), jnp.ones((1, 8, 112, 112, 3)))[0]
+  )
   assert video_out.shape == (1, 1, 7, 7, 512)
-  audio_out = jax.eval_shape(lambda: ResNet18().init_with_output(jax.random.key(0), jnp.ones((2, 64, 104, 1)))[0])
+  audio_out = jax.eval_shape(
+    lambda: ResNet18().init_with_output(jax.random.key(0), jnp.ones((2, 64, 104, 1)))[0]
+  )
   assert audio_out.shape == (2, 512)
   small = R2Plus1D18(width=0.125, blocks_per_stage=1)
   with jax.threefry_partitionable(False):
@@ -79,21 +99,31 @@ def test_batchnorm_runs_frozen(frozen):
   with jax.threefry_partitionable(False):
     variables = jax.jit(model.init)(jax.random.key(0), x)
   _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
-  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'],
-                                         updates['batch_stats']))
+  changed = jax.tree.leaves(
+    jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'], updates['batch_stats'])
+  )
   assert all(changed) if not frozen else not any(changed)
 
 
-COMBINATIONS = [(ca, gating, stage2) for ca in CROSS_ATTENTION_TYPES
-                for gating, stage2 in [('none', 'modality'), ('stage1', 'modality'), ('iaca', 'modality'),
-                                       ('iaca', 'sum'), ('iaca', 'iteration'), ('iaca', 'raw')]]
+COMBINATIONS = [
+  (ca, gating, stage2)
+  for ca in CROSS_ATTENTION_TYPES
+  for gating, stage2 in [
+    ('none', 'modality'),
+    ('stage1', 'modality'),
+    ('iaca', 'modality'),
+    ('iaca', 'sum'),
+    ('iaca', 'iteration'),
+    ('iaca', 'raw'),
+  ]
+]
 
 
 @pytest.mark.parametrize('cross_attention,gating,stage2', COMBINATIONS)
 def test_every_combination_composes_under_jit(cross_attention, gating, stage2):
   model = IACAModel(**TINY, cross_attention=cross_attention, gating=gating, stage2=stage2)
   batch = feature_batch(jax.random.key(0))
-  variables = train_lib.init_variables(model, batch, jax.random.key(1))
+  variables = models.init_variables(model, batch, jax.random.key(1))
   apply = jax.jit(lambda v, b, rng: model.apply(v, b, train=True, rngs={'dropout': rng}))
   predictions, aux = apply(variables, batch, jax.random.key(2))
   assert predictions.shape == (2, 4, 2)
@@ -107,19 +137,24 @@ def test_every_combination_composes_under_jit(cross_attention, gating, stage2):
 def test_raw_inputs_through_small_encoders_and_train_eval_modes():
   model = IACAModel(**TINY)
   rng = jax.random.key(0)
-  batch = {'video': jax.random.normal(rng, (1, 2, 8, 16, 16, 3)),
-           'audio': jax.random.normal(rng, (1, 2, 64, 104))}
-  variables = train_lib.init_variables(model, batch, jax.random.key(1))
+  batch = {
+    'video': jax.random.normal(rng, (1, 2, 8, 16, 16, 3)),
+    'audio': jax.random.normal(rng, (1, 2, 64, 104)),
+  }
+  variables = models.init_variables(model, batch, jax.random.key(1))
   assert set(variables['params']['encoders']) == {'video_encoder', 'audio_encoder'}
   eval_fn = jax.jit(lambda v, b: model.apply(v, b, train=False)[0])
   first, second = eval_fn(variables, batch), eval_fn(variables, batch)
-  np.testing.assert_array_equal(first, second)               # eval is deterministic
-  train_fn = jax.jit(lambda v, b, r: model.apply(v, b, train=True, rngs={'dropout': r},
-                                                 mutable=['batch_stats'])[0][0])
+  np.testing.assert_array_equal(first, second)  # eval is deterministic
+  train_fn = jax.jit(
+    lambda v, b, r: model.apply(v, b, train=True, rngs={'dropout': r}, mutable=['batch_stats'])[0][0]
+  )
   a, b = train_fn(variables, batch, jax.random.key(3)), train_fn(variables, batch, jax.random.key(4))
   assert first.shape == (1, 2, 2) and not np.allclose(a, b)  # dropout follows the rng
   # Frozen encoders pass no gradient.
-  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, batch)[0])))(variables["params"])
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**variables, 'params': p}, batch)[0])))(
+    variables['params']
+  )
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads['encoders']))
   assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads['joint_temporal']))
 
@@ -149,10 +184,10 @@ def test_spatial_attention_matches_numpy(torch_layout):
   expected_out = np.zeros((2, 3, 4))
   expected_attn = np.zeros((2, 3, 4))
   for b, l in itertools.product(range(2), range(3)):
-    v = values[b, l]                                              # (P, C)
+    v = values[b, l]  # (P, C)
     u = np.maximum(dense(v, 'affine_video'), 0)
     g = np.maximum(dense(np.asarray(audio)[b, l], 'affine_audio'), 0)
-    s, t = dense(u, 'affine_v'), dense(g, 'affine_g')             # (P, P), (P,)
+    s, t = dense(u, 'affine_v'), dense(g, 'affine_g')  # (P, P), (P,)
     z = np.array([np.sum(p['affine_h']['kernel'][:, 0] * np.tanh(s[i] + t[i])) for i in range(4)])
     alpha = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     expected_attn[b, l] = alpha
@@ -184,15 +219,17 @@ def test_stage2_learns_to_down_weight_a_constant_modality():
   signal = rng.normal(size=(batch, clips, 1))
   audio = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
   video = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
-  which = rng.integers(0, 3, size=(batch, clips))          # 0 clean, 1 audio corrupted, 2 video corrupted
+  which = rng.integers(0, 3, size=(batch, clips))  # 0 clean, 1 audio corrupted, 2 video corrupted
   audio = np.where((which == 1)[..., None], 2.0, audio)
   video = np.where((which == 2)[..., None], 2.0, video)
   audio, video, target = (jnp.asarray(x, jnp.float32) for x in (audio, video, signal[..., 0]))
   gate = FusionGate(gating='iaca', stage2='modality')
   mlp = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(1)])
   head = lambda params, fused: mlp.apply({'params': params['head']}, fused)[..., 0]
-  params = {'gate': gate.init(jax.random.key(0), audio, video, audio, video, [])['params'],
-            'head': mlp.init(jax.random.key(1), jnp.zeros((1, 2 * dim)))['params']}
+  params = {
+    'gate': gate.init(jax.random.key(0), audio, video, audio, video, [])['params'],
+    'head': mlp.init(jax.random.key(1), jnp.zeros((1, 2 * dim)))['params'],
+  }
   optimizer = optax.adam(1e-2)
   opt_state = optimizer.init(params)
 
@@ -211,5 +248,5 @@ def test_stage2_learns_to_down_weight_a_constant_modality():
   _, gates = loss_fn(params)
   audio_weight = np.asarray(gates['modality'][..., 0])
   assert float(loss) < 0.1
-  assert audio_weight[which == 1].mean() < 0.1           # constant audio: weight on video
-  assert audio_weight[which == 2].mean() > 0.9           # constant video: weight on audio
+  assert audio_weight[which == 1].mean() < 0.1  # constant audio: weight on video
+  assert audio_weight[which == 2].mean() > 0.9  # constant video: weight on audio

@@ -1,6 +1,6 @@
 """PyTorch reference modules for the converter tests (torch only; imported after `importorskip`).
 
-Written for these tests from SPEC 3 / Appendix A and torchvision's published architectures; every
+Written for these tests from docs/DESIGN.md §3 and §A and torchvision's published architectures; every
 parameter name equals the one in the real state dicts, so that a state dict of these modules has the
 same keys and shapes as the checkpoints the converter reads:
   - `r2plus1d_18()` / `resnet18()`: torchvision's `models.video.r2plus1d_18` / `models.resnet18`
@@ -20,9 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 import torch.nn.functional as F
-
+from torch import nn
 
 # ----------------------------------------------------------------------------------------------------
 # torchvision R(2+1)D-18 (models/video/resnet.py structure)
@@ -33,20 +32,20 @@ class Conv2Plus1D(nn.Sequential):
 
   def __init__(self, in_planes: int, out_planes: int, midplanes: int, stride: int = 1):
     super().__init__(
-        nn.Conv3d(in_planes, midplanes, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
-        nn.BatchNorm3d(midplanes),
-        nn.ReLU(inplace=True),
-        nn.Conv3d(midplanes, out_planes, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False),
+      nn.Conv3d(in_planes, midplanes, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
+      nn.BatchNorm3d(midplanes),
+      nn.ReLU(inplace=True),
+      nn.Conv3d(midplanes, out_planes, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False),
     )
 
 
 class VideoBasicBlock(nn.Module):
-
   def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
     super().__init__()
     midplanes = (inplanes * planes * 3 * 3 * 3) // (inplanes * 3 * 3 + 3 * planes)
-    self.conv1 = nn.Sequential(Conv2Plus1D(inplanes, planes, midplanes, stride), nn.BatchNorm3d(planes),
-                               nn.ReLU(inplace=True))
+    self.conv1 = nn.Sequential(
+      Conv2Plus1D(inplanes, planes, midplanes, stride), nn.BatchNorm3d(planes), nn.ReLU(inplace=True)
+    )
     self.conv2 = nn.Sequential(Conv2Plus1D(planes, planes, midplanes), nn.BatchNorm3d(planes))
     self.relu = nn.ReLU(inplace=True)
     self.downsample = downsample
@@ -63,12 +62,12 @@ class VideoResNet(nn.Module):
     super().__init__()
     self.inplanes = 64
     self.stem = nn.Sequential(
-        nn.Conv3d(in_channels, 45, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False),
-        nn.BatchNorm3d(45),
-        nn.ReLU(inplace=True),
-        nn.Conv3d(45, 64, (3, 1, 1), (1, 1, 1), (1, 0, 0), bias=False),
-        nn.BatchNorm3d(64),
-        nn.ReLU(inplace=True),
+      nn.Conv3d(in_channels, 45, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False),
+      nn.BatchNorm3d(45),
+      nn.ReLU(inplace=True),
+      nn.Conv3d(45, 64, (3, 1, 1), (1, 1, 1), (1, 0, 0), bias=False),
+      nn.BatchNorm3d(64),
+      nn.ReLU(inplace=True),
     )
     self.layer1 = self._make_layer(64, 2, 1)
     self.layer2 = self._make_layer(128, 2, 2)
@@ -80,7 +79,9 @@ class VideoResNet(nn.Module):
   def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
     downsample = None
     if stride != 1 or self.inplanes != planes:
-      downsample = nn.Sequential(nn.Conv3d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm3d(planes))
+      downsample = nn.Sequential(
+        nn.Conv3d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm3d(planes)
+      )
     layers = [VideoBasicBlock(self.inplanes, planes, stride, downsample)]
     self.inplanes = planes
     layers += [VideoBasicBlock(planes, planes) for _ in range(1, blocks)]
@@ -104,7 +105,6 @@ def r2plus1d_18(num_classes: int = 400, in_channels: int = 3) -> VideoResNet:
 
 
 class BasicBlock(nn.Module):
-
   def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
     super().__init__()
     self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
@@ -121,7 +121,6 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-
   def __init__(self, num_classes: int = 1000, in_channels: int = 3):
     super().__init__()
     self.inplanes = 64
@@ -139,7 +138,9 @@ class ResNet(nn.Module):
   def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
     downsample = None
     if stride != 1 or self.inplanes != planes:
-      downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+      downsample = nn.Sequential(
+        nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+      )
     layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
     self.inplanes = planes
     layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
@@ -164,7 +165,6 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
 
 
 class VideoModel(nn.Module):
-
   def __init__(self, num_channels: int = 4):
     super().__init__()
     self.r2plus1d = r2plus1d_18(in_channels=num_channels)
@@ -172,7 +172,6 @@ class VideoModel(nn.Module):
 
 
 class AudioModel(nn.Module):
-
   def __init__(self):
     super().__init__()
     self.resnet = resnet18(in_channels=1)
@@ -190,7 +189,7 @@ class TwoStreamAuralVisualModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The authors' fusion model (SPEC Appendix A).
+# The authors' fusion model (docs/DESIGN.md §A).
 
 
 class ResidualBLSTM(nn.Module):
@@ -200,8 +199,9 @@ class ResidualBLSTM(nn.Module):
     super().__init__()
     self.hidden = features // 2
     self.num_layers = num_layers
-    self.rnn = nn.LSTM(input_size, self.hidden, num_layers=num_layers, dropout=dropout, bidirectional=True,
-                       batch_first=True)
+    self.rnn = nn.LSTM(
+      input_size, self.hidden, num_layers=num_layers, dropout=dropout, bidirectional=True, batch_first=True
+    )
     self.linear = nn.Linear(input_size + features, features)
     self.dropout = nn.Dropout(dropout)
     self.init_hidden = nn.Parameter(nn.init.xavier_uniform_(torch.empty(4 * num_layers, self.hidden)))
@@ -230,11 +230,11 @@ class PositionAttention(nn.Module):
   def forward(self, video, audio):
     """video (B, L, P*C) channel-major, audio (B, L, dim) -> (B, L, dim); also alpha (B*L, P)."""
     b, l = video.shape[:2]
-    values = video.reshape(b * l, self.positions, self.channels)     # rows: chunks of C (the quirk)
-    u = torch.relu(self.affine_video(values))                        # (N, P, dim)
-    g = torch.relu(self.affine_audio(audio.reshape(b * l, -1)))      # (N, dim)
-    content = self.affine_v(u) + self.affine_g(g)[:, :, None]        # audio term indexed by the row
-    z = self.affine_h(torch.tanh(content))[..., 0]                   # (N, P)
+    values = video.reshape(b * l, self.positions, self.channels)  # rows: chunks of C (the quirk)
+    u = torch.relu(self.affine_video(values))  # (N, P, dim)
+    g = torch.relu(self.affine_audio(audio.reshape(b * l, -1)))  # (N, dim)
+    content = self.affine_v(u) + self.affine_g(g)[:, :, None]  # audio term indexed by the row
+    z = self.affine_h(torch.tanh(content))[..., 0]  # (N, P)
     alpha = torch.softmax(z, dim=-1)
     attended = torch.einsum('np,npc->nc', alpha, values)
     return self.affine_feat(attended.reshape(b, l, self.channels)), alpha
@@ -252,7 +252,6 @@ class SpatialAttention(nn.Module):
 
 
 class DenseCoAttention(nn.Module):
-
   def __init__(self, dim1: int, dim2: int, clips: int, dropout: float):
     super().__init__()
     dim = dim1 + dim2
@@ -264,24 +263,26 @@ class DenseCoAttention(nn.Module):
     self.dropouts = nn.ModuleList([nn.Dropout(dropout) for _ in range(2)])
 
   def forward(self, x1, x2):
-    joint = self.query_linear(torch.cat([x1, x2], dim=-1))           # (B, L, D)
+    joint = self.query_linear(torch.cat([x1, x2], dim=-1))  # (B, L, D)
     scale = math.sqrt(joint.shape[-1])
     out = []
-    for x, key, value, drop in ((x1, self.key1_linear, self.value1_linear, self.dropouts[0]),
-                                (x2, self.key2_linear, self.value2_linear, self.dropouts[1])):
-      k = key(x.transpose(1, 2))                                     # (B, d, L), Linear over L
-      s = drop(torch.tanh(torch.bmm(k, joint) / scale))              # (B, d, D)
-      out.append(torch.relu(torch.tanh(torch.bmm(value(x), s))))    # (B, L, D)
+    for x, key, value, drop in (
+      (x1, self.key1_linear, self.value1_linear, self.dropouts[0]),
+      (x2, self.key2_linear, self.value2_linear, self.dropouts[1]),
+    ):
+      k = key(x.transpose(1, 2))  # (B, d, L), Linear over L
+      s = drop(torch.tanh(torch.bmm(k, joint) / scale))  # (B, d, D)
+      out.append(torch.relu(torch.tanh(torch.bmm(value(x), s))))  # (B, L, D)
     return out[0], out[1]
 
 
 class DenseCoAttentionSubLayer(nn.Module):
-
   def __init__(self, dim1: int, dim2: int, clips: int, dropout: float):
     super().__init__()
     self.dense_coattn = DenseCoAttention(dim1, dim2, clips, dropout)
-    self.linears = nn.ModuleList([
-        nn.Sequential(nn.Linear(dim1 + dim2, dim), nn.ReLU(), nn.Dropout(dropout)) for dim in (dim1, dim2)])
+    self.linears = nn.ModuleList(
+      [nn.Sequential(nn.Linear(dim1 + dim2, dim), nn.ReLU(), nn.Dropout(dropout)) for dim in (dim1, dim2)]
+    )
 
   def forward(self, x1, x2):
     h1, h2 = self.dense_coattn(x1, x2)
@@ -289,10 +290,11 @@ class DenseCoAttentionSubLayer(nn.Module):
 
 
 class DenseCoAttentionStack(nn.Module):
-
   def __init__(self, dim1: int, dim2: int, clips: int, layers: int, dropout: float):
     super().__init__()
-    self.dcn_layers = nn.ModuleList([DenseCoAttentionSubLayer(dim1, dim2, clips, dropout) for _ in range(layers)])
+    self.dcn_layers = nn.ModuleList(
+      [DenseCoAttentionSubLayer(dim1, dim2, clips, dropout) for _ in range(layers)]
+    )
 
   def forward(self, x1, x2):
     for layer in self.dcn_layers:
@@ -309,8 +311,14 @@ def stage1_gate(fc: nn.Linear, x, attended, temperature: float = 0.1):
 class FusionModel(nn.Module):
   """The authors' fusion model (their `CAM`): RJCA with 2 iterations and stage-1 gates."""
 
-  def __init__(self, features: int = 512, clips: int = 16, positions: int = 49, iterations: int = 2,
-               head_hidden: int = 128):
+  def __init__(
+    self,
+    features: int = 512,
+    clips: int = 16,
+    positions: int = 49,
+    iterations: int = 2,
+    head_hidden: int = 128,
+  ):
     super().__init__()
     d = features
     self.positions = positions
@@ -321,7 +329,9 @@ class FusionModel(nn.Module):
     self.audio_gating_fc_layer = nn.Linear(d, 2)
     self.video_gating_fc_layer = nn.Linear(d, 2)
     self.Joint = ResidualBLSTM(2 * d, d, 2, 0.0)
-    head = lambda: nn.Sequential(nn.Linear(d, head_hidden), nn.ReLU(), nn.Dropout(0.6), nn.Linear(head_hidden, 1))
+    head = lambda: nn.Sequential(
+      nn.Linear(d, head_hidden), nn.ReLU(), nn.Dropout(0.6), nn.Linear(head_hidden, 1)
+    )
     self.vregressor = head()
     self.aregressor = head()
 
@@ -367,7 +377,7 @@ def randomize_(module: nn.Module, seed: int = 0, scale: float = 1.0) -> nn.Modul
         p.copy_(rand(p, -0.5, 0.5))
       elif p.ndim >= 2:
         fan_in = math.prod(p.shape[1:])
-        gain = 6.0 if p.ndim >= 3 else 3.0   # He scale for the convolutions (followed by ReLU)
+        gain = 6.0 if p.ndim >= 3 else 3.0  # He scale for the convolutions (followed by ReLU)
         bound = scale * math.sqrt(gain / fan_in)
         p.copy_(rand(p, -bound, bound))
       else:

@@ -1,12 +1,13 @@
 """tfds builder of Aff-Wild2 (valence-arousal track), read from a manual directory.
 
 Aff-Wild2 is licensed and cannot be downloaded here: the manual directory must
-hold the layout of SPEC 6 (cropped_aligned/, raw_videos/,
+hold the layout of docs/DESIGN.md §6 (cropped_aligned/, raw_videos/,
 <N>th_ABAW_Annotations/VA_Estimation_Challenge/{Train_Set,Validation_Set}/ and
 a test list). Build with `python -m data.build --dataset=aff_wild2
 --manual_dir=DIR --data_dir=DIR` (see docs/DATA.md). All logic lives in
 `iaca_jax.preprocessing`.
 """
+
 from iaca_jax.preprocessing import tfds_builder
 
 # [decision] An annotation file may differ from its raw video's frame count by

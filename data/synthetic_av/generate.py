@@ -1,4 +1,4 @@
-r"""Generates the synthetic audio-visual emotion set in the Aff-Wild2 layout (SPEC 6, 7).
+r"""Generates the synthetic audio-visual emotion set in the Aff-Wild2 layout (docs/DESIGN.md §6-7).
 
     python -m data.synthetic_av.generate --out_dir=/tmp/synthetic_av_raw [--seed=0] \
         [--size=default|tiny] [--num_train_videos=12 ...] [--num_workers=2]
@@ -17,6 +17,7 @@ audio of `raw_videos/<rec>.mp4`; the first validation video has its frame rate
 in its name (`<rec>-24-640x360`, written at 24 fps). The output is written to
 `<out_dir>.incomplete` and renamed when complete.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -32,7 +33,8 @@ import tqdm
 from absl import app, flags, logging
 
 from data.synthetic_av import render
-from iaca_jax.preprocessing import corruptions as corruptions_lib, layout
+from iaca_jax.preprocessing import corruptions as corruptions_lib
+from iaca_jax.preprocessing import layout
 
 ANNOTATION_ROOT = '6th_ABAW_Annotations'
 GROUND_TRUTH_DIR = 'synthetic_ground_truth'
@@ -55,6 +57,7 @@ class Settings:
     jpeg_quality: of the face crops.
     raw_size: width and height of the (tiny) video stream of the raw videos.
   """
+
   num_train_videos: int = 12
   num_validation_videos: int = 4
   num_test_videos: int = 3
@@ -68,16 +71,18 @@ class Settings:
 
 
 SIZES = {
-    'default': Settings(),
-    # For tests: 3 train (the pair + 1), 2 validation (one at 24 fps), 1 test.
-    'tiny': Settings(num_train_videos=3, num_validation_videos=2, num_test_videos=1,
-                     min_frames=300, max_frames=360),
+  'default': Settings(),
+  # For tests: 3 train (the pair + 1), 2 validation (one at 24 fps), 1 test.
+  'tiny': Settings(
+    num_train_videos=3, num_validation_videos=2, num_test_videos=1, min_frames=300, max_frames=360
+  ),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Recording:
   """One raw video (one audio track) and the crop videos (people) it holds."""
+
   index: int
   name: str
   split: str
@@ -145,7 +150,7 @@ def _write_mp4(path, frames, audio, fps, sample_rate):
       c.mux(p)
     chunk = 1024
     for i in range(0, len(audio), chunk):
-      fr = av.AudioFrame.from_ndarray(audio[None, i:i + chunk], format='fltp', layout='mono')
+      fr = av.AudioFrame.from_ndarray(audio[None, i : i + chunk], format='fltp', layout='mono')
       fr.sample_rate = sample_rate
       fr.pts = i
       for p in ast.encode(fr):
@@ -172,14 +177,24 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
     valence = np.round(render.smooth_curve(prng, n, fps), 4)
     arousal = np.round(render.smooth_curve(prng, n, fps), 4)
     n_corrupt = max(1, int(round(n / 350)))
-    face = [(s, e, str(prng.choice(corruptions_lib.FACE_KINDS)))
-            for s, e in _intervals(prng, n, n_corrupt, 40, 130)]
+    face = [
+      (s, e, str(prng.choice(corruptions_lib.FACE_KINDS))) for s, e in _intervals(prng, n, n_corrupt, 40, 130)
+    ]
     invalid = _intervals(prng, n, int(prng.integers(1, 3)), 5, 40)
-    people.append(dict(name=name, rng=prng, ident=render.random_identity(prng), valence=valence,
-                       arousal=arousal, face=face, invalid=invalid,
-                       drift_x=render.smooth_walk(prng, n, 0.4, 3.0),
-                       drift_y=render.smooth_walk(prng, n, 0.3, 2.5),
-                       f0=float(prng.uniform(110, 230))))
+    people.append(
+      dict(
+        name=name,
+        rng=prng,
+        ident=render.random_identity(prng),
+        valence=valence,
+        arousal=arousal,
+        face=face,
+        invalid=invalid,
+        drift_x=render.smooth_walk(prng, n, 0.4, 3.0),
+        drift_y=render.smooth_walk(prng, n, 0.3, 2.5),
+        f0=float(prng.uniform(110, 230)),
+      )
+    )
   # Audio: one voice per person (turn-taking for the pair), background noise, corruptions.
   num_samples = int(round(n / fps * sr))
   voices = [render.voice(p['rng'], p['valence'], p['arousal'], fps, sr, p['f0']) for p in people]
@@ -190,15 +205,17 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
     pos, who = 0, 0
     while pos < num_samples:
       length = int(rng.uniform(1.5, 5.0) * sr)
-      turn[pos:pos + length] = who
+      turn[pos : pos + length] = who
       pos, who = pos + length, 1 - who
     turn = np.convolve(turn, np.ones(2205, np.float32) / 2205, mode='same')
     audio = (1 - turn) * voices[0] + turn * voices[1]
   audio = audio + 10 ** (-52 / 20) * rng.standard_normal(num_samples).astype(np.float32)
   busy = [(s, e) for p in people for s, e, _ in p['face']]
   n_corrupt = max(1, int(round(n / 350)))
-  audio_iv = [(s, e, str(rng.choice(corruptions_lib.AUDIO_KINDS, p=[0.6, 0.4])))
-              for s, e in _intervals(rng, n, n_corrupt, 40, 130, avoid=busy)]
+  audio_iv = [
+    (s, e, str(rng.choice(corruptions_lib.AUDIO_KINDS, p=[0.6, 0.4])))
+    for s, e in _intervals(rng, n, n_corrupt, 40, 130, avoid=busy)
+  ]
   for s, e, kind in audio_iv:
     a0, a1 = int(round((s - 1) / fps * sr)), min(int(round(e / fps * sr)), num_samples)
     audio[a0:a1] = 0.0 if kind == 'silence' else render.noise_burst(rng, a1 - a0, sr)
@@ -221,8 +238,14 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
       yaw = 0.08 * np.sin(2 * np.pi * f / (fps * 7.0) + p_idx)
       if kind == 'pose':
         yaw = 0.9 if iv_at[f] % 2 == 0 else -0.9
-      im = render.draw_face(ident, float(p['valence'][f - 1]), float(p['arousal'][f - 1]),
-                            float(p['drift_x'][f - 1]), float(p['drift_y'][f - 1]), yaw)
+      im = render.draw_face(
+        ident,
+        float(p['valence'][f - 1]),
+        float(p['arousal'][f - 1]),
+        float(p['drift_x'][f - 1]),
+        float(p['drift_y'][f - 1]),
+        yaw,
+      )
       if kind in ('blur', 'occlusion', 'pose'):
         # The same corruption parameters throughout one interval.
         im = render.corrupt_face(im, kind, np.random.default_rng([seed, 3, rec.index, p_idx, iv_at[f]]))
@@ -232,7 +255,7 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
         im.save(os.path.join(folder, f'{f:05d}.jpg'), quality=settings.jpeg_quality)
     invalid = np.zeros(n, bool)
     for s, e in p['invalid']:
-      invalid[s - 1:e] = True
+      invalid[s - 1 : e] = True
     if rec.split == 'test':
       path = os.path.join(out_dir, GROUND_TRUTH_DIR, 'Test_Set', p['name'] + '.txt')
     else:
@@ -240,17 +263,30 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _write_labels(path, p['valence'], p['arousal'], invalid)
   os.makedirs(os.path.join(out_dir, layout.RAW_VIDEOS_DIR), exist_ok=True)
-  _write_mp4(os.path.join(out_dir, layout.RAW_VIDEOS_DIR, rec.name + '.mp4'), raw_frames, audio,
-             fps, sr)
+  _write_mp4(os.path.join(out_dir, layout.RAW_VIDEOS_DIR, rec.name + '.mp4'), raw_frames, audio, fps, sr)
   iv = lambda s, e, k=None: dict(start=s, end=e, **({'kind': k} if k else {}))
-  return {p['name']: dict(split=rec.split, num_frames=n, fps=float(fps), audio_source=rec.name,
-                          face=[iv(*x) for x in p['face']], audio=[iv(*x) for x in audio_iv],
-                          invalid_labels=[iv(*x) for x in p['invalid']])
-          for p in people}
+  return {
+    p['name']: dict(
+      split=rec.split,
+      num_frames=n,
+      fps=float(fps),
+      audio_source=rec.name,
+      face=[iv(*x) for x in p['face']],
+      audio=[iv(*x) for x in audio_iv],
+      invalid_labels=[iv(*x) for x in p['invalid']],
+    )
+    for p in people
+  }
 
 
-def generate(out_dir: str, settings: Settings = Settings(), seed: int = 0, *,
-             num_workers: int = 1, overwrite: bool = False) -> dict:
+def generate(
+  out_dir: str,
+  settings: Settings = Settings(),
+  seed: int = 0,
+  *,
+  num_workers: int = 1,
+  overwrite: bool = False,
+) -> dict:
   """Writes the whole set to `out_dir`; returns the sidecar's content.
 
   Raises:
@@ -282,15 +318,21 @@ def generate(out_dir: str, settings: Settings = Settings(), seed: int = 0, *,
   test_names = [v for v, d in videos.items() if d['split'] == 'test']
   with open(os.path.join(tmp, ANNOTATION_ROOT, layout.VA_DIR, TEST_LIST), 'w') as f:
     f.write(''.join(name + '\n' for name in test_names))
-  sidecar = dict(format=corruptions_lib.FORMAT, seed=seed, settings=dataclasses.asdict(settings),
-                 videos=videos)
+  sidecar = dict(
+    format=corruptions_lib.FORMAT, seed=seed, settings=dataclasses.asdict(settings), videos=videos
+  )
   with open(os.path.join(tmp, corruptions_lib.FILENAME), 'w') as f:
     json.dump(sidecar, f, indent=1)
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.replace(tmp, out_dir)
-  logging.info('synthetic_av: %d crop videos, %d frames written to %s in %.1f s', len(videos),
-               sum(d['num_frames'] for d in videos.values()), out_dir, time.time() - start)
+  logging.info(
+    'synthetic_av: %d crop videos, %d frames written to %s in %.1f s',
+    len(videos),
+    sum(d['num_frames'] for d in videos.values()),
+    out_dir,
+    time.time() - start,
+  )
   return sidecar
 
 
@@ -313,12 +355,20 @@ def _define_flags():
 
 def main(argv):
   del argv
-  overrides = {k: FLAGS[k].value for k in ('num_train_videos', 'num_validation_videos',
-                                           'num_test_videos', 'min_frames', 'max_frames',
-                                           'sample_rate') if FLAGS[k].value is not None}
+  overrides = {
+    k: FLAGS[k].value
+    for k in (
+      'num_train_videos',
+      'num_validation_videos',
+      'num_test_videos',
+      'min_frames',
+      'max_frames',
+      'sample_rate',
+    )
+    if FLAGS[k].value is not None
+  }
   settings = dataclasses.replace(SIZES[FLAGS.size], **overrides)
-  generate(FLAGS.out_dir, settings, FLAGS.seed, num_workers=FLAGS.num_workers,
-           overwrite=FLAGS.overwrite)
+  generate(FLAGS.out_dir, settings, FLAGS.seed, num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite)
 
 
 if __name__ == '__main__':

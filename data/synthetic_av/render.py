@@ -1,9 +1,10 @@
-"""Procedural faces and speech-like audio for the synthetic set (SPEC section 7).
+"""Procedural faces and speech-like audio for the synthetic set (docs/DESIGN.md §7).
 
 Valence lives mainly in the face (mouth curvature) and weakly in the voice
 (spectral tilt); arousal lives mainly in the voice (loudness, pitch, syllable
 rate) and weakly in the face (eye and brow opening, mouth opening).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,15 +16,16 @@ SIZE = 112
 
 
 # ------------------------------------------------------------------ curves
-def smooth_curve(rng: np.random.Generator, num_frames: int, fps: float,
-                 max_hz: float = 0.2, amplitude: float = 0.85) -> np.ndarray:
+def smooth_curve(
+  rng: np.random.Generator, num_frames: int, fps: float, max_hz: float = 0.2, amplitude: float = 0.85
+) -> np.ndarray:
   """A smooth random curve in [-amplitude, amplitude], one value per frame."""
   t = np.arange(num_frames) / fps
   x = np.zeros(num_frames)
   for _ in range(5):
     f = rng.uniform(0.01, max_hz)
     x += rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
-  x += rng.uniform(-0.8, 0.8)                       # per-video offset
+  x += rng.uniform(-0.8, 0.8)  # per-video offset
   x = np.tanh(1.2 * x / (np.std(x) + 1e-6))
   return (amplitude * x).astype(np.float32)
 
@@ -39,6 +41,7 @@ def smooth_walk(rng: np.random.Generator, n: int, step: float, limit: float) -> 
 @dataclasses.dataclass(frozen=True)
 class Identity:
   """Per-person appearance (varies per video)."""
+
   skin: tuple[int, int, int]
   background: tuple[int, int, int]
   hair: tuple[int, int, int]
@@ -47,29 +50,34 @@ class Identity:
   cy: float
   rx: float
   ry: float
-  eye_dx: float          # eye distance from the centre, fraction of rx
-  mouth_w: float         # mouth half-width, fraction of rx
+  eye_dx: float  # eye distance from the centre, fraction of rx
+  mouth_w: float  # mouth half-width, fraction of rx
 
 
 def random_identity(rng: np.random.Generator) -> Identity:
   tone = rng.uniform(0.25, 1.0)
   skin = tuple(int(c) for c in np.array([235, 195, 165]) * tone + np.array([20, 15, 10]) * (1 - tone))
   return Identity(
-      skin=skin,
-      background=tuple(int(c) for c in rng.integers(20, 235, 3)),
-      hair=tuple(int(c) for c in rng.integers(10, 120, 3)),
-      lips=(int(rng.integers(110, 180)), int(rng.integers(30, 70)), int(rng.integers(40, 80))),
-      cx=56 + rng.uniform(-6, 6), cy=58 + rng.uniform(-5, 5),
-      rx=rng.uniform(29, 37), ry=rng.uniform(37, 45),
-      eye_dx=rng.uniform(0.33, 0.42), mouth_w=rng.uniform(0.38, 0.5))
+    skin=skin,
+    background=tuple(int(c) for c in rng.integers(20, 235, 3)),
+    hair=tuple(int(c) for c in rng.integers(10, 120, 3)),
+    lips=(int(rng.integers(110, 180)), int(rng.integers(30, 70)), int(rng.integers(40, 80))),
+    cx=56 + rng.uniform(-6, 6),
+    cy=58 + rng.uniform(-5, 5),
+    rx=rng.uniform(29, 37),
+    ry=rng.uniform(37, 45),
+    eye_dx=rng.uniform(0.33, 0.42),
+    mouth_w=rng.uniform(0.38, 0.5),
+  )
 
 
 def _ellipse(draw, cx, cy, rx, ry, fill, outline=None, width=1):
   draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill, outline=outline, width=width)
 
 
-def draw_face(ident: Identity, valence: float, arousal: float, dx: float = 0.0, dy: float = 0.0,
-              yaw: float = 0.0) -> Image.Image:
+def draw_face(
+  ident: Identity, valence: float, arousal: float, dx: float = 0.0, dy: float = 0.0, yaw: float = 0.0
+) -> Image.Image:
   """A 112x112 face: mouth curvature follows valence, eye/brow opening follows arousal.
 
   Args:
@@ -85,7 +93,7 @@ def draw_face(ident: Identity, valence: float, arousal: float, dx: float = 0.0, 
   _ellipse(d, cx, cy - 0.12 * ry, rx * 1.08, ry * 1.0, ident.hair)
   _ellipse(d, cx + yaw * 0.15 * rx, cy, rx, ry, ident.skin)
   squeeze = 1.0 - 0.65 * abs(yaw)
-  fx = lambda x: cx + yaw * 0.55 * rx + (x - cx) * squeeze    # feature x under yaw
+  fx = lambda x: cx + yaw * 0.55 * rx + (x - cx) * squeeze  # feature x under yaw
   a01 = (arousal + 1.0) / 2.0
   # Eyes (open more with arousal: weak cue) and brows (raised with arousal).
   eye_y = cy - 0.22 * ry
@@ -96,20 +104,25 @@ def draw_face(ident: Identity, valence: float, arousal: float, dx: float = 0.0, 
     _ellipse(d, ex, eye_y, eye_w, eye_h, (250, 250, 250), outline=(40, 30, 30))
     _ellipse(d, ex, eye_y, 0.45 * eye_w, min(eye_h, 0.45 * eye_w), (40, 30, 20))
     by = eye_y - eye_h - 0.07 * ry - 0.08 * ry * a01
-    d.line([fx(cx + side * (ident.eye_dx - 0.16) * rx), by,
-            fx(cx + side * (ident.eye_dx + 0.14) * rx), by], fill=ident.hair, width=3)
+    d.line(
+      [fx(cx + side * (ident.eye_dx - 0.16) * rx), by, fx(cx + side * (ident.eye_dx + 0.14) * rx), by],
+      fill=ident.hair,
+      width=3,
+    )
   # Nose.
-  d.line([fx(cx), cy - 0.05 * ry, fx(cx) + 2, cy + 0.22 * ry], fill=tuple(int(c * 0.75) for c in ident.skin),
-         width=2)
+  d.line(
+    [fx(cx), cy - 0.05 * ry, fx(cx) + 2, cy + 0.22 * ry],
+    fill=tuple(int(c * 0.75) for c in ident.skin),
+    width=2,
+  )
   # Mouth: corners up for positive valence (strong cue); opening grows with arousal (weak cue).
   my = cy + 0.5 * ry
   mw = ident.mouth_w * rx
-  bend = valence * 0.22 * ry                      # > 0: smile
+  bend = valence * 0.22 * ry  # > 0: smile
   opening = 1.0 + 5.0 * max(arousal, 0.0) * 0.6
   xs = np.linspace(-1.0, 1.0, 15)
   upper = [(fx(cx + x * mw), my + 0.5 * bend - bend * x * x) for x in xs]
-  lower = [(fx(cx + x * mw), my + 0.5 * bend - bend * x * x + opening * (1 - x * x) + 1.0)
-           for x in xs[::-1]]
+  lower = [(fx(cx + x * mw), my + 0.5 * bend - bend * x * x + opening * (1 - x * x) + 1.0) for x in xs[::-1]]
   d.polygon(upper + lower, fill=ident.lips)
   d.line(upper, fill=(70, 20, 30), width=2)
   return im
@@ -127,14 +140,21 @@ def corrupt_face(im: Image.Image, kind: str, rng: np.random.Generator) -> Image.
     d.rectangle([x0, y0, x0 + rng.uniform(60, 95), y0 + rng.uniform(40, 60)], fill=color)
     return im
   if kind == 'pose':
-    return im.rotate(float(rng.choice([-1, 1]) * rng.uniform(25, 45)), resample=Image.BILINEAR,
-                     fillcolor=(0, 0, 0))
+    return im.rotate(
+      float(rng.choice([-1, 1]) * rng.uniform(25, 45)), resample=Image.BILINEAR, fillcolor=(0, 0, 0)
+    )
   raise ValueError(kind)
 
 
 # ------------------------------------------------------------------- audio
-def voice(rng: np.random.Generator, valence: np.ndarray, arousal: np.ndarray, fps: float,
-          sample_rate: int, f0_base: float) -> np.ndarray:
+def voice(
+  rng: np.random.Generator,
+  valence: np.ndarray,
+  arousal: np.ndarray,
+  fps: float,
+  sample_rate: int,
+  f0_base: float,
+) -> np.ndarray:
   """A voiced, speech-like signal following the per-frame curves.
 
   Loudness (-40..-8 dB), pitch (x0.65..x1.35) and syllable rate (2..5.5 Hz)
@@ -142,10 +162,10 @@ def voice(rng: np.random.Generator, valence: np.ndarray, arousal: np.ndarray, fp
   valence weakly.
   """
   n = int(round(len(arousal) / fps * sample_rate))
-  frame_pos = (np.arange(n) / sample_rate) * fps - 0.5          # in frame indices
+  frame_pos = (np.arange(n) / sample_rate) * fps - 0.5  # in frame indices
   a = np.interp(frame_pos, np.arange(len(arousal)), arousal).astype(np.float32)
   v = np.interp(frame_pos, np.arange(len(valence)), valence).astype(np.float32)
-  rate = 2.0 + 1.75 * (a + 1.0)                                  # syllables / s
+  rate = 2.0 + 1.75 * (a + 1.0)  # syllables / s
   syl = 2 * np.pi * np.cumsum(rate, dtype=np.float64) / sample_rate
   env = np.clip(np.sin(syl), 0, None).astype(np.float32) ** 1.5
   # Phrases: speech with pauses of 0.3-1.0 s every 2-5 s.
@@ -153,7 +173,7 @@ def voice(rng: np.random.Generator, valence: np.ndarray, arousal: np.ndarray, fp
   pos = int(rng.uniform(1.0, 4.0) * sample_rate)
   while pos < n:
     pause = int(rng.uniform(0.3, 1.0) * sample_rate)
-    gate[pos:pos + pause] = 0.0
+    gate[pos : pos + pause] = 0.0
     pos += pause + int(rng.uniform(2.0, 5.0) * sample_rate)
   gate = np.convolve(gate, np.ones(441, np.float32) / 441, mode='same')
   f0 = f0_base * (1.0 + 0.35 * a) * (1.0 + 0.06 * np.cos(syl)).astype(np.float32)
@@ -163,7 +183,7 @@ def voice(rng: np.random.Generator, valence: np.ndarray, arousal: np.ndarray, fp
   for h in range(1, 31):
     amp = np.exp(-tilt * np.log(h)).astype(np.float32) * (h * f0 < 7000)
     src += amp * np.sin(h * phase).astype(np.float32)
-  src /= np.sqrt(np.mean(src ** 2)) + 1e-8
+  src /= np.sqrt(np.mean(src**2)) + 1e-8
   gain = (10.0 ** ((-24.0 + 16.0 * a) / 20.0)).astype(np.float32)
   return src * env * gate * gain
 
@@ -173,7 +193,7 @@ def noise_burst(rng: np.random.Generator, n: int, sample_rate: int) -> np.ndarra
   level = 10.0 ** (rng.uniform(-9.0, -4.0) / 20.0)
   noise = rng.standard_normal(n).astype(np.float32)
   k = int(rng.integers(1, 6))
-  if k > 1:                                    # some colour
+  if k > 1:  # some colour
     noise = np.convolve(noise, np.ones(k, np.float32) / np.sqrt(k), mode='same')
   t = np.arange(n) / sample_rate
   f = rng.uniform(300, 3000) + rng.uniform(-200, 200) * t

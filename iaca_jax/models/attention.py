@@ -1,4 +1,4 @@
-"""Audio-guided visual spatial attention (SPEC 3.4).
+"""Audio-guided visual spatial attention (docs/DESIGN.md §3.4).
 
 Per (batch, clip): additive attention over the P = h*w positions of the visual map whose query is the
 audio clip feature, softmax over positions, weighted sum of the map, Dense.
@@ -31,7 +31,7 @@ class AudioGuidedSpatialAttention(nn.Module):
   """Attends over visual positions with the audio feature as query.
 
   Inputs: visual (B, L, h, w, C) maps, audio (B, L, D_a). Returns ((B, L, features), attention
-  (B, L, P)). With `torch_layout=True` the map is viewed as the authors' code views it (SPEC 3.4).
+  (B, L, P)). With `torch_layout=True` the map is viewed as the authors' code views it (docs/DESIGN.md §3.4).
   Parameter names follow the authors' module (`affine_audio`, `affine_video`, `affine_v`, `affine_g`,
   `affine_h`, `affine_feat`).
   """
@@ -47,11 +47,11 @@ class AudioGuidedSpatialAttention(nn.Module):
       values = torch_quirk_layout(values)
     positions, channels = values.shape[-2:]
     dense = lambda n, name, bias=True: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
-    video_proj = nn.relu(dense(channels, 'affine_video')(values))             # (B, L, P, C)
-    audio_proj = nn.relu(dense(channels, 'affine_audio')(audio))              # (B, L, C)
-    content = dense(positions, 'affine_v', bias=False)(video_proj)            # (B, L, P, P)
+    video_proj = nn.relu(dense(channels, 'affine_video')(values))  # (B, L, P, C)
+    audio_proj = nn.relu(dense(channels, 'affine_audio')(audio))  # (B, L, C)
+    content = dense(positions, 'affine_v', bias=False)(video_proj)  # (B, L, P, P)
     content = content + dense(positions, 'affine_g', bias=False)(audio_proj)[..., :, None]
-    scores = dense(1, 'affine_h', bias=False)(jnp.tanh(content))[..., 0]     # (B, L, P)
+    scores = dense(1, 'affine_h', bias=False)(jnp.tanh(content))[..., 0]  # (B, L, P)
     attention = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
     attended = jnp.einsum('blp,blpc->blc', attention.astype(values.dtype), values)
     return dense(self.features, 'affine_feat')(attended), attention

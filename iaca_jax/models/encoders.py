@@ -2,7 +2,7 @@
 
 Both follow torchvision's `r2plus1d_18` / `resnet18` without the classifier: at `width=1.0` and
 `blocks_per_stage=2` the parameter counts equal torchvision's (tests/test_models.py states them).
-Submodule names mirror torchvision's state-dict structure so that `iaca_jax.convert_torch` is a name map.
+Submodule names mirror torchvision's state-dict structure so that the PyTorch conversion (`iaca_jax.conversion`) is a name map.
 Inputs are channels-last: video (N, T, H, W, 3), spectrogram (N, H=mels, W=time, 1).
 """
 
@@ -45,11 +45,12 @@ class FactoredConv3D(nn.Module):
     x = x.astype(self.dtype)
     n, t, h, w, c = x.shape
     conv2d = lambda y, k, strides, pad: jax.lax.conv_general_dilated(
-        y, k, strides, pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    if kt == 1 and st == 1:                                         # spatial: fold time into the batch
+      y, k, strides, pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    if kt == 1 and st == 1:  # spatial: fold time into the batch
       y = conv2d(x.reshape(n * t, h, w, c), kernel[0], (sh, sw), ((kh // 2,) * 2, (kw // 2,) * 2))
       return y.reshape(n, t, *y.shape[1:])
-    if kh == kw == 1:                                               # temporal (or 1x1x1): fold space
+    if kh == kw == 1:  # temporal (or 1x1x1): fold space
       x = x[:, :, ::sh, ::sw]
       h, w = x.shape[2:4]
       y = conv2d(x.reshape(n, t, h * w, c), kernel[:, 0], (st, 1), ((kt // 2,) * 2, (0, 0)))
@@ -82,11 +83,18 @@ class Conv2D(nn.Module):
     n, h, w, c = x.shape
     oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
     if oh * ow > kh * kw or kh * kw == 1:
-      return jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
-                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return jax.lax.conv_general_dilated(
+        x, kernel, self.strides, self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
     x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    patches = jnp.stack([x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
-                         for i in range(kh) for j in range(kw)], axis=3)       # (N, oh, ow, kh*kw, C)
+    patches = jnp.stack(
+      [
+        x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+      ],
+      axis=3,
+    )  # (N, oh, ow, kh*kw, C)
     return jnp.einsum('nhwkc,kco->nhwo', patches, kernel.reshape(kh * kw, c, self.features))
 
 
@@ -129,8 +137,13 @@ class BasicBlock3D(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     bn = functools.partial(_BatchNorm, use_running_average=not train or self.frozen_bn, dtype=self.dtype)
-    conv = functools.partial(Conv2Plus1D, r2plus1d_mid_channels(x.shape[-1], self.channels), self.channels,
-                             frozen_bn=self.frozen_bn, dtype=self.dtype)
+    conv = functools.partial(
+      Conv2Plus1D,
+      r2plus1d_mid_channels(x.shape[-1], self.channels),
+      self.channels,
+      frozen_bn=self.frozen_bn,
+      dtype=self.dtype,
+    )
     y = nn.relu(bn(name='bn1')(conv(stride=self.stride, name='conv1')(x, train=train)))
     y = bn(name='bn2')(conv(stride=1, name='conv2')(y, train=train))
     if self.stride != 1 or x.shape[-1] != self.channels:
@@ -163,8 +176,9 @@ class R2Plus1D18(nn.Module):
     for stage, channels in enumerate(widths):
       for block in range(self.blocks_per_stage):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock3D(channels, stride, self.frozen_bn, self.dtype,
-                         name=f'layer{stage + 1}_{block}')(x, train=train)
+        x = BasicBlock3D(channels, stride, self.frozen_bn, self.dtype, name=f'layer{stage + 1}_{block}')(
+          x, train=train
+        )
     return x
 
 
@@ -183,7 +197,9 @@ class BasicBlock2D(nn.Module):
     y = nn.relu(bn(name='bn1')(conv(strides=(self.stride, self.stride), name='conv1')(x)))
     y = bn(name='bn2')(conv(name='conv2')(y))
     if self.stride != 1 or x.shape[-1] != self.channels:
-      x = Conv2D(self.channels, (1, 1), (self.stride, self.stride), dtype=self.dtype, name='downsample_conv')(x)
+      x = Conv2D(self.channels, (1, 1), (self.stride, self.stride), dtype=self.dtype, name='downsample_conv')(
+        x
+      )
       x = bn(name='downsample_bn')(x)
     return nn.relu(y + x)
 
@@ -210,10 +226,7 @@ class ResNet18(nn.Module):
     for stage, channels in enumerate(widths):
       for block in range(self.blocks_per_stage):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock2D(channels, stride, self.frozen_bn, self.dtype,
-                         name=f'layer{stage + 1}_{block}')(x, train=train)
+        x = BasicBlock2D(channels, stride, self.frozen_bn, self.dtype, name=f'layer{stage + 1}_{block}')(
+          x, train=train
+        )
     return jnp.mean(x, axis=(1, 2))
-
-
-def encoder_output_channels(width: float) -> int:
-  return scaled_widths(width)[-1]

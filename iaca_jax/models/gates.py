@@ -1,4 +1,4 @@
-"""IACA gating (SPEC 3.6).
+"""IACA gating (docs/DESIGN.md §3.6).
 
 Stage 1 (per modality, per time step): g = softmax(Dense_2(X_att) / T); X_gated = ReLU(g0 X + g1 X_att).
 Stage 2 (across modalities), one of:
@@ -12,7 +12,8 @@ Fused output: video first, then audio, as in the authors' code: (B, L, 2d) (or (
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -57,7 +58,7 @@ class CandidateGate(nn.Module):
   def __call__(self, candidates: Sequence[jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
     logits = nn.Dense(len(candidates), dtype=self.dtype, name='fc')(jnp.concatenate(candidates, axis=-1))
     w = gate_weights(logits, self.temperature)
-    combined = sum(w[..., k:k + 1] * c for k, c in enumerate(candidates))
+    combined = sum(w[..., k : k + 1] * c for k, c in enumerate(candidates))
     return combined.astype(candidates[0].dtype), w
 
 
@@ -67,7 +68,7 @@ class FusionGate(nn.Module):
   gating: str = 'iaca'
   stage2: str = 'modality'
   temperature: float = 0.1
-  stage2_temperature: float | None = None   # None: the same as stage 1
+  stage2_temperature: float | None = None  # None: the same as stage 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -80,10 +81,12 @@ class FusionGate(nn.Module):
     if self.gating == 'none':
       return jnp.concatenate([att_video, att_audio], axis=-1), gates
     if self.gating == 'iaca' and self.stage2 == 'iteration':
-      gated_a, gates['audio_iteration'] = CandidateGate(self.temperature, self.dtype, name='audio_iteration_gate')(
-          [audio] + [a for a, _ in iterations])
-      gated_v, gates['video_iteration'] = CandidateGate(self.temperature, self.dtype, name='video_iteration_gate')(
-          [video] + [v for _, v in iterations])
+      gated_a, gates['audio_iteration'] = CandidateGate(
+        self.temperature, self.dtype, name='audio_iteration_gate'
+      )([audio] + [a for a, _ in iterations])
+      gated_v, gates['video_iteration'] = CandidateGate(
+        self.temperature, self.dtype, name='video_iteration_gate'
+      )([video] + [v for _, v in iterations])
       return jnp.concatenate([gated_v, gated_a], axis=-1), gates
     stage1 = lambda name: AttentionGate(self.temperature, self.dtype, name=name)
     gated_v, gates['video'] = stage1('video_gate')(video, att_video)
@@ -92,12 +95,14 @@ class FusionGate(nn.Module):
       return jnp.concatenate([gated_v, gated_a], axis=-1), gates
     if self.stage2 == 'raw':
       gated_a, gates['audio_raw'] = CandidateGate(self.temperature, self.dtype, name='audio_raw_gate')(
-          [gated_a, audio])
+        [gated_a, audio]
+      )
       gated_v, gates['video_raw'] = CandidateGate(self.temperature, self.dtype, name='video_raw_gate')(
-          [gated_v, video])
+        [gated_v, video]
+      )
       return jnp.concatenate([gated_v, gated_a], axis=-1), gates
     logits = nn.Dense(2, dtype=self.dtype, name='modality_gate')(jnp.concatenate([gated_a, gated_v], axis=-1))
-    w = gate_weights(logits, self.stage2_temperature or self.temperature)                                  # (B, L, 2) = [audio, video]
+    w = gate_weights(logits, self.stage2_temperature or self.temperature)  # (B, L, 2) = [audio, video]
     gates['modality'] = w
     scaled_a, scaled_v = w[..., :1] * gated_a, w[..., 1:] * gated_v
     if self.stage2 == 'sum':

@@ -1,4 +1,4 @@
-"""The full audio-visual model (SPEC 3): encoders -> temporal blocks -> audio-guided spatial attention
+"""The full audio-visual model (docs/DESIGN.md §3): encoders -> temporal blocks -> audio-guided spatial attention
 -> cross-attention -> gates -> joint BLSTM -> valence and arousal heads.
 
 Input: a dict of modalities, either raw
@@ -11,7 +11,8 @@ attention, the cross-attention scores and the gate values.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import einops
 import flax.linen as nn
@@ -36,8 +37,13 @@ class RegressionHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                                     bias_init=nn.initializers.zeros_init(), name=name)
+    dense = lambda n, name: nn.Dense(
+      n,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.xavier_uniform(),
+      bias_init=nn.initializers.zeros_init(),
+      name=name,
+    )
     x = nn.relu(dense(self.hidden, 'hidden')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return dense(1, 'output')(x)[..., 0].astype(jnp.float32)
@@ -53,12 +59,13 @@ class AudioVisualEncoders(nn.Module):
   width: float = 1.0
   blocks_per_stage: int = 2
   frozen: bool = False
-  face_size: int = 0          # resize faces to (face_size, face_size) first; 0 keeps them (112 in the paper)
+  face_size: int = 0  # resize faces to (face_size, face_size) first; 0 keeps them (112 in the paper)
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    kwargs = dict(width=self.width, blocks_per_stage=self.blocks_per_stage, frozen_bn=self.frozen,
-                  dtype=self.dtype)
+    kwargs = dict(
+      width=self.width, blocks_per_stage=self.blocks_per_stage, frozen_bn=self.frozen, dtype=self.dtype
+    )
     self.video_encoder = R2Plus1D18(**kwargs)
     self.audio_encoder = ResNet18(**kwargs)
 
@@ -88,7 +95,7 @@ class IACAModel(nn.Module):
   encoder_width: float = 1.0
   encoder_blocks_per_stage: int = 2
   freeze_encoders: bool = True
-  face_size: int = 0            # 0: faces as given (112); a CPU demo uses 56 (a 4x4 visual map)
+  face_size: int = 0  # 0: faces as given (112); a CPU demo uses 56 (a 4x4 visual map)
   # Fusion model.
   features: int = 512
   lstm_hidden: int = 256
@@ -99,24 +106,32 @@ class IACAModel(nn.Module):
   gating: str = 'iaca'
   stage2: str = 'modality'
   gate_temperature: float = 0.1
-  stage2_temperature: float = 0.0   # 0: the same as gate_temperature
+  stage2_temperature: float = 0.0  # 0: the same as gate_temperature
   head_hidden: int = 128
   head_dropout: float = 0.6
   torch_layout: bool = False
+  fused_dropout: bool = True  # the co-attention's dropout as one fused op (same bits as nn.Dropout)
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.encoders = AudioVisualEncoders(self.encoder_width, self.encoder_blocks_per_stage,
-                                        self.freeze_encoders, self.face_size, self.dtype)
+    self.encoders = AudioVisualEncoders(
+      self.encoder_width, self.encoder_blocks_per_stage, self.freeze_encoders, self.face_size, self.dtype
+    )
     temporal = lambda dropout: ResidualBLSTM(self.features, self.lstm_hidden, 2, dropout, self.dtype)
     self.audio_temporal = temporal(self.temporal_dropout)
     self.video_temporal = temporal(self.temporal_dropout)
     self.joint_temporal = temporal(0.0)
     self.spatial_attention = AudioGuidedSpatialAttention(self.features, self.torch_layout, self.dtype)
-    self.fusion = make_cross_attention(self.cross_attention, iterations=self.rjca_iterations,
-                                       dropout=self.cross_attention_dropout, dtype=self.dtype)
-    self.gate = FusionGate(self.gating, self.stage2, self.gate_temperature, self.stage2_temperature or None,
-                           self.dtype)
+    self.fusion = make_cross_attention(
+      self.cross_attention,
+      iterations=self.rjca_iterations,
+      dropout=self.cross_attention_dropout,
+      dtype=self.dtype,
+      fused_dropout=self.fused_dropout,
+    )
+    self.gate = FusionGate(
+      self.gating, self.stage2, self.gate_temperature, self.stage2_temperature or None, self.dtype
+    )
     self.valence_head = RegressionHead(self.head_hidden, self.head_dropout, self.dtype)
     self.arousal_head = RegressionHead(self.head_hidden, self.head_dropout, self.dtype)
 
@@ -126,8 +141,9 @@ class IACAModel(nn.Module):
       return inputs['video_features'], inputs['audio_features']
     if 'video' in inputs and 'audio' in inputs:
       return self.encoders(inputs['video'], inputs['audio'], train=train)
-    raise KeyError("The model needs 'video' and 'audio', or 'video_features' and 'audio_features'; "
-                   f'got {sorted(inputs)}.')
+    raise KeyError(
+      f"The model needs 'video' and 'audio', or 'video_features' and 'audio_features'; got {sorted(inputs)}."
+    )
 
   def __call__(self, inputs: Mapping[str, jnp.ndarray], *, train: bool = False):
     visual_map, audio = self.encode(inputs, train=train)
@@ -139,8 +155,13 @@ class IACAModel(nn.Module):
     att_audio, att_video, fusion_aux = self.fusion(audio, video, train=train)
     fused, gates = self.gate(audio, video, att_audio, att_video, fusion_aux['iterations'])
     joint = self.joint_temporal(fused, train=train)
-    predictions = jnp.stack([self.valence_head(joint, train=train), self.arousal_head(joint, train=train)],
-                            axis=-1)
-    aux = {'spatial_attention': spatial, 'score_audio': fusion_aux['score_audio'],
-           'score_video': fusion_aux['score_video'], 'gates': gates}
+    predictions = jnp.stack(
+      [self.valence_head(joint, train=train), self.arousal_head(joint, train=train)], axis=-1
+    )
+    aux = {
+      'spatial_attention': spatial,
+      'score_audio': fusion_aux['score_audio'],
+      'score_video': fusion_aux['score_video'],
+      'gates': gates,
+    }
     return predictions, aux

@@ -1,5 +1,5 @@
 """Temporal blocks: a fused-gate LSTM, a stacked bidirectional LSTM with a learnable initial state, and
-the residual BLSTM block of SPEC 3.3 (BLSTM, concatenate with its input, dropout, Dense, L2-normalise).
+the residual BLSTM block of docs/DESIGN.md §3.3 (BLSTM, concatenate with its input, dropout, Dense, L2-normalise).
 
 The LSTM keeps PyTorch's layout (gates i, f, g, o in one (in, 4H) kernel) so that PyTorch weights map
 one-to-one; the input projection of all time steps is one matmul outside the recurrence.
@@ -26,6 +26,7 @@ def l2_normalize(x: jnp.ndarray, axis: int | tuple[int, ...] = -1, eps: float = 
 def _uniform(scale: float):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -scale, scale)
+
   return init
 
 
@@ -38,7 +39,7 @@ class LSTMLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, h0: jnp.ndarray, c0: jnp.ndarray) -> jnp.ndarray:
-    init = _uniform(self.hidden ** -0.5)  # PyTorch's LSTM initialisation
+    init = _uniform(self.hidden**-0.5)  # PyTorch's LSTM initialisation
     w_in = self.param('kernel_input', init, (x.shape[-1], 4 * self.hidden))
     w_hid = self.param('kernel_hidden', init, (self.hidden, 4 * self.hidden))
     bias = self.param('bias', init, (4 * self.hidden,))
@@ -83,15 +84,19 @@ class BLSTM(nn.Module):
       outputs = []
       for direction in range(2):
         row = 2 * layer + direction
-        lstm = LSTMLayer(self.hidden, reverse=direction == 1, dtype=self.dtype,
-                         name=f'layer{layer}_{"backward" if direction else "forward"}')
+        lstm = LSTMLayer(
+          self.hidden,
+          reverse=direction == 1,
+          dtype=self.dtype,
+          name=f'layer{layer}_{"backward" if direction else "forward"}',
+        )
         outputs.append(lstm(x, state(row), state(rows + row)))
       x = jnp.concatenate(outputs, axis=-1)
     return x
 
 
 class ResidualBLSTM(nn.Module):
-  """SPEC 3.3: [x, BLSTM(x)] -> dropout -> Dense(features) -> L2-normalise. (B, T, F) -> (B, T, features)."""
+  """docs/DESIGN.md §3.3: [x, BLSTM(x)] -> dropout -> Dense(features) -> L2-normalise. (B, T, F) -> (B, T, features)."""
 
   features: int = 512
   hidden: int = 256

@@ -1,9 +1,10 @@
-"""Aff-Wild2 annotation files and video lists (SPEC section 6).
+"""Aff-Wild2 annotation files and video lists (docs/DESIGN.md §6).
 
 An annotation file is `<video>.txt`: the header `valence,arousal`, then one
 `v,a` line per frame of the video (line i+1 is frame i, 1-based); `-5` marks
 an invalid frame, every other value lies in [-1, 1].
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,7 @@ def read_annotation(path: str) -> np.ndarray:
       raise DataError(f'annotation file {path} line {lineno}: not numbers: {line!r}') from e
     for x in (v, a):
       if not (x == INVALID or (math.isfinite(x) and -1.0 <= x <= 1.0)):
-        raise DataError(f'annotation file {path} line {lineno}: value {x} is neither -5 '
-                        'nor in [-1, 1]')
+        raise DataError(f'annotation file {path} line {lineno}: value {x} is neither -5 nor in [-1, 1]')
     rows.append((v, a))
   if not rows:
     raise DataError(f'annotation file {path} has a header but no label line')

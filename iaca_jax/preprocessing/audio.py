@@ -6,6 +6,7 @@ sample 0 at the time of the first video frame. Problems that leave part of the
 audio usable are reported in `AudioTrack.status`, not raised: the caller turns
 the missing part into zeros and counts it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,32 +17,33 @@ import numpy as np
 
 # Status of a decoded track.
 OK = 'ok'
-MISSING_FILE = 'missing_file'          # no raw video for this name
-UNREADABLE = 'unreadable'              # the container cannot be opened
-NO_AUDIO_STREAM = 'no_audio_stream'    # the container has no audio stream
-TRUNCATED = 'truncated'                # decoding stopped early or the track is shorter than the video
-SILENT = 'silent'                      # decoded, but all samples are (near) zero
+MISSING_FILE = 'missing_file'  # no raw video for this name
+UNREADABLE = 'unreadable'  # the container cannot be opened
+NO_AUDIO_STREAM = 'no_audio_stream'  # the container has no audio stream
+TRUNCATED = 'truncated'  # decoding stopped early or the track is shorter than the video
+SILENT = 'silent'  # decoded, but all samples are (near) zero
 
-SILENCE_THRESHOLD = 1e-6               # max |x| below this counts as a silent track
-TRUNCATION_TOLERANCE_S = 0.1           # audio may end this much before the video does
+SILENCE_THRESHOLD = 1e-6  # max |x| below this counts as a silent track
+TRUNCATION_TOLERANCE_S = 0.1  # audio may end this much before the video does
 
 
 @dataclasses.dataclass(frozen=True)
 class MediaInfo:
   """What the preprocessing needs from a raw video."""
+
   path: str
-  fps: float | None                    # video frame rate, None without a video stream
-  num_frames: int | None               # video frames, None if unknown
-  video_start: float                   # start time of the video stream (s)
+  fps: float | None  # video frame rate, None without a video stream
+  num_frames: int | None  # video frames, None if unknown
+  video_start: float  # start time of the video stream (s)
   has_audio: bool
 
 
 @dataclasses.dataclass
 class AudioTrack:
-  samples: np.ndarray                  # float32 (num_samples,), mono
+  samples: np.ndarray  # float32 (num_samples,), mono
   sample_rate: int
-  status: str                          # one of the constants above
-  message: str = ''                    # why, naming the file, when status != OK
+  status: str  # one of the constants above
+  message: str = ''  # why, naming the file, when status != OK
 
   @property
   def duration(self) -> float:
@@ -71,8 +73,9 @@ def probe_media(path: str) -> MediaInfo:
     return MediaInfo(path, fps, num_frames, start, has_audio)
 
 
-def decode_audio(path: str | None, sample_rate: int, *, video_start: float = 0.0,
-                 expected_duration: float | None = None) -> AudioTrack:
+def decode_audio(
+  path: str | None, sample_rate: int, *, video_start: float = 0.0, expected_duration: float | None = None
+) -> AudioTrack:
   """Decodes the first audio stream of `path` to mono float32 at `sample_rate`.
 
   Args:
@@ -123,8 +126,9 @@ def decode_audio(path: str | None, sample_rate: int, *, video_start: float = 0.0
     got = len(samples) / sample_rate
     if got < expected_duration - TRUNCATION_TOLERANCE_S:
       status = TRUNCATED
-      message = (f'the audio of {path} lasts {got:.2f} s but the video {expected_duration:.2f} s: '
-                 'the rest is zeros')
+      message = (
+        f'the audio of {path} lasts {got:.2f} s but the video {expected_duration:.2f} s: the rest is zeros'
+      )
   if status == OK and (samples.size == 0 or np.max(np.abs(samples)) < SILENCE_THRESHOLD):
     status, message = SILENT, f'the audio track of {path} is silent (zeros)'
   return AudioTrack(samples, sample_rate, status, message)

@@ -11,6 +11,7 @@ Frames are 1-based and intervals inclusive. Face kinds: blur, occlusion, pose,
 missing (no crop written); audio kinds: noise, silence. Labels go on through
 every corruption; `invalid_labels` lists the frames written as -5.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,7 @@ def frame_mask(intervals, num_frames: int) -> np.ndarray:
   """bool (num_frames,): True on frames (row i = frame i+1) inside any interval."""
   mask = np.zeros(num_frames, bool)
   for iv in intervals:
-    mask[max(iv['start'], 1) - 1:min(iv['end'], num_frames)] = True
+    mask[max(iv['start'], 1) - 1 : min(iv['end'], num_frames)] = True
   return mask
 
 

@@ -1,23 +1,25 @@
 """Assembling the examples of one video: one example per 16-clip window.
 
 This is the whole per-video logic of both builders, free of tfds so that it
-can be unit-tested. See SPEC section 2 and docs/DATA.md for the rules.
+can be unit-tested. See docs/DESIGN.md §2 and docs/DATA.md for the rules.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import io
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
-from iaca_jax.preprocessing import annotations, corruptions, mel as mel_lib, windows
+from iaca_jax.preprocessing import annotations, corruptions, windows
+from iaca_jax.preprocessing import mel as mel_lib
 
 FACE_SIZE = 112
-FRAMES_PER_WINDOW = windows.CLIPS_PER_WINDOW * windows.FRAMES_PER_SAMPLE   # 128
+FRAMES_PER_WINDOW = windows.CLIPS_PER_WINDOW * windows.FRAMES_PER_SAMPLE  # 128
 # [decision] Keep a training window when at least this many of its 16 clips are
 # valid (have a chosen frame with a valid label). Validation and test keep
 # every window.
@@ -46,14 +48,15 @@ class BuildStats:
 @dataclasses.dataclass
 class VideoInput:
   """Everything the example assembly needs about one (crop) video."""
+
   name: str
-  num_frames: int                    # N; frames are 1..N
+  num_frames: int  # N; frames are 1..N
   fps: float
-  crops: dict[int, bytes]            # frame -> JPEG bytes (112x112 RGB, already checked)
-  audio: np.ndarray                  # mono track at the mel sample rate, sample 0 = frame 1's start
-  labels: np.ndarray | None = None   # (N, 2) with -5 = invalid; None for the test split
-  corrupt_face: np.ndarray | None = None    # bool (N,) or None
-  corrupt_audio: np.ndarray | None = None   # bool (N,) or None
+  crops: dict[int, bytes]  # frame -> JPEG bytes (112x112 RGB, already checked)
+  audio: np.ndarray  # mono track at the mel sample rate, sample 0 = frame 1's start
+  labels: np.ndarray | None = None  # (N, 2) with -5 = invalid; None for the test split
+  corrupt_face: np.ndarray | None = None  # bool (N,) or None
+  corrupt_audio: np.ndarray | None = None  # bool (N,) or None
 
 
 _ZERO_JPEG = None
@@ -89,8 +92,9 @@ def check_jpeg(data: bytes, path: str) -> tuple[bytes, bool]:
     return buf.getvalue(), True
 
 
-def load_crops(crop_paths: dict[int, str], num_frames: int, video: str,
-               stats: BuildStats) -> dict[int, bytes]:
+def load_crops(
+  crop_paths: dict[int, str], num_frames: int, video: str, stats: BuildStats
+) -> dict[int, bytes]:
   """Reads and checks the crops of frames 1..num_frames; unreadable ones are skipped."""
   crops = {}
   beyond = 0
@@ -110,17 +114,25 @@ def load_crops(crop_paths: dict[int, str], num_frames: int, video: str,
       stats.count('reencoded_jpegs')
     crops[frame] = data
   if beyond:
-    stats.warn('crops_beyond_video', f'{video}: {beyond} crops numbered beyond its {num_frames} '
-               'frames are ignored', n=beyond)
+    stats.warn(
+      'crops_beyond_video',
+      f'{video}: {beyond} crops numbered beyond its {num_frames} frames are ignored',
+      n=beyond,
+    )
   return crops
 
 
-def video_examples(video: VideoInput, mel: mel_lib.MelSettings, *, train: bool,
-                   min_valid_clips: int = DEFAULT_MIN_VALID_CLIPS,
-                   stats: BuildStats | None = None) -> Iterator[tuple[str, dict]]:
+def video_examples(
+  video: VideoInput,
+  mel: mel_lib.MelSettings,
+  *,
+  train: bool,
+  min_valid_clips: int = DEFAULT_MIN_VALID_CLIPS,
+  stats: BuildStats | None = None,
+) -> Iterator[tuple[str, dict]]:
   """Yields (key, example) for every kept window of one video.
 
-  Frame rules [SPEC 2 + decision]: the present frames of a clip are those with
+  Frame rules [docs/DESIGN.md §2 + decision]: the present frames of a clip are those with
   a face crop and, in training, a valid label; 8 of them are chosen by
   `windows.select_frames`; the clip label is the label of the last chosen
   frame, valid if that label is valid. `frame_labels` / `frame_mask` are the
@@ -149,7 +161,7 @@ def video_examples(video: VideoInput, mel: mel_lib.MelSettings, *, train: bool,
     valid = annotations.label_valid(video.labels)
   else:
     valid = np.zeros(n, bool)
-  has_crop = np.zeros(n + 1, bool)                       # index = frame number
+  has_crop = np.zeros(n + 1, bool)  # index = frame number
   for f in video.crops:
     if 1 <= f <= n:
       has_crop[f] = True
@@ -171,10 +183,10 @@ def video_examples(video: VideoInput, mel: mel_lib.MelSettings, *, train: bool,
     for c, k in enumerate(ends):
       k = int(k)
       if k > n:
-        continue                                          # padding clip
+        continue  # padding clip
       end_frame[c] = k
       lo = max(k - windows.FRAMES_PER_CLIP + 1, 1)
-      chosen = windows.select_frames(lo + np.flatnonzero(present[lo:k + 1]))
+      chosen = windows.select_frames(lo + np.flatnonzero(present[lo : k + 1]))
       for s, f in enumerate(chosen):
         jpegs[c * S + s] = video.crops[int(f)]
       if has_labels:
@@ -196,12 +208,15 @@ def video_examples(video: VideoInput, mel: mel_lib.MelSettings, *, train: bool,
     real = end_frame > 0
     waves = np.zeros((L, mel.clip_samples), np.float32)
     for c in np.flatnonzero(real):
-      waves[c] = mel_lib.clip_waveform(video.audio, mel.sample_rate, video.fps,
-                                       int(end_frame[c]), mel.clip_samples)
+      waves[c] = mel_lib.clip_waveform(
+        video.audio, mel.sample_rate, video.fps, int(end_frame[c]), mel.clip_samples
+      )
     audio = mel_lib.log_mel(waves, mel)
     # Padding clips get the log-mel of silence too (what a zero waveform gives).
     stats.count('windows')
-    yield f'{video.name}/{int(ends[-1]):06d}', {
+    yield (
+      f'{video.name}/{int(ends[-1]):06d}',
+      {
         'video': jpegs,
         'audio': audio,
         'labels': labels,
@@ -212,4 +227,5 @@ def video_examples(video: VideoInput, mel: mel_lib.MelSettings, *, train: bool,
         'video_name': video.name,
         'corrupt_video': corrupt_v,
         'corrupt_audio': corrupt_a,
-    }
+      },
+    )

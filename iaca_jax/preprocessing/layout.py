@@ -1,4 +1,4 @@
-"""The Aff-Wild2 folder layout (SPEC section 6), shared by both builders.
+"""The Aff-Wild2 folder layout (docs/DESIGN.md §6), shared by both builders.
 
     <root>/cropped_aligned/<video>/<%05d>.jpg          112x112 faces, 1-based
     <root>/raw_videos/**/<video>.mp4|.avi              audio source
@@ -9,6 +9,7 @@
 Videos with two annotated people are `<base>_left` / `<base>_right` and share
 the audio of `<base>`. Names like `12-24-1920x1080` carry id-fps-resolution.
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,8 +26,11 @@ SPLIT_DIRS = {'train': 'Train_Set', 'validation': 'Validation_Set'}
 RAW_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.mov', '.webm', '.wav')
 # Test list names tried in order, relative to the VA folder, the annotation
 # folder and the root.
-TEST_LIST_NAMES = ('Test_Set.txt', 'test_set.txt',
-                   'Valence_Arousal_Estimation_Challenge_test_set_release.txt')
+TEST_LIST_NAMES = (
+  'Test_Set.txt',
+  'test_set.txt',
+  'Valence_Arousal_Estimation_Challenge_test_set_release.txt',
+)
 
 _ANNOTATION_ROOT = re.compile(r'^(\d+)(?:st|nd|rd|th)_ABAW_Annotations$')
 _FPS_IN_NAME = re.compile(r'^\d+-(\d+)-\d+x\d+')
@@ -81,7 +85,7 @@ def audio_source_name(video: str) -> str:
   """`<base>_left` / `<base>_right` share the audio of `<base>`."""
   for suffix in ('_left', '_right'):
     if video.endswith(suffix):
-      return video[:-len(suffix)]
+      return video[: -len(suffix)]
   return video
 
 

@@ -1,6 +1,6 @@
 """Per-clip audio: cutting the waveform at the clip's frame times and its log-mel.
 
-At 44.1 kHz the parameters are exactly SPEC section 2 (torchaudio's defaults
+At 44.1 kHz the parameters are exactly docs/DESIGN.md §2 (torchaudio's defaults
 as the authors used them): power spectrogram (power 2), n_fft 1024, 882-sample
 hann window, hop 441, centred frames with reflect padding, 64 HTK mel bands
 from 0 Hz to sr/2 without filter normalisation, 10 log10(max(x, 1e-10)) floored
@@ -11,6 +11,7 @@ at (its maximum over the clip - 80 dB), then (x + 14.8) / 19.895. A clip is
 durations (45,599 / 44,100 s, 20 ms, 10 ms) and n_fft is the smallest power of
 two >= the window, so the spectrogram stays (64, 104) at the usual rates.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,7 @@ import functools
 
 import librosa
 import numpy as np
-import threadpoolctl   # a dependency of librosa (through scikit-learn)
+import threadpoolctl  # a dependency of librosa (through scikit-learn)
 
 from iaca_jax.preprocessing import windows
 
@@ -34,6 +35,7 @@ NORM_STD = 19.895
 @dataclasses.dataclass(frozen=True)
 class MelSettings:
   """Log-mel parameters for one sample rate (see the module docstring)."""
+
   sample_rate: int
   n_fft: int
   win_length: int
@@ -52,7 +54,7 @@ class MelSettings:
 
 
 def mel_settings(sample_rate: int = REFERENCE_SAMPLE_RATE) -> MelSettings:
-  """The settings at `sample_rate` (exactly SPEC 2 at 44,100 Hz)."""
+  """The settings at `sample_rate` (exactly docs/DESIGN.md §2 at 44,100 Hz)."""
   if sample_rate <= 0:
     raise ValueError(f'sample_rate must be positive, got {sample_rate}')
   if sample_rate == REFERENCE_SAMPLE_RATE:
@@ -72,9 +74,15 @@ def _blas_controller() -> threadpoolctl.ThreadpoolController:
 @functools.lru_cache(maxsize=8)
 def _mel_basis(settings: MelSettings) -> np.ndarray:
   return librosa.filters.mel(
-      sr=settings.sample_rate, n_fft=settings.n_fft, n_mels=settings.num_mels,
-      fmin=0.0, fmax=settings.sample_rate / 2.0, htk=True, norm=None,
-      dtype=np.float32)
+    sr=settings.sample_rate,
+    n_fft=settings.n_fft,
+    n_mels=settings.num_mels,
+    fmin=0.0,
+    fmax=settings.sample_rate / 2.0,
+    htk=True,
+    norm=None,
+    dtype=np.float32,
+  )
 
 
 def log_mel(waveforms: np.ndarray, settings: MelSettings) -> np.ndarray:
@@ -89,24 +97,30 @@ def log_mel(waveforms: np.ndarray, settings: MelSettings) -> np.ndarray:
   """
   waveforms = np.asarray(waveforms, np.float32)
   if waveforms.shape[-1] != settings.clip_samples:
-    raise ValueError(f'expected clips of {settings.clip_samples} samples, '
-                     f'got shape {waveforms.shape}')
-  stft = librosa.stft(waveforms, n_fft=settings.n_fft, hop_length=settings.hop_length,
-                      win_length=settings.win_length, window='hann', center=True,
-                      pad_mode='reflect')
-  power = stft.real ** 2 + stft.imag ** 2                       # (..., 1 + n_fft/2, T)
+    raise ValueError(f'expected clips of {settings.clip_samples} samples, got shape {waveforms.shape}')
+  stft = librosa.stft(
+    waveforms,
+    n_fft=settings.n_fft,
+    hop_length=settings.hop_length,
+    win_length=settings.win_length,
+    window='hann',
+    center=True,
+    pad_mode='reflect',
+  )
+  power = stft.real**2 + stft.imag**2  # (..., 1 + n_fft/2, T)
   # One BLAS thread: these small products slow down ~100x when BLAS threads
   # compete for busy cores.
   with _blas_controller().limit(limits=1, user_api='blas'):
-    mel = np.matmul(_mel_basis(settings), power)                # (..., num_mels, T)
+    mel = np.matmul(_mel_basis(settings), power)  # (..., num_mels, T)
   db = 10.0 * np.log10(np.maximum(mel, AMIN))
   floor = db.max(axis=(-2, -1), keepdims=True) - TOP_DB
   db = np.maximum(db, floor)
   return ((db - NORM_MEAN) / NORM_STD).astype(np.float32)
 
 
-def clip_waveform(track: np.ndarray, sample_rate: int, fps: float, end_frame: int,
-                  clip_samples: int) -> np.ndarray:
+def clip_waveform(
+  track: np.ndarray, sample_rate: int, fps: float, end_frame: int, clip_samples: int
+) -> np.ndarray:
   """The waveform of the clip that ends at `end_frame` (1-based).
 
   The clip covers frames end_frame-31..end_frame, i.e. the times
@@ -127,10 +141,19 @@ def clip_waveform(track: np.ndarray, sample_rate: int, fps: float, end_frame: in
   """
   stop = int(round(end_frame * sample_rate / fps))
   clip_start = int(round((end_frame - windows.FRAMES_PER_CLIP) * sample_rate / fps))
-  out_start = stop - clip_samples                  # sample index of out[0]
+  out_start = stop - clip_samples  # sample index of out[0]
   lo = max(out_start, clip_start, 0)
   hi = min(stop, len(track))
   out = np.zeros(clip_samples, np.float32)
   if hi > lo:
-    out[lo - out_start:hi - out_start] = track[lo:hi]
+    out[lo - out_start : hi - out_start] = track[lo:hi]
   return out
+
+
+def silent_log_mel(sample_rate: int = REFERENCE_SAMPLE_RATE) -> np.ndarray:
+  """The normalised log-mel of a silent clip (a zero waveform), (64, frames).
+
+  This is what a clip with missing audio looks like to the model in the missing-audio evaluation.
+  """
+  settings = mel_settings(sample_rate)
+  return log_mel(np.zeros(settings.clip_samples, np.float32), settings)

@@ -11,6 +11,7 @@ video) is checked in `_split_generators`, before any example is written; tfds
 writes into a temporary folder that is renamed only when every split is done,
 so a failed build never leaves a complete-looking dataset folder.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,8 +23,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from iaca_jax.preprocessing import (annotations, audio as audio_lib, corruptions, examples,
-                                    layout, mel as mel_lib, windows)
+from iaca_jax.preprocessing import annotations, corruptions, examples, layout, windows
+from iaca_jax.preprocessing import audio as audio_lib
+from iaca_jax.preprocessing import mel as mel_lib
 from iaca_jax.preprocessing.errors import DataError
 
 DEFAULT_FPS = 30.0
@@ -39,6 +41,7 @@ class AvConfig(tfds.core.BuilderConfig):
     frame_count_tolerance: how many frames the annotation file of a video may
       differ from its raw video's frame count before the build stops.
   """
+
   sample_rate: int = mel_lib.REFERENCE_SAMPLE_RATE
   min_valid_clips: int = examples.DEFAULT_MIN_VALID_CLIPS
   frame_count_tolerance: int = 0
@@ -46,20 +49,30 @@ class AvConfig(tfds.core.BuilderConfig):
 
 def make_configs(frame_count_tolerance: int) -> list[AvConfig]:
   return [
-      AvConfig(name='sr44100', sample_rate=44_100, frame_count_tolerance=frame_count_tolerance,
-               description='log-mels at 44.1 kHz (the paper)'),
-      AvConfig(name='sr16000', sample_rate=16_000, frame_count_tolerance=frame_count_tolerance,
-               description='log-mels at 16 kHz (window/hop/clip keep their durations)'),
+    AvConfig(
+      name='sr44100',
+      sample_rate=44_100,
+      frame_count_tolerance=frame_count_tolerance,
+      description='log-mels at 44.1 kHz (the paper)',
+    ),
+    AvConfig(
+      name='sr16000',
+      sample_rate=16_000,
+      frame_count_tolerance=frame_count_tolerance,
+      description='log-mels at 16 kHz (window/hop/clip keep their durations)',
+    ),
   ]
 
 
 def features_dict(mel: mel_lib.MelSettings) -> tfds.features.FeaturesDict:
   L = windows.CLIPS_PER_WINDOW
   f = tfds.features
-  return f.FeaturesDict({
+  return f.FeaturesDict(
+    {
       # 16 clips x 8 frames stored flat (nested video features do not read back in tfds 4.9.10).
-      'video': f.Video(shape=(examples.FRAMES_PER_WINDOW, examples.FACE_SIZE, examples.FACE_SIZE, 3),
-                       encoding_format='jpeg'),
+      'video': f.Video(
+        shape=(examples.FRAMES_PER_WINDOW, examples.FACE_SIZE, examples.FACE_SIZE, 3), encoding_format='jpeg'
+      ),
       'audio': f.Tensor(shape=(L,) + mel.shape, dtype=np.float32),
       'labels': f.Tensor(shape=(L, 2), dtype=np.float32),
       'mask': f.Tensor(shape=(L,), dtype=np.bool_),
@@ -69,12 +82,14 @@ def features_dict(mel: mel_lib.MelSettings) -> tfds.features.FeaturesDict:
       'video_name': f.Text(),
       'corrupt_video': f.Tensor(shape=(L,), dtype=np.bool_),
       'corrupt_audio': f.Tensor(shape=(L,), dtype=np.bool_),
-  })
+    }
+  )
 
 
 @dataclasses.dataclass
 class VideoPlan:
   """One video of a split, checked before anything is written."""
+
   name: str
   crop_dir: str
   raw_path: str | None
@@ -89,7 +104,7 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
-  HAS_CORRUPTIONS = False          # read `corruptions.json` and flag corrupted clips
+  HAS_CORRUPTIONS = False  # read `corruptions.json` and flag corrupted clips
   HOMEPAGE = ''
 
   def __init__(self, *args, **kwargs):
@@ -102,20 +117,27 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=features_dict(self.mel_settings), supervised_keys=None,
-        homepage=self.HOMEPAGE or None,
-        metadata=tfds.core.MetadataDict(sample_rate=self.builder_config.sample_rate,
-                                        clips_per_window=windows.CLIPS_PER_WINDOW,
-                                        frames_per_clip=windows.FRAMES_PER_CLIP,
-                                        frames_per_sample=windows.FRAMES_PER_SAMPLE,
-                                        min_valid_clips=self.builder_config.min_valid_clips))
+      features=features_dict(self.mel_settings),
+      supervised_keys=None,
+      homepage=self.HOMEPAGE or None,
+      metadata=tfds.core.MetadataDict(
+        sample_rate=self.builder_config.sample_rate,
+        clips_per_window=windows.CLIPS_PER_WINDOW,
+        frames_per_clip=windows.FRAMES_PER_CLIP,
+        frames_per_sample=windows.FRAMES_PER_SAMPLE,
+        min_valid_clips=self.builder_config.min_valid_clips,
+      ),
+    )
 
   # --------------------------------------------------------------- planning
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
-    return {split: self._generate_examples(plan, split, root)
-            for split, plan in plan_splits(root, self.builder_config, self.HAS_CORRUPTIONS,
-                                           self.build_stats).items()}
+    return {
+      split: self._generate_examples(plan, split, root)
+      for split, plan in plan_splits(
+        root, self.builder_config, self.HAS_CORRUPTIONS, self.build_stats
+      ).items()
+    }
 
   # ------------------------------------------------------------- generation
   def _generate_examples(self, plan: list[VideoPlan], split: str, root: str):
@@ -138,17 +160,25 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         face_mask = corruptions.frame_mask(side[v.name].get('face', []), v.num_frames)
         audio_mask = corruptions.frame_mask(side[v.name].get('audio', []), v.num_frames)
       video = examples.VideoInput(
-          name=v.name, num_frames=v.num_frames, fps=v.fps, crops=crops, audio=track.samples,
-          labels=v.labels, corrupt_face=face_mask, corrupt_audio=audio_mask)
-      yield from examples.video_examples(video, mel, train=(split == 'train'),
-                                         min_valid_clips=self.builder_config.min_valid_clips,
-                                         stats=stats)
+        name=v.name,
+        num_frames=v.num_frames,
+        fps=v.fps,
+        crops=crops,
+        audio=track.samples,
+        labels=v.labels,
+        corrupt_face=face_mask,
+        corrupt_audio=audio_mask,
+      )
+      yield from examples.video_examples(
+        video, mel, train=(split == 'train'), min_valid_clips=self.builder_config.min_valid_clips, stats=stats
+      )
     logging.info('%s %s: %s', self.name, split, stats.summary())
     if not stats.counts['windows']:
       raise DataError(
-          f'split {split} of {root}: no window kept ({len(plan)} videos; a training window needs '
-          f'{self.builder_config.min_valid_clips} valid clips, i.e. videos of at least '
-          f'{32 * (self.builder_config.min_valid_clips - 1) + 1} frames; see --min_valid_clips)')
+        f'split {split} of {root}: no window kept ({len(plan)} videos; a training window needs '
+        f'{self.builder_config.min_valid_clips} valid clips, i.e. videos of at least '
+        f'{32 * (self.builder_config.min_valid_clips - 1) + 1} frames; see --min_valid_clips)'
+      )
 
 
 def _cached_audio(cache, v: VideoPlan, sample_rate: int, stats: examples.BuildStats):
@@ -162,21 +192,26 @@ def _cached_audio(cache, v: VideoPlan, sample_rate: int, stats: examples.BuildSt
     cache.move_to_end(key)
     track = cache[key]
   else:
-    track = audio_lib.decode_audio(v.raw_path, sample_rate, video_start=v.video_start,
-                                   expected_duration=v.num_frames / v.fps)
+    track = audio_lib.decode_audio(
+      v.raw_path, sample_rate, video_start=v.video_start, expected_duration=v.num_frames / v.fps
+    )
     cache[key] = track
     while len(cache) > 2:
       cache.popitem(last=False)
   if track.status == audio_lib.MISSING_FILE:
-    stats.warn('audio_missing_file', f'{v.name}: no raw video for it nor for '
-               f'{layout.audio_source_name(v.name)} under {layout.RAW_VIDEOS_DIR}/: its audio is zeros')
+    stats.warn(
+      'audio_missing_file',
+      f'{v.name}: no raw video for it nor for '
+      f'{layout.audio_source_name(v.name)} under {layout.RAW_VIDEOS_DIR}/: its audio is zeros',
+    )
   elif track.status != audio_lib.OK:
     stats.warn(f'audio_{track.status}', f'{v.name}: {track.message}')
   return track
 
 
-def plan_splits(root: str, config: AvConfig, has_corruptions: bool,
-                build_stats: dict | None = None) -> dict[str, list[VideoPlan]]:
+def plan_splits(
+  root: str, config: AvConfig, has_corruptions: bool, build_stats: dict | None = None
+) -> dict[str, list[VideoPlan]]:
   """Lists and checks the videos of every split; raises DataError on what cannot be skipped.
 
   Skipped (logged and counted): a training video without a crop folder.
@@ -202,15 +237,24 @@ def plan_splits(root: str, config: AvConfig, has_corruptions: bool,
     plans[split] = []
     files = layout.split_annotation_files(root, split)
     for name, path in tqdm.tqdm(sorted(files.items()), desc=f'checking {split}', unit='video'):
-      labels = annotations.read_annotation(path)                    # raises DataError
-      plan = _plan_video(root, name, raw_index, split, stats, labels=labels,
-                         annotation_path=path, tolerance=config.frame_count_tolerance)
+      labels = annotations.read_annotation(path)  # raises DataError
+      plan = _plan_video(
+        root,
+        name,
+        raw_index,
+        split,
+        stats,
+        labels=labels,
+        annotation_path=path,
+        tolerance=config.frame_count_tolerance,
+      )
       if plan is not None:
         plans[split].append(plan)
   test_list = layout.find_test_list(root)
   if test_list is None:
-    logging.warning('no test list in %s (looked for %s): no test split', root,
-                    ', '.join(layout.TEST_LIST_NAMES))
+    logging.warning(
+      'no test list in %s (looked for %s): no test split', root, ', '.join(layout.TEST_LIST_NAMES)
+    )
   else:
     stats = build_stats.setdefault('test', examples.BuildStats())
     plans['test'] = []
@@ -226,18 +270,19 @@ def plan_splits(root: str, config: AvConfig, has_corruptions: bool,
     if has_corruptions:
       absent = [v.name for v in p if v.name not in side]
       if absent:
-        raise DataError(f'{split} videos {", ".join(absent)} are missing from '
-                        f'{os.path.join(root, corruptions.FILENAME)}')
+        raise DataError(
+          f'{split} videos {", ".join(absent)} are missing from {os.path.join(root, corruptions.FILENAME)}'
+        )
   return plans
 
 
-def _plan_video(root, name, raw_index, split, stats, *, labels=None, annotation_path=None,
-                tolerance=0) -> VideoPlan | None:
+def _plan_video(
+  root, name, raw_index, split, stats, *, labels=None, annotation_path=None, tolerance=0
+) -> VideoPlan | None:
   folder = layout.crop_dir(root, name)
   if not os.path.isdir(folder):
     if split == 'train':
-      stats.warn('videos_without_crop_folder', f'missing crop folder {folder}: training video '
-                 f'{name} skipped')
+      stats.warn('videos_without_crop_folder', f'missing crop folder {folder}: training video {name} skipped')
       return None
     raise DataError(f'missing crop folder {folder} for {split} video {name}')
   raw = layout.raw_video_for(name, raw_index)
@@ -246,7 +291,7 @@ def _plan_video(root, name, raw_index, split, stats, *, labels=None, annotation_
     try:
       info = audio_lib.probe_media(raw)
     except Exception:  # pylint: disable=broad-except  (PyAV raises many types)
-      info = None      # decode_audio reports the unreadable file when the audio is read
+      info = None  # decode_audio reports the unreadable file when the audio is read
   fps = info.fps if info and info.fps else None
   name_fps = layout.fps_from_name(layout.audio_source_name(name))
   if fps is None:
@@ -254,25 +299,24 @@ def _plan_video(root, name, raw_index, split, stats, *, labels=None, annotation_
     if raw is not None:
       stats.warn('fps_not_from_container', f'{raw}: no frame rate in the container, using {fps}')
   elif name_fps and abs(name_fps - fps) > 0.5:
-    logging.info('%s: container says %.3f fps, name says %s; using the container', raw, fps,
-                 name_fps)
+    logging.info('%s: container says %.3f fps, name says %s; using the container', raw, fps, name_fps)
   video_frames = info.num_frames if info else None
   if labels is not None:
     num_frames = len(labels)
     if video_frames is not None and abs(video_frames - num_frames) > tolerance:
       raise DataError(
-          f'annotation file {annotation_path} has {num_frames} label lines but raw video {raw} '
-          f'has {video_frames} frames (tolerance {tolerance}; see frame_count_tolerance)')
+        f'annotation file {annotation_path} has {num_frames} label lines but raw video {raw} '
+        f'has {video_frames} frames (tolerance {tolerance}; see frame_count_tolerance)'
+      )
   elif video_frames is not None:
     num_frames = video_frames
   else:
     crops = layout.list_crops(folder)
     if not crops:
-      raise DataError(f'test video {name}: unknown length (no readable raw video and no crop in '
-                      f'{folder})')
+      raise DataError(f'test video {name}: unknown length (no readable raw video and no crop in {folder})')
     num_frames = max(crops)
-    stats.warn('length_from_crops', f'test video {name}: length taken from its last crop '
-               f'({num_frames})')
+    stats.warn('length_from_crops', f'test video {name}: length taken from its last crop ({num_frames})')
   start = info.video_start if info else 0.0
-  return VideoPlan(name=name, crop_dir=folder, raw_path=raw,
-                   num_frames=num_frames, fps=fps, video_start=start, labels=labels)
+  return VideoPlan(
+    name=name, crop_dir=folder, raw_path=raw, num_frames=num_frames, fps=fps, video_start=start, labels=labels
+  )

@@ -1,4 +1,4 @@
-"""Window schedule and per-clip frame selection (SPEC section 2).
+"""Window schedule and per-clip frame selection (docs/DESIGN.md §2).
 
 Frame numbers are 1-based, as in the Aff-Wild2 crop file names.
 
@@ -9,14 +9,15 @@ every frame of a video is the end frame of exactly one clip. The last block of
 a video is cut where a window's first clip would start past the video; clip
 ends beyond the video are padding clips.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-CLIPS_PER_WINDOW = 16     # L
-FRAMES_PER_CLIP = 32      # a clip ending at frame k covers k-31..k
-FRAMES_PER_SAMPLE = 8     # face frames kept per clip
-WINDOW_FRAMES = CLIPS_PER_WINDOW * FRAMES_PER_CLIP   # 512
+CLIPS_PER_WINDOW = 16  # L
+FRAMES_PER_CLIP = 32  # a clip ending at frame k covers k-31..k
+FRAMES_PER_SAMPLE = 8  # face frames kept per clip
+WINDOW_FRAMES = CLIPS_PER_WINDOW * FRAMES_PER_CLIP  # 512
 
 
 def window_clip_ends(num_frames: int) -> np.ndarray:
@@ -32,9 +33,9 @@ def window_clip_ends(num_frames: int) -> np.ndarray:
   """
   if num_frames < 1:
     return np.zeros((0, CLIPS_PER_WINDOW), np.int64)
-  offsets = FRAMES_PER_CLIP * np.arange(CLIPS_PER_WINDOW)          # 0, 32, ..., 480
+  offsets = FRAMES_PER_CLIP * np.arange(CLIPS_PER_WINDOW)  # 0, 32, ..., 480
   first_ends = []
-  block_start = 1                                                  # first clip end of the block
+  block_start = 1  # first clip end of the block
   while block_start <= num_frames:
     # 32 windows: first clip ends at block_start .. block_start + 31.
     for j in range(FRAMES_PER_CLIP):

@@ -1,4 +1,5 @@
 """The synthetic generator: determinism from the seed and the Aff-Wild2 layout it writes."""
+
 import hashlib
 import json
 import os
@@ -8,8 +9,9 @@ import numpy as np
 
 from data.synthetic_av import generate
 
-SMALL = generate.Settings(num_train_videos=3, num_validation_videos=1, num_test_videos=1,
-                          min_frames=60, max_frames=70)
+SMALL = generate.Settings(
+  num_train_videos=3, num_validation_videos=1, num_test_videos=1, min_frames=60, max_frames=70
+)
 VA = '6th_ABAW_Annotations/VA_Estimation_Challenge'
 
 
@@ -37,8 +39,12 @@ def test_layout(tmp_path):
   root = str(tmp_path / 'raw')
   side = generate.generate(root, SMALL, seed=0)['videos']
   assert {v: d['split'] for v, d in side.items()} == {
-      'syn000_left': 'train', 'syn000_right': 'train', 'syn001': 'train',
-      'syn002-24-640x360': 'validation', 'syn003': 'test'}
+    'syn000_left': 'train',
+    'syn000_right': 'train',
+    'syn001': 'train',
+    'syn002-24-640x360': 'validation',
+    'syn003': 'test',
+  }
   with open(os.path.join(root, VA, 'Test_Set.txt')) as f:
     assert f.read().split() == ['syn003']
   for video, d in side.items():
@@ -46,8 +52,9 @@ def test_layout(tmp_path):
     if d['split'] == 'test':
       path = os.path.join(root, 'synthetic_ground_truth', 'Test_Set', video + '.txt')
     else:
-      path = os.path.join(root, VA, {'train': 'Train_Set', 'validation': 'Validation_Set'}[
-          d['split']], video + '.txt')
+      path = os.path.join(
+        root, VA, {'train': 'Train_Set', 'validation': 'Validation_Set'}[d['split']], video + '.txt'
+      )
     with open(path) as f:
       lines = f.read().splitlines()
     assert lines[0] == 'valence,arousal' and len(lines) == n + 1
@@ -56,8 +63,7 @@ def test_layout(tmp_path):
     assert {i + 1 for i in np.flatnonzero(labels[:, 0] == -5)} == invalid
     ok = labels[labels[:, 0] != -5]
     assert np.abs(ok).max() <= 1
-    missing = {f for iv in d['face'] if iv['kind'] == 'missing'
-               for f in range(iv['start'], iv['end'] + 1)}
+    missing = {f for iv in d['face'] if iv['kind'] == 'missing' for f in range(iv['start'], iv['end'] + 1)}
     crops = sorted(int(f[:5]) for f in os.listdir(os.path.join(root, 'cropped_aligned', video)))
     assert crops == [f for f in range(1, n + 1) if f not in missing]
     with av.open(os.path.join(root, 'raw_videos', d['audio_source'] + '.mp4')) as c:
@@ -67,6 +73,10 @@ def test_layout(tmp_path):
   assert side['syn000_left']['audio_source'] == side['syn000_right']['audio_source'] == 'syn000'
   assert side['syn002-24-640x360']['fps'] == 24.0
   assert sorted(os.listdir(os.path.join(root, 'raw_videos'))) == [
-      'syn000.mp4', 'syn001.mp4', 'syn002-24-640x360.mp4', 'syn003.mp4']
+    'syn000.mp4',
+    'syn001.mp4',
+    'syn002-24-640x360.mp4',
+    'syn003.mp4',
+  ]
   with open(os.path.join(root, 'corruptions.json')) as f:
     assert json.load(f)['format'] == 'synthetic_av_corruptions/1'

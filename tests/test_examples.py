@@ -1,4 +1,5 @@
 """Per-video example assembly on a hand-made 40-frame video (no files, no tfds)."""
+
 import numpy as np
 import pytest
 
@@ -9,26 +10,32 @@ SILENCE = (-100 + 14.8) / 19.895
 
 
 def _video(with_labels=True, corrupt=False):
-  frames = [f for f in range(1, N + 1) if not 10 <= f <= 20]   # no face on frames 10..20
+  frames = [f for f in range(1, N + 1) if not 10 <= f <= 20]  # no face on frames 10..20
   labels = np.stack([np.arange(1, N + 1) / 100, -np.arange(1, N + 1) / 100], 1).astype(np.float32)
-  labels[34:36] = -5                                              # frames 35, 36 invalid
+  labels[34:36] = -5  # frames 35, 36 invalid
   face = np.zeros(N, bool)
-  face[:20] = True                                                # frames 1..20 corrupted
+  face[:20] = True  # frames 1..20 corrupted
   return examples.VideoInput(
-      name='vid', num_frames=N, fps=30.0, crops={f: b'jpeg%d' % f for f in frames},
-      audio=np.zeros(int(N / 30 * 44_100), np.float32),
-      labels=labels if with_labels else None,
-      corrupt_face=face if corrupt else None, corrupt_audio=np.zeros(N, bool) if corrupt else None)
+    name='vid',
+    num_frames=N,
+    fps=30.0,
+    crops={f: b'jpeg%d' % f for f in frames},
+    audio=np.zeros(int(N / 30 * 44_100), np.float32),
+    labels=labels if with_labels else None,
+    corrupt_face=face if corrupt else None,
+    corrupt_audio=np.zeros(N, bool) if corrupt else None,
+  )
 
 
 def _run(video, train, min_valid_clips=8):
-  return dict(examples.video_examples(video, mel.mel_settings(44_100), train=train,
-                                      min_valid_clips=min_valid_clips))
+  return dict(
+    examples.video_examples(video, mel.mel_settings(44_100), train=train, min_valid_clips=min_valid_clips)
+  )
 
 
 def test_eval_windows_hand_worked():
   out = _run(_video(corrupt=True), train=False)
-  assert len(out) == 32                                  # first clip ends at 1..32
+  assert len(out) == 32  # first clip ends at 1..32
   w0 = out['vid/000481']
   assert w0['end_frame'].tolist() == [1, 33] + [0] * 14
   # Clip ending at 1: only frame 1 present -> repeated 8 times.
@@ -46,7 +53,7 @@ def test_eval_windows_hand_worked():
   assert not w0['corrupt_audio'].any()
   assert w0['video_name'] == 'vid'
   assert w0['audio'].shape == (16, 64, 104)
-  np.testing.assert_allclose(w0['audio'], SILENCE, atol=1e-6)      # silent track, padding clips
+  np.testing.assert_allclose(w0['audio'], SILENCE, atol=1e-6)  # silent track, padding clips
   # Window 2: clip ending at 35 -> its last chosen frame (35) is labelled -5: masked in eval.
   w2 = out['vid/000483']
   assert w2['end_frame'][:2].tolist() == [3, 35]
@@ -70,11 +77,11 @@ def test_train_rules():
   assert w2['mask'][:2].tolist() == [True, True]
   np.testing.assert_allclose(w2['labels'][1], [0.34, -0.34])
   assert w2['video'][15] == b'jpeg34'
-  assert not w2['frame_mask'][1]                        # the end frame itself is still invalid
+  assert not w2['frame_mask'][1]  # the end frame itself is still invalid
   # Keep rule: at most 2 valid clips per window here.
   assert len(_run(_video(), train=True, min_valid_clips=2)) == 8
   assert len(_run(_video(), train=True, min_valid_clips=3)) == 0
-  assert len(_run(_video(), train=True)) == 0           # default: 8 of 16 clips
+  assert len(_run(_video(), train=True)) == 0  # default: 8 of 16 clips
 
 
 def test_test_split_has_no_labels():

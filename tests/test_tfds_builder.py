@@ -1,4 +1,5 @@
 """Bad raw input: what stops a build (DataError naming the file) and what is skipped and counted."""
+
 import json
 import os
 import shutil
@@ -6,14 +7,16 @@ import shutil
 import av
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from data import build
 from data.synthetic_av import generate
 from iaca_jax.preprocessing import DataError, annotations, examples, tfds_builder
 
 VA = '6th_ABAW_Annotations/VA_Estimation_Challenge'
-MICRO = generate.Settings(num_train_videos=3, num_validation_videos=1, num_test_videos=1,
-                          min_frames=70, max_frames=90)
+MICRO = generate.Settings(
+  num_train_videos=3, num_validation_videos=1, num_test_videos=1, min_frames=70, max_frames=90
+)
 SILENCE = (-100 + 14.8) / 19.895
 
 
@@ -37,8 +40,7 @@ def _side(raw):
 
 
 def _ann(raw, split, video):
-  return os.path.join(raw, VA, {'train': 'Train_Set', 'validation': 'Validation_Set'}[split],
-                      video + '.txt')
+  return os.path.join(raw, VA, {'train': 'Train_Set', 'validation': 'Validation_Set'}[split], video + '.txt')
 
 
 def _val_video(raw):
@@ -58,7 +60,9 @@ def _nothing_complete(data_dir):
 
 
 # ------------------------------------------------------- annotation files
-@pytest.mark.parametrize('text, fragment', [
+@pytest.mark.parametrize(
+  'text, fragment',
+  [
     ('', 'empty'),
     ('valence;arousal\n0.1,0.2\n', 'header'),
     ('arousal,valence\n0.1,0.2\n', 'header'),
@@ -70,7 +74,8 @@ def _nothing_complete(data_dir):
     ('valence,arousal\n0.1\n', 'line 2'),
     ('valence,arousal\n0.1,abc\n', 'line 2'),
     ('valence,arousal\n0.1,0.2\n\n0.3,0.4\n', 'line 3'),
-])
+  ],
+)
 def test_malformed_annotation_files(tmp_path, text, fragment):
   path = str(tmp_path / 'vid.txt')
   _write(path, text)
@@ -93,7 +98,7 @@ def test_wrong_annotation_length_stops_the_build(raw, tmp_path):
   path = _ann(raw, 'validation', video)
   with open(path) as f:
     lines = f.read().splitlines()
-  _write(path, '\n'.join(lines[:-3]) + '\n')                   # 3 frames short of the video
+  _write(path, '\n'.join(lines[:-3]) + '\n')  # 3 frames short of the video
   with pytest.raises(DataError, match='label lines') as e:
     tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
   assert path in str(e.value)
@@ -125,13 +130,13 @@ def test_no_training_window_kept_is_a_clear_error(micro, tmp_path):
 
 # ------------------------------------------------------------ crop folders
 def test_missing_crop_folder(raw):
-  shutil.rmtree(os.path.join(raw, 'cropped_aligned', 'syn001'))          # a training video
+  shutil.rmtree(os.path.join(raw, 'cropped_aligned', 'syn001'))  # a training video
   stats = {}
   plans = tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True, stats)
   assert 'syn001' not in [p.name for p in plans['train']]
   assert stats['train'].counts['videos_without_crop_folder'] == 1
   assert any('cropped_aligned/syn001' in m for m in stats['train'].messages)
-  video = _val_video(raw)                                                # a validation video
+  video = _val_video(raw)  # a validation video
   shutil.rmtree(os.path.join(raw, 'cropped_aligned', video))
   with pytest.raises(DataError, match='missing crop folder') as e:
     tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
@@ -160,16 +165,14 @@ def _write_mp4(path, num_frames, fps, audio_seconds=None, sr=44_100):
       ast = c.add_stream('aac', rate=sr)
       ast.layout = 'mono'
     for _ in range(num_frames):
-      for p in vs.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), 99, np.uint8),
-                                                    format='rgb24')):
+      for p in vs.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), 99, np.uint8), format='rgb24')):
         c.mux(p)
     for p in vs.encode():
       c.mux(p)
     if ast is not None:
-      y = (0.3 * np.sin(2 * np.pi * 300 * np.arange(int(audio_seconds * sr)) / sr)).astype(
-          np.float32)
+      y = (0.3 * np.sin(2 * np.pi * 300 * np.arange(int(audio_seconds * sr)) / sr)).astype(np.float32)
       for i in range(0, len(y), 1024):
-        fr = av.AudioFrame.from_ndarray(y[None, i:i + 1024], format='fltp', layout='mono')
+        fr = av.AudioFrame.from_ndarray(y[None, i : i + 1024], format='fltp', layout='mono')
         fr.sample_rate, fr.pts = sr, i
         for p in ast.encode(fr):
           c.mux(p)
@@ -201,7 +204,7 @@ def test_skippable_defects_are_counted_and_the_build_completes(raw, tmp_path):
   builder = build.build('synthetic_av', raw, str(tmp_path / 'tfds'), min_valid_clips=1)
   stats = {k: dict(v.counts) for k, v in builder.build_stats.items()}
   assert stats['train']['videos_without_crop_folder'] == 1
-  assert stats['train']['audio_no_audio_stream'] == 2                  # both people of the pair
+  assert stats['train']['audio_no_audio_stream'] == 2  # both people of the pair
   assert stats['validation']['audio_truncated'] == 1
   assert stats['test']['unreadable_jpegs'] == 1
   assert stats['test']['audio_unreadable'] == 1
@@ -210,16 +213,18 @@ def test_skippable_defects_are_counted_and_the_build_completes(raw, tmp_path):
   assert any(bad_jpeg in m for m in messages)
   assert any(os.path.join(vids, 'syn000.mp4') in m for m in messages)
 
-  data = {split: list(builder.as_dataset(split=split).as_numpy_iterator())
-          for split in ('train', 'validation', 'test')}
+  data = {
+    split: list(builder.as_dataset(split=split).as_numpy_iterator())
+    for split in ('train', 'validation', 'test')
+  }
   assert {ex['video_name'] for ex in data['train']} == {b'syn000_left', b'syn000_right'}
-  for ex in data['train']:                                              # no audio: silence
+  for ex in data['train']:  # no audio: silence
     np.testing.assert_allclose(ex['audio'], SILENCE, atol=1e-5)
-  half = nv / 2                                                         # truncated half-way
+  half = nv / 2  # truncated half-way
   silent = sounding = 0
   for ex in data['validation']:
     for c, k in enumerate(ex['end_frame']):
-      if k > half + 2 + 35:                   # the clip lies entirely after the audio's end
+      if k > half + 2 + 35:  # the clip lies entirely after the audio's end
         np.testing.assert_allclose(ex['audio'][c], SILENCE, atol=1e-5)
         silent += 1
       elif 0 < k < half - 2:
@@ -237,7 +242,7 @@ def test_failure_in_the_middle_of_a_build_leaves_nothing_complete(raw, tmp_path,
 
   def failing(video, *args, **kwargs):
     calls.append(video.name)
-    if len(calls) == 4:                        # the first validation video: train is written
+    if len(calls) == 4:  # the first validation video: train is written
       raise DataError(f'simulated failure on {video.name}')
     return real(video, *args, **kwargs)
 
@@ -252,8 +257,7 @@ def test_failure_in_the_middle_of_a_build_leaves_nothing_complete(raw, tmp_path,
 # --------------------------------------------------------- aff_wild2 builder
 def test_aff_wild2_builder_reads_the_layout(micro, tmp_path):
   """The Aff-Wild2 builder on an Aff-Wild2-layout folder, at 16 kHz: no corruption flags."""
-  builder = build.build('aff_wild2', micro, str(tmp_path / 'tfds'), sample_rate=16_000,
-                        min_valid_clips=1)
+  builder = build.build('aff_wild2', micro, str(tmp_path / 'tfds'), sample_rate=16_000, min_valid_clips=1)
   assert builder.name == 'aff_wild2' and builder.builder_config.name == 'sr16000_keep1'
   assert builder.info.features['audio'].shape == (16, 64, 104)
   assert set(builder.info.splits) == {'train', 'validation', 'test'}
@@ -268,7 +272,6 @@ def test_aff_wild2_builder_reads_the_layout(micro, tmp_path):
 
 def test_builders_load_like_the_tfds_cli():
   """`tfds build data/<name>` imports `<name>.<name>_dataset_builder` with data/ on sys.path."""
-  import tensorflow_datasets as tfds
   data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
   with tfds.core.utils.add_sys_path(data):
     for name in ('synthetic_av', 'aff_wild2'):

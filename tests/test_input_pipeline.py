@@ -6,13 +6,13 @@ generator's own files (annotation txt files, crop folders, corruptions.json,
 raw mp4s decoded here with PyAV, log-mels computed here with librosa), not
 from the preprocessing code.
 """
-import fcntl
+
 import glob
 import itertools
 import json
 import os
-import shutil
-import types
+import subprocess
+import sys
 
 import av
 import librosa
@@ -20,8 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import build
-from data.synthetic_av import generate
 from iaca_jax import input_pipeline as ip
 
 DATASET = 'synthetic_av'
@@ -44,24 +42,27 @@ def _truth(tiny, split, video):
     folder = {'train': 'Train_Set', 'validation': 'Validation_Set'}[split]
     labels = _labels(os.path.join(tiny.raw, VA, folder, video + '.txt'))
     assert len(labels) == n
-  crops = {int(os.path.basename(p)[:5]) for p in
-           glob.glob(os.path.join(tiny.raw, 'cropped_aligned', video, '*.jpg'))}
+  crops = {
+    int(os.path.basename(p)[:5]) for p in glob.glob(os.path.join(tiny.raw, 'cropped_aligned', video, '*.jpg'))
+  }
   return labels, crops, n, tiny.side[video]['fps']
 
 
 def _expected_windows(tiny, split, video):
-  """{window end: fields} from the SPEC rules, written out independently."""
+  """{window end: fields} from the rules of docs/DESIGN.md §2, written out independently."""
   labels, crops, n, _ = _truth(tiny, split, video)
   valid = lambda f: labels is not None and labels[f - 1, 0] != -5 and labels[f - 1, 1] != -5
   out, end, counter = {}, 481, 0
-  while end < n + 481:                                  # the authors' schedule
+  while end < n + 481:  # the authors' schedule
     ends = [end - 32 * c for c in range(15, -1, -1)]
-    ex = dict(end_frame=[], labels=[], mask=[], frame_labels=[], frame_mask=[],
-              corrupt_video=[], corrupt_audio=[])
+    ex = dict(
+      end_frame=[], labels=[], mask=[], frame_labels=[], frame_mask=[], corrupt_video=[], corrupt_audio=[]
+    )
     for k in ends:
       real = k <= n
-      present = [f for f in range(max(1, k - 31), k + 1)
-                 if real and f in crops and (split != 'train' or valid(f))]
+      present = [
+        f for f in range(max(1, k - 31), k + 1) if real and f in crops and (split != 'train' or valid(f))
+      ]
       last = present[-1] if present else None
       ok = last is not None and valid(last)
       ex['end_frame'].append(k if real else 0)
@@ -86,8 +87,15 @@ def _split_videos(tiny, split):
 
 def _read_split(tiny, split, features=None):
   """Every stored window of a split through the eval pipeline: {(video, end): example}."""
-  batches = ip.create_eval_dataset(DATASET, tiny.data_dir, global_batch_size=8, split=split,
-                                   features=features, process_index=0, process_count=1)
+  batches = ip.create_eval_dataset(
+    DATASET,
+    tiny.data_dir,
+    global_batch_size=8,
+    split=split,
+    features=features,
+    process_index=0,
+    process_count=1,
+  )
   out = {}
   for b in batches:
     for i in np.flatnonzero(b['valid_window']):
@@ -98,8 +106,17 @@ def _read_split(tiny, split, features=None):
   return out
 
 
-NO_VIDEO = ['audio', 'labels', 'mask', 'frame_labels', 'frame_mask', 'end_frame', 'video_name',
-            'corrupt_video', 'corrupt_audio']
+NO_VIDEO = [
+  'audio',
+  'labels',
+  'mask',
+  'frame_labels',
+  'frame_mask',
+  'end_frame',
+  'video_name',
+  'corrupt_video',
+  'corrupt_audio',
+]
 
 
 # ------------------------------------------------------------- round trip
@@ -108,7 +125,7 @@ def test_round_trip_labels_masks_names_end_frames(tiny, split):
   got = _read_split(tiny, split, features=NO_VIDEO)
   expected = {}
   for video in _split_videos(tiny, split):
-    for end, ex in _expected_windows(tiny, split, video).items():
+    for ex in _expected_windows(tiny, split, video).values():
       last_real = ex['end_frame'][ex['end_frame'] > 0].max()
       expected[(video, int(last_real))] = ex
   assert set(got) == set(expected)
@@ -150,9 +167,8 @@ def test_round_trip_audio_is_the_clip_log_mel(tiny):
   got = _read_split(tiny, 'validation', features=NO_VIDEO)
   got.update(_read_split(tiny, 'train', features=NO_VIDEO))
   checked = 0
-  for video in ('syn000_right', _split_videos(tiny, 'validation')[0]):   # 30 fps pair, 24 fps
-    track = _decode(os.path.join(tiny.raw, 'raw_videos',
-                                 tiny.side[video]['audio_source'] + '.mp4'))
+  for video in ('syn000_right', _split_videos(tiny, 'validation')[0]):  # 30 fps pair, 24 fps
+    track = _decode(os.path.join(tiny.raw, 'raw_videos', tiny.side[video]['audio_source'] + '.mp4'))
     fps = tiny.side[video]['fps']
     for (v, _), ex in sorted(got.items()):
       if v != video:
@@ -163,12 +179,24 @@ def test_round_trip_audio_is_the_clip_log_mel(tiny):
           continue
         stop = int(round(k * 44_100 / fps))
         y = np.zeros(45_599, np.float32)
-        seg = track[max(0, stop - 45_599):stop]
-        y[45_599 - len(seg):] = seg
+        seg = track[max(0, stop - 45_599) : stop]
+        y[45_599 - len(seg) :] = seg
         s = librosa.feature.melspectrogram(
-            y=y, sr=44_100, n_fft=1024, hop_length=441, win_length=882, window='hann',
-            center=True, pad_mode='reflect', power=2.0, n_mels=64, fmin=0, fmax=22_050, htk=True,
-            norm=None)
+          y=y,
+          sr=44_100,
+          n_fft=1024,
+          hop_length=441,
+          win_length=882,
+          window='hann',
+          center=True,
+          pad_mode='reflect',
+          power=2.0,
+          n_mels=64,
+          fmin=0,
+          fmax=22_050,
+          htk=True,
+          norm=None,
+        )
         ref = (librosa.power_to_db(s, ref=1.0, amin=1e-10, top_db=80.0) + 14.8) / 19.895
         np.testing.assert_allclose(ex['audio'][c], ref, atol=2e-3, err_msg=f'{video} {k}')
         checked += 1
@@ -193,8 +221,12 @@ def test_round_trip_faces(tiny):
     for c, k in enumerate(ex['end_frame']):
       if k >= 32 and all(f in crops for f in range(k - 31, k + 1)) and checked < 6:
         for s, f in enumerate(range(k - 28, k + 1, 4)):
-          img = np.asarray(Image.open(os.path.join(tiny.raw, 'cropped_aligned', video,
-                                                   f'{f:05d}.jpg')), np.float32) / 255
+          img = (
+            np.asarray(
+              Image.open(os.path.join(tiny.raw, 'cropped_aligned', video, f'{f:05d}.jpg')), np.float32
+            )
+            / 255
+          )
           ref = (img - np.array(ip.KINETICS_MEAN)) / np.array(ip.KINETICS_STD)
           np.testing.assert_allclose(ex['video'][c, s], ref, atol=3 / 255 / 0.216)
         checked += 1
@@ -207,14 +239,26 @@ def test_round_trip_faces(tiny):
 
 # --------------------------------------------------------------- pipeline
 def test_batch_format(tiny):
-  b = next(iter(ip.create_train_dataset(DATASET, tiny.data_dir, global_batch_size=4, seed=0,
-                                        process_index=0, process_count=1)))
-  spec = {'video': ((4, 16, 8, 112, 112, 3), np.float32), 'audio': ((4, 16, 64, 104), np.float32),
-          'labels': ((4, 16, 2), np.float32), 'mask': ((4, 16), np.bool_),
-          'frame_labels': ((4, 16, 2), np.float32), 'frame_mask': ((4, 16), np.bool_),
-          'end_frame': ((4, 16), np.int32), 'video_name': ((4,), np.object_),
-          'corrupt_video': ((4, 16), np.bool_), 'corrupt_audio': ((4, 16), np.bool_),
-          'valid_window': ((4,), np.bool_)}
+  b = next(
+    iter(
+      ip.create_train_dataset(
+        DATASET, tiny.data_dir, global_batch_size=4, seed=0, process_index=0, process_count=1
+      )
+    )
+  )
+  spec = {
+    'video': ((4, 16, 8, 112, 112, 3), np.float32),
+    'audio': ((4, 16, 64, 104), np.float32),
+    'labels': ((4, 16, 2), np.float32),
+    'mask': ((4, 16), np.bool_),
+    'frame_labels': ((4, 16, 2), np.float32),
+    'frame_mask': ((4, 16), np.bool_),
+    'end_frame': ((4, 16), np.int32),
+    'video_name': ((4,), np.object_),
+    'corrupt_video': ((4, 16), np.bool_),
+    'corrupt_audio': ((4, 16), np.bool_),
+    'valid_window': ((4,), np.bool_),
+  }
   assert set(b) == set(spec)
   for k, (shape, dtype) in spec.items():
     assert b[k].shape == shape and b[k].dtype == dtype, k
@@ -227,34 +271,52 @@ def test_batch_format(tiny):
 
 
 def _keys(batches, n=None):
-  return [(name, tuple(e)) for b in itertools.islice(batches, n)
-          for name, e in zip(b['video_name'], b['end_frame'])]
+  return [
+    (name, tuple(e)) for b in itertools.islice(batches, n) for name, e in zip(b['video_name'], b['end_frame'])
+  ]
 
 
 def test_train_order_is_a_function_of_seed_and_epoch(tiny):
-  mk = lambda **kw: ip.create_train_dataset(DATASET, tiny.data_dir, global_batch_size=4,
-                                            process_index=0, process_count=1,
-                                            features=['video_name', 'end_frame'], **kw)
+  mk = lambda **kw: ip.create_train_dataset(
+    DATASET,
+    tiny.data_dir,
+    global_batch_size=4,
+    process_index=0,
+    process_count=1,
+    features=['video_name', 'end_frame'],
+    **kw,
+  )
   a, b = mk(seed=3, epoch=1), mk(seed=3, epoch=1)
   assert len(a) == len(b) > 3
-  assert _keys(a) == _keys(b) == _keys(a)           # also stable across iterations
+  assert _keys(a) == _keys(b) == _keys(a)  # also stable across iterations
   assert _keys(mk(seed=3, epoch=2)) != _keys(a)
   assert _keys(mk(seed=4, epoch=1)) != _keys(a)
   # Each epoch: distinct windows of the split (the partial last batch is dropped).
-  every = set(_keys(ip.create_eval_dataset(DATASET, tiny.data_dir, global_batch_size=1,
-                                           split='train', process_index=0, process_count=1,
-                                           features=['video_name', 'end_frame'])))
+  every = set(
+    _keys(
+      ip.create_eval_dataset(
+        DATASET,
+        tiny.data_dir,
+        global_batch_size=1,
+        split='train',
+        process_index=0,
+        process_count=1,
+        features=['video_name', 'end_frame'],
+      )
+    )
+  )
   for keys in (_keys(a), _keys(mk(seed=3, epoch=2))):
     assert len(keys) == len(set(keys)) == 4 * len(a) and set(keys) <= every
   # Resuming at batch k replays batches k, k+1, ... exactly.
   resumed = mk(seed=3, epoch=1, start_batch=3)
   assert len(resumed) == len(a) - 3
-  assert _keys(resumed) == _keys(a)[3 * 4:]
+  assert _keys(resumed) == _keys(a)[3 * 4 :]
 
 
 def test_train_batches_identical_including_jitter(tiny):
-  mk = lambda **kw: ip.create_train_dataset(DATASET, tiny.data_dir, global_batch_size=2, seed=7,
-                                            epoch=0, process_index=0, process_count=1, **kw)
+  mk = lambda **kw: ip.create_train_dataset(
+    DATASET, tiny.data_dir, global_batch_size=2, seed=7, epoch=0, process_index=0, process_count=1, **kw
+  )
   first = list(itertools.islice(mk(), 3))
   again = list(itertools.islice(mk(), 3))
   resumed = next(iter(mk(start_batch=2)))
@@ -263,8 +325,10 @@ def test_train_batches_identical_including_jitter(tiny):
       np.testing.assert_array_equal(x[k], y[k])
   for k in resumed:
     np.testing.assert_array_equal(resumed[k], first[2][k])
-  # Jitter off: the faces equal the eval decoding of the same windows.
-  plain = next(iter(mk(jitter=False)))
+  # Another range gives other faces; jitter off: the faces equal the eval decoding of the same windows.
+  narrow = next(iter(mk(jitter=(0.95, 1.05))))
+  assert not np.array_equal(narrow['video'], first[0]['video'])
+  plain = next(iter(mk(jitter=None)))
   assert not np.array_equal(plain['video'], first[0]['video'])
   np.testing.assert_array_equal(plain['audio'], first[0]['audio'])
   ev = _read_split(tiny, 'train')
@@ -274,16 +338,24 @@ def test_train_batches_identical_including_jitter(tiny):
 
 
 def test_processes_read_disjoint_parts(tiny):
-  per = [ip.create_train_dataset(DATASET, tiny.data_dir, global_batch_size=4, seed=0,
-                                 process_index=i, process_count=2,
-                                 features=['video_name', 'end_frame']) for i in range(2)]
+  per = [
+    ip.create_train_dataset(
+      DATASET,
+      tiny.data_dir,
+      global_batch_size=4,
+      seed=0,
+      process_index=i,
+      process_count=2,
+      features=['video_name', 'end_frame'],
+    )
+    for i in range(2)
+  ]
   assert len(per[0]) == len(per[1]) > 0
   k0, k1 = set(_keys(per[0])), set(_keys(per[1]))
   assert k0 and k1 and not k0 & k1
   n = ip.get_builder(DATASET, tiny.data_dir).info.splits['train'].num_examples
   assert len(per[0]) == (n // 2) // 2
-  assert ip.num_train_batches(DATASET, tiny.data_dir, global_batch_size=4, process_count=2) == len(
-      per[0])
+  assert ip.num_train_batches(DATASET, tiny.data_dir, global_batch_size=4, process_count=2) == len(per[0])
 
 
 @pytest.mark.parametrize('process_count, global_batch', [(1, 5), (3, 6)])
@@ -292,9 +364,15 @@ def test_eval_visits_every_window_once(tiny, process_count, global_batch):
   n = ip.get_builder(DATASET, tiny.data_dir).info.splits[split].num_examples
   seen, lengths = [], []
   for i in range(process_count):
-    batches = ip.create_eval_dataset(DATASET, tiny.data_dir, global_batch_size=global_batch,
-                                     split=split, process_index=i, process_count=process_count,
-                                     features=NO_VIDEO)
+    batches = ip.create_eval_dataset(
+      DATASET,
+      tiny.data_dir,
+      global_batch_size=global_batch,
+      split=split,
+      process_index=i,
+      process_count=process_count,
+      features=NO_VIDEO,
+    )
     count = 0
     for b in batches:
       count += 1
@@ -302,31 +380,43 @@ def test_eval_visits_every_window_once(tiny, process_count, global_batch):
       pad = ~b['valid_window']
       assert not b['mask'][pad].any() and not b['frame_mask'][pad].any()
       assert (b['end_frame'][pad] == 0).all() and all(x == b'' for x in b['video_name'][pad])
-      seen += [(name, tuple(e)) for name, e, ok in zip(b['video_name'], b['end_frame'],
-                                                        b['valid_window']) if ok]
+      seen += [
+        (name, tuple(e)) for name, e, ok in zip(b['video_name'], b['end_frame'], b['valid_window']) if ok
+      ]
     assert count == len(batches)
     lengths.append(count)
-  assert len(set(lengths)) == 1                     # the same number of batches everywhere
+  assert len(set(lengths)) == 1  # the same number of batches everywhere
   assert len(seen) == len(set(seen)) == n
 
 
 def test_resumed_run_in_a_new_process_sees_the_same_batches(tiny):
   """A resumed run is a new process: its batches k, k+1, ... equal the uninterrupted run's."""
-  import subprocess
-  import sys
   code = (
-      'import sys, json; from iaca_jax import input_pipeline as ip\n'
-      f'b = ip.create_train_dataset({DATASET!r}, {tiny.data_dir!r}, global_batch_size=4, seed=3, '
-      "epoch=1, start_batch=2, process_index=0, process_count=1, features=['video_name', "
-      "'end_frame'])\n"
-      'print(json.dumps([[n.decode(), e.tolist()] for x in b for n, e in '
-      "zip(x['video_name'], x['end_frame'])]))\n")
+    'import sys, json; from iaca_jax import input_pipeline as ip\n'
+    f'b = ip.create_train_dataset({DATASET!r}, {tiny.data_dir!r}, global_batch_size=4, seed=3, '
+    "epoch=1, start_batch=2, process_index=0, process_count=1, features=['video_name', "
+    "'end_frame'])\n"
+    'print(json.dumps([[n.decode(), e.tolist()] for x in b for n, e in '
+    "zip(x['video_name'], x['end_frame'])]))\n"
+  )
   env = dict(os.environ, PYTHONHASHSEED='random', TF_CPP_MIN_LOG_LEVEL='3')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True,
-                       text=True, check=True).stdout.strip().splitlines()[-1]
+  out = (
+    subprocess.run(
+      [sys.executable, '-c', code], cwd=root, env=env, capture_output=True, text=True, check=True
+    )
+    .stdout.strip()
+    .splitlines()[-1]
+  )
   resumed = [(n.encode(), tuple(e)) for n, e in json.loads(out)]
-  here = ip.create_train_dataset(DATASET, tiny.data_dir, global_batch_size=4, seed=3, epoch=1,
-                                 process_index=0, process_count=1,
-                                 features=['video_name', 'end_frame'])
-  assert resumed == [(n, tuple(int(x) for x in e)) for n, e in _keys(here)][2 * 4:]
+  here = ip.create_train_dataset(
+    DATASET,
+    tiny.data_dir,
+    global_batch_size=4,
+    seed=3,
+    epoch=1,
+    process_index=0,
+    process_count=1,
+    features=['video_name', 'end_frame'],
+  )
+  assert resumed == [(n, tuple(int(x) for x in e)) for n, e in _keys(here)][2 * 4 :]

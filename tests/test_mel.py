@@ -1,4 +1,5 @@
-"""Per-clip waveform cutting and log-mel (SPEC 2) against direct computations."""
+"""Per-clip waveform cutting and log-mel (docs/DESIGN.md §2) against direct computations."""
+
 import librosa
 import numpy as np
 import pytest
@@ -7,11 +8,23 @@ from iaca_jax.preprocessing import mel
 
 
 def _librosa_reference(y, sr):
-  """SPEC 2 written directly with librosa's public functions."""
+  """docs/DESIGN.md §2 written directly with librosa's public functions."""
   s = librosa.feature.melspectrogram(
-      y=y.astype(np.float64), sr=sr, n_fft=1024, hop_length=441, win_length=882, window='hann',
-      center=True, pad_mode='reflect', power=2.0, n_mels=64, fmin=0.0, fmax=sr / 2, htk=True,
-      norm=None)
+    y=y.astype(np.float64),
+    sr=sr,
+    n_fft=1024,
+    hop_length=441,
+    win_length=882,
+    window='hann',
+    center=True,
+    pad_mode='reflect',
+    power=2.0,
+    n_mels=64,
+    fmin=0.0,
+    fmax=sr / 2,
+    htk=True,
+    norm=None,
+  )
   db = librosa.power_to_db(s, ref=1.0, amin=1e-10, top_db=80.0)
   return (db + 14.8) / 19.895
 
@@ -22,15 +35,14 @@ def _clips(rng):
   tone = 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
   noise = 0.05 * rng.standard_normal(n)
   short = np.zeros(n)
-  short[-12_000:] = 0.2 * rng.standard_normal(12_000)       # a clip left-padded with zeros
+  short[-12_000:] = 0.2 * rng.standard_normal(12_000)  # a clip left-padded with zeros
   loud = np.clip(3.0 * rng.standard_normal(n), -1, 1)
   return np.stack([tone, noise, short, loud, np.zeros(n)]).astype(np.float32)
 
 
 def test_settings_at_44k_are_the_paper():
   s = mel.mel_settings(44_100)
-  assert (s.n_fft, s.win_length, s.hop_length, s.clip_samples, s.num_mels) == (1024, 882, 441,
-                                                                                45_599, 64)
+  assert (s.n_fft, s.win_length, s.hop_length, s.clip_samples, s.num_mels) == (1024, 882, 441, 45_599, 64)
   assert s.shape == (64, 104)
 
 
@@ -64,8 +76,8 @@ def test_log_mel_single_clip_and_bad_length():
 
 
 def test_clip_waveform_hand_worked():
-  sr, fps = 100, 10                      # 10 samples per frame: a clip (32 frames) is 320 samples
-  track = np.arange(1, 1001, dtype=np.float32)   # 100 frames; sample i holds i + 1
+  sr, fps = 100, 10  # 10 samples per frame: a clip (32 frames) is 320 samples
+  track = np.arange(1, 1001, dtype=np.float32)  # 100 frames; sample i holds i + 1
   # Clip ending at frame 40 covers samples [80, 400); the last 300 are kept.
   np.testing.assert_array_equal(mel.clip_waveform(track, sr, fps, 40, 300), track[100:400])
   # A longer output is left-padded with zeros before the clip start.
@@ -87,9 +99,16 @@ def test_clip_waveform_at_the_paper_rate():
   track = np.random.default_rng(2).standard_normal(44_100 * 4).astype(np.float32)
   k = 90
   stop = 90 * 44_100 // 30
-  np.testing.assert_array_equal(mel.clip_waveform(track, 44_100, 30.0, k, 45_599),
-                                track[stop - 45_599:stop])
+  np.testing.assert_array_equal(
+    mel.clip_waveform(track, 44_100, 30.0, k, 45_599), track[stop - 45_599 : stop]
+  )
   # At 24 fps frame 60 ends at 2.5 s.
   stop = int(2.5 * 44_100)
-  np.testing.assert_array_equal(mel.clip_waveform(track, 44_100, 24.0, 60, 45_599),
-                                track[stop - 45_599:stop])
+  np.testing.assert_array_equal(
+    mel.clip_waveform(track, 44_100, 24.0, 60, 45_599), track[stop - 45_599 : stop]
+  )
+
+
+def test_silent_log_mel_is_the_floor_of_the_normalised_scale():
+  # A zero waveform: 10 log10(1e-10) = -100 dB everywhere, then (x + 14.8) / 19.895.
+  np.testing.assert_allclose(mel.silent_log_mel(), (-100 + 14.8) / 19.895, rtol=1e-6)

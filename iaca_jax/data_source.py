@@ -1,0 +1,96 @@
+"""Where a run's windows come from: the TFRecord shards (raw faces and log-mels) or the cached-feature
+dataset, chosen by `config.dataset.features_dir`; the batches, shapes and silence of that source."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from iaca_jax.input_pipeline import (
+  CACHED_TRAIN_KEYS,
+  MODEL_INPUT_KEYS,
+  RAW_TRAIN_KEYS,
+  SILENT_AUDIO_FILE,
+  Batches,
+  create_eval_dataset,
+  create_train_dataset,
+  get_builder,
+  num_train_batches,
+)
+from iaca_jax.preprocessing import mel
+
+
+def source_sample_rate(builder) -> int:
+  """The audio sample rate a prepared dataset's log-mels were made at (44.1 kHz if unrecorded)."""
+  metadata = builder.info.metadata or {}
+  return int(metadata.get('sample_rate', mel.REFERENCE_SAMPLE_RATE))
+
+
+class DataSource:
+  """Where a run's windows come from: the shards themselves (raw faces and log-mels), or the
+  cached-feature dataset (`config.dataset.features_dir`, written by `feature_cache`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.cached = bool(config.dataset.features_dir)
+    if self.cached:
+      self.name, self.data_dir = os.path.abspath(config.dataset.features_dir), None
+    else:
+      self.name, self.data_dir = config.dataset.name, config.dataset.data_dir
+    self.train_keys = CACHED_TRAIN_KEYS if self.cached else RAW_TRAIN_KEYS
+
+  def silent_audio(self) -> dict[str, np.ndarray]:
+    """The model input of a silent clip: {'audio': (64, frames)} or {'audio_features': (C,)}."""
+    if self.cached:
+      with np.load(os.path.join(self.name, SILENT_AUDIO_FILE)) as f:
+        return {'audio_features': f['audio_features']}
+    builder = get_builder(self.name, self.data_dir)
+    return {'audio': mel.silent_log_mel(source_sample_rate(builder))}
+
+  def train_batches(self, *, epoch: int, start_batch: int = 0) -> Batches:
+    """One epoch of training batches from `start_batch` on; faces jittered (raw inputs only)."""
+    config = self.config
+    return create_train_dataset(
+      self.name,
+      self.data_dir,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      epoch=epoch,
+      start_batch=start_batch,
+      split=config.dataset.train_split,
+      features=self.train_keys,
+      jitter=None if self.cached else tuple(config.dataset.jitter),
+      shuffle_buffer=config.dataset.shuffle_buffer,
+    )
+
+  def eval_batches(self, split: str) -> Batches:
+    """Every window of `split`, global batches on every host (each feeds its own rows)."""
+    return create_eval_dataset(
+      self.name,
+      self.data_dir,
+      global_batch_size=self.config.batch_size,
+      split=split,
+      process_index=0,
+      process_count=1,
+    )
+
+  def steps_per_epoch(self) -> int:
+    return num_train_batches(
+      self.name,
+      self.data_dir,
+      global_batch_size=self.config.batch_size,
+      split=self.config.dataset.train_split,
+    )
+
+  def input_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of the model inputs of a training batch, from the pipeline's element spec (nothing is
+    read or decoded): e.g. {'video_features': (B, 16, 7, 7, 512), 'audio_features': (B, 16, 512)}."""
+    spec = self.train_batches(epoch=0).element_spec
+    return {
+      k: jax.ShapeDtypeStruct(tuple(spec[k].shape), spec[k].dtype.as_numpy_dtype)
+      for k in MODEL_INPUT_KEYS
+      if k in spec
+    }

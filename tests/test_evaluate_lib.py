@@ -1,0 +1,56 @@
+"""Evaluation end to end: a trained tiny run restored, the missing-audio sweep, evaluate.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from iaca_jax import evaluate_lib, train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_evaluate_end_to_end_with_missing_audio_and_submission(cached, tiny, tmp_path):
+  config = cached
+  config.num_epochs = 1
+  workdir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(config, workdir)
+  evaluator = evaluate_lib.Evaluator(config, workdir)
+  clips = evaluator.predict('validation', silence_fraction=0.5, seed=3)
+  real = clips['end_frame'] > 0
+  assert abs(clips['silenced'][real].mean() - 0.5) < 0.02
+  clean = evaluator.predict('validation')
+  changed = np.abs(clips['predictions'] - clean['predictions']).max(-1) > 1e-6
+  assert changed[clips['silenced']].mean() > 0.9  # silencing reaches the model
+  out = str(tmp_path / 'eval')
+  cmd = [
+    sys.executable,
+    'evaluate.py',
+    '--config',
+    os.path.join(REPO, 'configs/tiny.py'),
+    '--workdir',
+    workdir,
+    f'--config.dataset.data_dir={tiny.data_dir}',
+    f'--config.dataset.features_dir={config.dataset.features_dir}',
+    '--output_dir',
+    out,
+    '--missing_audio',
+    '--missing_fractions=0.5',
+    '--seeds=0',
+    '--submission',
+    '--attention_figure=syn003',
+  ]
+  subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+  scores = json.load(open(os.path.join(out, 'metrics_validation.json')))
+  assert np.isfinite(scores['ccc_mean']) and scores['n_frames'] > 0
+  sweep = json.load(open(os.path.join(out, 'missing_audio.json')))
+  assert abs(sweep['rows'][0]['silenced_share_mean'] - 0.5) < 0.02
+  assert os.path.getsize(os.path.join(out, 'missing_audio.png')) > 0
+  assert os.path.getsize(os.path.join(out, 'attention_syn003.png')) > 0
+  lines = open(os.path.join(out, 'submission_test.csv')).read().splitlines()
+  assert lines[0] == 'image_location,valence,arousal'
+  test_video = [v for v, s in tiny.side.items() if s['split'] == 'test'][0]
+  assert len(lines) - 1 == tiny.side[test_video]['num_frames']
+  assert lines[1].startswith(f'{test_video}/00001.jpg,')

@@ -1,0 +1,185 @@
+"""The train step and the loop: 8 fake CPU devices give the same parameters as one device; frozen
+encoders have no optimizer state; a non-finite loss leaves the state unchanged; the learning-rate
+schedule; the loss falls; a resumed run equals an uninterrupted one."""
+
+import collections
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from iaca_jax import data_source, models, train_lib
+from iaca_jax.checkpoints import Checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_batch(seed=0, batch=8, clips=16, raw=False):
+  rng = np.random.default_rng(seed)
+  out = {
+    'labels': rng.uniform(-1, 1, (batch, clips, 2)).astype(np.float32),
+    'mask': rng.random((batch, clips)) > 0.2,
+  }
+  if raw:
+    out['video'] = rng.normal(size=(batch, clips, 8, 16, 16, 3)).astype(np.float32)
+    out['audio'] = rng.normal(size=(batch, clips, 64, 104)).astype(np.float32)
+  else:
+    out['video_features'] = rng.normal(size=(batch, clips, 3, 3, 8)).astype(np.float32)
+    out['audio_features'] = rng.normal(size=(batch, clips, 8)).astype(np.float32)
+  return out
+
+
+def run_steps(devices, batches, config, steps=2):
+  model = models.build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh(devices))
+  # Plain SGD: parameter differences stay proportional to gradient differences (Adam would blow up
+  # rounding noise on near-zero gradients to a whole step), so a tight tolerance means something.
+  tx = optax.sgd(0.1)
+  state = trainer.replicate(train_lib.init_state(model, batches[0], jax.random.key(0), tx))
+  for i in range(steps):
+    state, metrics = trainer.train_step(state, trainer.shard_batch(batches[i]), jax.random.key(1))
+  return jax.device_get(state), train_lib.device_get_metrics(metrics)
+
+
+def test_eight_devices_match_one_device():
+  assert jax.device_count() == 8, 'tests/conftest.py sets 8 fake CPU devices'
+  config = tiny.get_config()
+  batches = [random_batch(s) for s in range(2)]
+  one, metrics_one = run_steps(jax.devices()[:1], batches, config)
+  eight, metrics_eight = run_steps(jax.devices(), batches, config)
+  np.testing.assert_allclose(metrics_one['loss'], metrics_eight['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  assert int(eight.step) == 2
+
+
+def test_frozen_encoders_get_no_optimizer_state_and_stay_fixed():
+  config = tiny.get_config()
+  config.model.face_size = 0
+  batch = random_batch(raw=True, batch=8, clips=2)
+  model = models.build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  state = train_lib.init_state(model, batch, jax.random.key(0), train_lib.make_optimizer(config, 10))
+  assert 'encoders' in state.frozen_params and 'encoders' not in state.params
+  opt_shapes = {x.shape for x in jax.tree.leaves(state.opt_state)}
+  encoder_shapes = {x.shape for x in jax.tree.leaves(state.frozen_params)}
+  assert not any(len(s) >= 4 for s in opt_shapes) and any(len(s) >= 4 for s in encoder_shapes)
+  before = jax.device_get(state.frozen_params)
+  state, _ = trainer.train_step(trainer.replicate(state), trainer.shard_batch(batch), jax.random.key(1))
+  after = jax.device_get(state.frozen_params)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_leaves_state_unchanged_and_is_reported():
+  config = tiny.get_config()
+  batch = random_batch()
+  model = models.build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  state = trainer.replicate(
+    train_lib.init_state(model, batch, jax.random.key(0), train_lib.make_optimizer(config, 10))
+  )
+  before = jax.device_get(state.params)
+  bad = dict(batch, audio_features=np.full_like(batch['audio_features'], np.nan))
+  state, metrics = trainer.train_step(state, trainer.shard_batch(bad), jax.random.key(1))
+  metrics = train_lib.device_get_metrics(metrics)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(FloatingPointError, match='Non-finite'):
+    train_lib.check_finite(metrics, step=1)
+
+
+def test_learning_rate_schedule_follows_the_paper():
+  config = tiny.get_config()
+  config.learning_rate, config.lr_decay_start_epoch = 1e-3, 5
+  schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10)
+  expected = {0: 1e-3, 49: 1e-3, 50: 8e-4, 69: 8e-4, 70: 6.4e-4, 90: 5.12e-4}
+  for step, lr in expected.items():
+    np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6)
+
+
+def test_loss_falls_on_the_tiny_set(cached):
+  config = cached
+  config.learning_rate = 3e-3
+  data = data_source.DataSource(config)
+  model = models.build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  steps = data.steps_per_epoch()
+  state = train_lib.create_train_state(config, model, data, trainer, train_lib.make_optimizer(config, steps))
+  losses = []
+  for epoch in range(6):
+    for batch in data.train_batches(epoch=epoch):
+      state, metrics = trainer.train_step(state, trainer.shard_batch(batch), jax.random.key(0))
+      losses.append(float(metrics['loss']))
+  first, last = np.mean(losses[:steps]), np.mean(losses[-steps:])
+  assert np.isfinite(losses).all()
+  assert last < first - 0.1, (first, last)
+
+
+def final_params(workdir):
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  step = checkpoints.latest_step()
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+  restored = checkpoints.latest.restore(step, args=args)
+  checkpoints.close()
+  return step, jax.tree.map(np.asarray, restored['state']['params'])
+
+
+def test_resumed_run_equals_uninterrupted_run(cached, tmp_path):
+  config = cached
+  config.num_epochs, config.checkpoint_every_steps, config.log_every_steps = 1, 5, 5
+  straight = str(tmp_path / 'straight')
+  train_lib.train_and_evaluate(config, straight)
+  resumed = str(tmp_path / 'resumed')
+  config.max_steps = 5  # mid-epoch: the resumed run must skip the batches already seen
+  train_lib.train_and_evaluate(config, resumed)
+  assert final_params(resumed)[0] == 5
+  config.max_steps = -1
+  result = train_lib.train_and_evaluate(config, resumed)
+  step_a, params_a = final_params(straight)
+  step_b, params_b = final_params(resumed)
+  assert step_a == step_b == result['steps'] == data_source.DataSource(config).steps_per_epoch()
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+  assert os.path.isfile(os.path.join(resumed, 'train_result.json'))
+  assert any(f.startswith('events') for f in os.listdir(os.path.join(resumed, 'tensorboard')))
+
+
+def test_host_waits_only_for_steps_beyond_the_limit_in_flight():
+  waited = []
+
+  class Dispatched:
+    def __init__(self, step):
+      self.step = step
+
+    def block_until_ready(self):
+      waited.append(self.step)
+
+  in_flight = collections.deque()
+  for step in range(6):
+    train_lib.wait_for_steps_in_flight(in_flight, Dispatched(step), limit=2)
+    assert waited == list(range(step - 1)), step  # step n waits for n - 2 and keeps 2 queued
+  unbounded = collections.deque()
+  for step in range(6):
+    train_lib.wait_for_steps_in_flight(unbounded, Dispatched(step), limit=0)
+  assert waited == [0, 1, 2, 3] and not unbounded
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  cmd = [
+    sys.executable,
+    'train.py',
+    '--config',
+    'configs/tiny.py',
+    '--workdir',
+    str(tmp_path),
+    '--config.model.no_such_key=1',
+  ]
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and 'no_such_key' in result.stderr
