@@ -18,10 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.data_dir = 'tfds_data'  # tfds data_dir that holds <name>/<version>/
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'validation'
-  config.dataset.features_dir = (
-    ''  # cached encoder features (python cache_features.py); '' = online encoders
-  )
-  config.dataset.jitter = (0.8, 1.2)  # per-clip brightness and contrast jitter (training only)
+  config.dataset.features_dir = ''  # cached encoder features (python cache_features.py); '' = online encoders
+  config.dataset.jitter = (0.8, 1.2)  # per-clip brightness/contrast factors (raw-input training); ()=off
   config.dataset.shuffle_buffer = 1024
 
   config.model = ml_collections.ConfigDict()
