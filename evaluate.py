@@ -16,7 +16,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from iaca_jax import evaluate_lib, reports  # noqa: E402
+from iaca_jax import cli, evaluate_lib, reports  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -42,6 +42,10 @@ flags.DEFINE_string('test_split', 'test', 'Split used for --submission.')
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  cli.run_reporting_user_errors(evaluate)
+
+
+def evaluate():
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval')
   split = FLAGS.split or FLAGS.config.dataset.eval_split
   evaluator = evaluate_lib.Evaluator(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
@@ -70,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

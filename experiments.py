@@ -24,7 +24,7 @@ from absl import logging as absl_logging  # noqa: E402
 from configs import synthetic_demo  # noqa: E402
 from data import build  # noqa: E402
 from data.synthetic_av import generate  # noqa: E402
-from iaca_jax import evaluate_lib, feature_cache, reports, train_lib  # noqa: E402
+from iaca_jax import cli, evaluate_lib, feature_cache, reports, train_lib  # noqa: E402
 from iaca_jax.fileio import atomic_write  # noqa: E402
 
 DEMO_VARIANTS = (
@@ -168,14 +168,12 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   f = flags.FLAGS
-  if f.mode == 'demo':
-    run_demo(f.results_dir, f.size)
-  else:
-    run_ablation(f.results_dir, f.size)
+  run = run_demo if f.mode == 'demo' else run_ablation
+  cli.run_reporting_user_errors(lambda: run(f.results_dir, f.size))
 
 
 if __name__ == '__main__':
   flags.DEFINE_enum('mode', 'demo', ['demo', 'ablation'], 'What to run.')
   flags.DEFINE_string('results_dir', 'results/demo', 'Where data, runs, tables and figures go.')
   flags.DEFINE_enum('size', 'default', ['default', 'tiny'], 'Size of the generated synthetic set.')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

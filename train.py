@@ -12,7 +12,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from iaca_jax import train_lib  # noqa: E402
+from iaca_jax import cli, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training configuration.', lock_config=True)
@@ -24,9 +24,10 @@ flags.DEFINE_string(
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-  result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  workdir = cli.run_reporting_user_errors(lambda: cli.check_writable_dir(FLAGS.workdir))
+  result = cli.run_reporting_user_errors(lambda: train_lib.train_and_evaluate(FLAGS.config, workdir))
   logging.info('Best validation CCC_v + CCC_a = %.4f at step %d.', result['best_score'], result['best_step'])
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -30,6 +30,10 @@ class Evaluator:
     self.model = build_model(config.model)
     self.trainer = train_lib.Trainer(self.model, train_lib.create_mesh())
     self.data = data_source.DataSource(config)
+    if not os.path.isdir(os.path.join(workdir, 'checkpoints', which)):  # before Orbax creates folders
+      raise FileNotFoundError(
+        f'No {which} checkpoint under {workdir}/checkpoints: train first (python train.py --workdir {workdir} ...).'
+      )
     checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
     abstract = train_lib.abstract_model_state(config, self.model, self.data, self.trainer)
     restored = checkpoints.restore_part(abstract, best=which == 'best')
@@ -116,7 +120,7 @@ def find_window(config: ml_collections.ConfigDict, video: str, split: str) -> di
     if np.all(window['end_frame'] > 0) and window['end_frame'][0] > 1:
       return window
   if fallback is None:
-    raise KeyError(f'Video {video!r} is not in the {split} split of {config.dataset.name}.')
+    raise ValueError(f'Video {video!r} is not in the {split} split of {config.dataset.name}.')
   return fallback
 
 

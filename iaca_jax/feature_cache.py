@@ -35,7 +35,9 @@ def encoder_variables(config: ml_collections.ConfigDict, model: IACAModel, examp
   inputs = {k: example[k] for k in ('video', 'audio')}
   variables = init_variables(model, inputs, jax.random.key(config.seed))
   if config.pretrained:
-    variables = pretrained.merge_pretrained(variables, pretrained.load_converted(config.pretrained))
+    variables = pretrained.merge_pretrained(
+      variables, pretrained.load_for_model(config.pretrained, config.model)
+    )
   return variables
 
 

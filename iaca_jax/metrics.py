@@ -152,7 +152,7 @@ def frame_ccc(
   preds, labs, subs = [], [], {name: [] for name in subsets}
   for video, label in labels.items():
     if video not in predictions:
-      raise KeyError(f'frame_ccc: no predictions for video {video!r}')
+      raise ValueError(f'frame_ccc: no predictions for video {video!r}')
     label = np.asarray(label, np.float64)
     dense = np.asarray(predictions[video], np.float64)
     if dense.shape != label.shape:

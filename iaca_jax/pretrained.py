@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -152,7 +153,57 @@ def merge_pretrained(variables: Mapping[str, Any], converted: Mapping[str, Any])
         name,
       )
     flat_vars[path] = jnp.asarray(value, dtype=target.dtype)
+  left = uncovered_variables(variables, converted)
+  if left:
+    warnings.warn(
+      f'The converted weights leave {len(left)} variable(s) at their random initialisation inside the '
+      f'parts they convert: {", ".join(left[:12])}{" ..." if len(left) > 12 else ""}.',
+      stacklevel=2,
+    )
   return traverse_util.unflatten_dict(flat_vars)
+
+
+def uncovered_variables(variables: Mapping[str, Any], converted: Mapping[str, Any]) -> list[str]:
+  """Variables of the model's top-level parts that `converted` touches but does not cover (e.g. the
+  stage-2 gate inside `gate` when the authors' stage-1 weights are loaded), as 'collection/path'."""
+  flat_vars = traverse_util.flatten_dict(unfreeze(dict(variables)))
+  flat_conv = traverse_util.flatten_dict({c: unfreeze(dict(t)) for c, t in converted.items() if t})
+  touched = {path[1] for path in flat_conv if len(path) > 1}
+  return sorted('/'.join(p) for p in flat_vars if len(p) > 1 and p[1] in touched and p not in flat_conv)
+
+
+def check_model_settings(path: str, model_config: Mapping[str, Any]) -> None:
+  """Raises ConversionError, listing every difference, when `model_config` (config.model) differs
+  from the settings the converted weights at `path` need (`model_config` in conversion.json).
+
+  The authors' stage-1 fusion weights also fit gating='iaca' (stage 1 plus a freshly initialised
+  stage 2, which `merge_pretrained` names in a warning).
+  """
+  try:
+    needed = read_conversion_metadata(path).get('model_config', {})
+  except FileNotFoundError:
+    warnings.warn(
+      f'{path} has no {METADATA_FILE}: the model settings its weights need are not checked.', stacklevel=2
+    )
+    return
+  differences = []
+  for key, want in sorted(needed.items()):
+    have = model_config.get(key)
+    if key == 'gating' and want == 'stage1' and have in ('stage1', 'iaca'):
+      continue
+    if have != want:
+      differences.append(f'{key}={have!r} (the weights need {want!r})')
+  if differences:
+    raise ConversionError(
+      f'The converted weights in {path} were made for other model settings: {"; ".join(differences)}. '
+      'Set them with --config.model.<key>=<value>.'
+    )
+
+
+def load_for_model(path: str, model_config: Mapping[str, Any]) -> dict[str, Any]:
+  """`load_converted(path)` after `check_model_settings(path, model_config)`."""
+  check_model_settings(path, model_config)
+  return load_converted(path)
 
 
 def combine_converted(*converted: Mapping[str, Any]) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def attention_figure(window: dict, clips: dict, video: str, path: str) -> str:
   names = np.array([n.decode() for n in clips['video_name']])
   rows = np.flatnonzero((names == video) & np.all(clips['end_frame'] == window['end_frame'], axis=1))
   if rows.size == 0:
-    raise KeyError(f'No prediction for the chosen window of {video!r}.')
+    raise ValueError(f'No prediction for the chosen window of {video!r}.')
   row = rows[0]
   minmax = lambda x: (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
   strips = {

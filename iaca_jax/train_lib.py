@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import tqdm
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,6 +33,7 @@ from iaca_jax.data_source import DataSource
 from iaca_jax.fileio import atomic_write
 from iaca_jax.input_pipeline import DEVICE_KEYS, MODEL_INPUT_KEYS
 from iaca_jax.models import IACAModel, build_model, init_variables
+from iaca_jax.writers import create_metric_writer
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -144,8 +145,16 @@ def train_step(
     opt_state=opt_state,
     batch_stats=updates.get('batch_stats', state.batch_stats),
   )
-  grad_norm = _global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  grad_norm, update_norm = _global_norm(grads), _global_norm(param_updates)
+  # The model must not be trusted to turn a non-finite input into a non-finite loss: check the inputs.
+  inputs_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in _model_inputs(batch).values()]))
+  finite = (
+    jnp.isfinite(loss)
+    & jnp.isfinite(grad_norm)
+    & jnp.isfinite(update_norm)
+    & jnp.isfinite(_global_norm(new_state.params))
+    & inputs_finite
+  )
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics_ = {
     'loss': loss,
@@ -153,7 +162,8 @@ def train_step(
     'ccc_arousal': aux['ccc_arousal'],
     'grad_norm': grad_norm,
     'param_norm': _global_norm(state.params),
-    'update_norm': _global_norm(param_updates),
+    'update_norm': update_norm,
+    'inputs_finite': inputs_finite,
     'finite': finite,
   }
   return new_state, metrics_
@@ -224,12 +234,17 @@ def device_get_metrics(step_metrics: dict) -> dict:
 
 
 def check_finite(step_metrics: dict, step: int) -> None:
-  if not step_metrics.get('finite', 1.0) or not np.isfinite(step_metrics['loss']):
-    raise FloatingPointError(
-      f'Non-finite loss or gradient at step {step} (loss={step_metrics["loss"]}, grad_norm='
-      f'{step_metrics.get("grad_norm")}). Training stopped; the last good checkpoint is intact. Lower the '
-      'learning rate or check the input data.'
-    )
+  """Raises FloatingPointError naming what was not finite when a step was rejected (state unchanged)."""
+  if step_metrics.get('finite', 1.0) and np.isfinite(step_metrics['loss']):
+    return
+  if not step_metrics.get('inputs_finite', 1.0):
+    cause = 'a NaN or infinite value in the input batch (check the shards or the cached features)'
+  else:
+    cause = 'a non-finite loss, gradient, update or parameter (lower the learning rate)'
+  norms = ', '.join(f'{k}={step_metrics.get(k)}' for k in ('loss', 'grad_norm', 'update_norm'))
+  raise FloatingPointError(
+    f'Non-finite step {step}: {cause} ({norms}). Training stopped; the last good checkpoint is intact.'
+  )
 
 
 def abstract_like(tree, sharding: NamedSharding):
@@ -252,36 +267,9 @@ def abstract_model_state(config, model: IACAModel, data: DataSource, trainer: Tr
 
 def create_train_state(config, model: IACAModel, data: DataSource, trainer: Trainer, tx) -> TrainState:
   """A fresh, replicated state; converted weights from `config.pretrained` put in place."""
-  converted = pretrained.load_converted(config.pretrained) if config.pretrained else None
+  converted = pretrained.load_for_model(config.pretrained, config.model) if config.pretrained else None
   state = init_state(model, data.input_shapes(), jax.random.key(config.seed), tx, converted)
   return trainer.replicate(state)
-
-
-class LogLineWriter(metric_writers.LoggingWriter):
-  """clu's logging writer, also printing each line above the progress bar and appending it to a file."""
-
-  def __init__(self, path: str):
-    super().__init__()
-    self.path = path
-
-  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    super().write_scalars(step, scalars)
-    line = f'step {step}: ' + ', '.join(f'{k}={float(v):.4g}' for k, v in scalars.items())
-    tqdm.tqdm.write(line)
-    with open(self.path, 'a') as f:
-      f.write(line + '\n')
-
-
-def create_metric_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard event files and log.txt in `workdir` on process 0; plain logging elsewhere."""
-  if jax.process_index() > 0:
-    return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
-  return metric_writers.MultiWriter(
-    [
-      metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard')),
-      LogLineWriter(os.path.join(workdir, 'log.txt')),
-    ]
-  )
 
 
 def evaluate_state(trainer: Trainer, state: TrainState, data: DataSource, split: str) -> dict:
@@ -335,7 +323,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     host = [device_get_metrics(m) for m in pending]
     for i, m in enumerate(host):
       check_finite(m, step_now - len(host) + i + 1)
-    scalars = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0] if k != 'finite'}
+    scalars = {
+      f'train/{k}': float(np.mean([m[k] for m in host]))
+      for k in host[0]
+      if k not in ('finite', 'inputs_finite')
+    }
     scalars['train/learning_rate'] = float(schedule(step_now - 1))
     writer.write_scalars(step_now, scalars)
     writer.flush()
@@ -348,38 +340,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flush(step_now)  # never checkpoint a state that went through a non-finite step
     checkpoints.save(step_now, state, meta, best=best)
 
-  while step < total_steps:
-    epoch, offset = divmod(step, steps_per_epoch)
-    batches = data.train_batches(epoch=epoch, start_batch=offset)
-    for device_batch in prefetch_to_devices(batches, trainer.shard_batch, config.prefetch_batches):
-      with jax.transfer_guard('disallow'):  # an implicit transfer here would be a hidden sync
-        state, step_metrics = trainer.train_step(state, device_batch, base_rng)
-      pending.append(step_metrics)
-      wait_for_steps_in_flight(in_flight, step_metrics['loss'], config.max_steps_in_flight)
-      step += 1
-      progress.update(1)
-      report_progress(step)
-      if step % config.log_every_steps == 0:
+  try:
+    while step < total_steps:
+      epoch, offset = divmod(step, steps_per_epoch)
+      batches = data.train_batches(epoch=epoch, start_batch=offset)
+      for device_batch in prefetch_to_devices(batches, trainer.shard_batch, config.prefetch_batches):
+        with jax.transfer_guard('disallow'):  # an implicit transfer here would be a hidden sync
+          state, step_metrics = trainer.train_step(state, device_batch, base_rng)
+        pending.append(step_metrics)
+        wait_for_steps_in_flight(in_flight, step_metrics['loss'], config.max_steps_in_flight)
+        step += 1
+        progress.update(1)
+        report_progress(step)
+        if step % config.log_every_steps == 0:
+          flush(step)
+        if step % config.checkpoint_every_steps == 0:
+          save(step)
+        if step >= total_steps:
+          break
+      epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.eval_every_epochs == 0
+      if epoch_done or step >= total_steps:
         flush(step)
-      if step % config.checkpoint_every_steps == 0:
+        scores = evaluate_state(trainer, state, data, config.dataset.eval_split)
+        writer.write_scalars(step, {f'validation/{k}': v for k, v in scores.items()})
+        writer.flush()
+        score = scores['ccc_valence'] + scores['ccc_arousal']
+        if np.isfinite(score) and score > meta['best_score']:
+          meta.update(best_score=float(score), best_step=step, best_metrics=scores)
+          save(step, best=True)
         save(step)
-      if step >= total_steps:
-        break
-    epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.eval_every_epochs == 0
-    if epoch_done or step >= total_steps:
-      flush(step)
-      scores = evaluate_state(trainer, state, data, config.dataset.eval_split)
-      writer.write_scalars(step, {f'validation/{k}': v for k, v in scores.items()})
-      writer.flush()
-      score = scores['ccc_valence'] + scores['ccc_arousal']
-      if np.isfinite(score) and score > meta['best_score']:
-        meta.update(best_score=float(score), best_step=step, best_metrics=scores)
-        save(step, best=True)
-      save(step)
-  progress.close()
-  checkpoints.wait()
-  checkpoints.close()
-  writer.close()
+  finally:  # also when a step fails: a save in flight completes (its state passed the check)
+    progress.close()
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
   result = dict(meta, steps=step, workdir=workdir)
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, 'train_result.json'), json.dumps(result, indent=1, default=float))

@@ -57,14 +57,10 @@ def test_model_switch_gives_the_same_training_outputs():
   }
   fused, plain = IACAModel(**settings), IACAModel(**settings, fused_dropout=False)
   variables = init_variables(fused, batch, jax.random.key(2))
-  run = lambda model: jax.jit(
-    lambda v: model.apply(v, batch, train=True, rngs={'dropout': jax.random.key(4)})[0]
-  )
-  out_fused, out_plain = run(fused)(variables), run(plain)(variables)
+  run = lambda model: jax.jit(lambda v, key: model.apply(v, batch, train=True, rngs={'dropout': key})[0])
+  fused_fn, plain_fn = run(fused), run(plain)
+  out_fused, out_plain = fused_fn(variables, jax.random.key(4)), plain_fn(variables, jax.random.key(4))
   np.testing.assert_array_equal(np.asarray(out_fused), np.asarray(out_plain))
   # Dropout is on: another dropout key changes the outputs.
-  other = jax.jit(lambda v: plain.apply(v, batch, train=True, rngs={'dropout': jax.random.key(5)})[0])(
-    variables
-  )
-  assert not np.array_equal(np.asarray(other), np.asarray(out_plain))
+  assert not np.array_equal(np.asarray(plain_fn(variables, jax.random.key(5))), np.asarray(out_plain))
   assert jnp.all(jnp.isfinite(out_fused))

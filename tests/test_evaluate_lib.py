@@ -54,3 +54,19 @@ def test_evaluate_end_to_end_with_missing_audio_and_submission(cached, tiny, tmp
   test_video = [v for v, s in tiny.side.items() if s['split'] == 'test'][0]
   assert len(lines) - 1 == tiny.side[test_video]['num_frames']
   assert lines[1].startswith(f'{test_video}/00001.jpg,')
+
+
+def test_evaluate_without_a_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / 'empty'
+  workdir.mkdir()
+  cmd = [
+    sys.executable,
+    'evaluate.py',
+    '--config',
+    os.path.join(REPO, 'configs/tiny.py'),
+    '--workdir',
+    str(workdir),
+  ]
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and 'error: No best checkpoint' in result.stderr, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr and os.listdir(workdir) == []

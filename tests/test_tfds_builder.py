@@ -85,6 +85,18 @@ def test_malformed_annotation_files(tmp_path, text, fragment):
   assert isinstance(e.value, ValueError)
 
 
+def test_non_utf8_annotation_file_and_video_list_are_named(tmp_path):
+  for name, read, kind in (
+    ('vid.txt', annotations.read_annotation, 'annotation file'),
+    ('Test_Set.txt', annotations.read_video_list, 'video list'),
+  ):
+    path = tmp_path / name
+    path.write_bytes(b'valence,arousal\n0.1,0.2\n\xff\xfe0.3,0.4\n')
+    with pytest.raises(DataError, match=f'{kind} .*not UTF-8') as e:
+      read(str(path))
+    assert str(path) in str(e.value)
+
+
 def test_valid_annotation_values(tmp_path):
   path = str(tmp_path / 'vid.txt')
   _write(path, 'valence,arousal\r\n-5,-5\r\n-1,1\r\n0.25,-5\r\n')

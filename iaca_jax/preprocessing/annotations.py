@@ -35,6 +35,8 @@ def read_annotation(path: str) -> np.ndarray:
       lines = f.read().splitlines()
   except OSError as e:
     raise DataError(f'cannot read annotation file {path}: {e}') from e
+  except UnicodeDecodeError as e:
+    raise DataError(f'annotation file {path} is not UTF-8 text (byte {e.start}: {e.reason})') from e
   if not lines:
     raise DataError(f'annotation file {path} is empty (expected the header "valence,arousal")')
   header = tuple(h.strip().lower() for h in lines[0].split(','))
@@ -77,6 +79,8 @@ def read_video_list(path: str) -> list[str]:
       lines = f.read().splitlines()
   except OSError as e:
     raise DataError(f'cannot read video list {path}: {e}') from e
+  except UnicodeDecodeError as e:
+    raise DataError(f'video list {path} is not UTF-8 text (byte {e.start}: {e.reason})') from e
   names = []
   for line in lines:
     line = line.strip()

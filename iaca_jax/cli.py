@@ -1,0 +1,55 @@
+"""What the entry points share: checks before any work, and user errors as one line, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+from absl import flags
+
+# Errors that a user's input or setting causes (DataError and ConversionError are ValueErrors). They are
+# reported as `error: <message>` with exit status 1; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def check_writable_dir(path: str, what: str = 'workdir') -> str:
+  """Creates `path` if needed and checks that a file can be written in it; returns it absolute."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f'{what} {path} exists and is not a directory')
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix='.write-test-'):
+      pass
+  except OSError as e:
+    raise OSError(f'{what} {path} is not writable: {e.strerror or e}') from e
+  return path
+
+
+def run_reporting_user_errors(fn: Callable[[], object]) -> object:
+  """Calls `fn`; a user error ends the process with one line on stderr and exit status 1."""
+  try:
+    return fn()
+  except USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`: a bad flag or an unknown
+  `--config.<key>` ends the process with one line (ml_collections raises AttributeError for the
+  latter, which absl would show as a traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError) as e:
+    message = (
+      f"unknown config field '{str(e).strip(chr(34) + chr(39))}'; the config file lists the valid ones"
+    )
+  except (ValueError, TypeError) as e:
+    message = f'bad config override: {e}'
+  print(f'error: {message} (see --helpfull)', file=sys.stderr, flush=True)
+  sys.exit(2)
