@@ -14,8 +14,10 @@ this project's pins (see docs/DATA.md).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import os
+import shutil
 import time
 
 import tensorflow_datasets as tfds
@@ -93,14 +95,30 @@ def build(
     if overwrite
     else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   )
+  started = time.time()
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(
       manual_dir=os.path.abspath(manual_dir), download_mode=mode, num_shards=num_shards
     )
   )
-  for split, stats in builder.build_stats.items():
+  remove_stale_partial_builds(builder.data_dir, older_than=started)
+  for split, stats in getattr(builder, 'build_stats', {}).items():
     logging.info('%s %s: %s', dataset, split, stats.summary())
   return builder
+
+
+def remove_stale_partial_builds(version_dir: str, *, older_than: float) -> list[str]:
+  """Deletes what interrupted builds left beside a finished version folder: tfds's
+  `incomplete.<random>_<version>` folders last changed before `older_than` (a build running now in
+  another process keeps its own). Returns the folders removed."""
+  parent, version = os.path.split(os.path.normpath(str(version_dir)))
+  removed = []
+  for path in glob.glob(os.path.join(parent, f'incomplete.*_{version}')):
+    if os.path.isdir(path) and os.path.getmtime(path) < older_than:
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+      logging.warning('removed %s, left by an interrupted build', path)
+  return removed
 
 
 def _define_flags():

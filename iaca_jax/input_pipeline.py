@@ -42,6 +42,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from iaca_jax.preprocessing.errors import DataError
+
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 JITTER_RANGE = (0.8, 1.2)
@@ -129,11 +131,19 @@ class Batches:
     element_spec: the tf.data element spec of a batch.
   """
 
-  def __init__(self, make_dataset: Callable[[], Any], num_batches: int, num_windows: int, batch_size: int):
+  def __init__(
+    self,
+    make_dataset: Callable[[], Any],
+    num_batches: int,
+    num_windows: int,
+    batch_size: int,
+    source: tuple[Any, str] | None = None,
+  ):
     self._make_dataset = make_dataset
     self.num_batches = num_batches
     self.num_windows = num_windows
     self.batch_size = batch_size
+    self._source = source  # (builder, split): to name a damaged shard
 
   def __len__(self) -> int:
     return self.num_batches
@@ -143,7 +153,39 @@ class Batches:
     return self._make_dataset().element_spec
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return iter(tfds.as_numpy(self._make_dataset()))
+    try:
+      yield from tfds.as_numpy(self._make_dataset())
+    except tf.errors.DataLossError as e:
+      if self._source is None:
+        raise
+      builder, split = self._source
+      raise DataError(damaged_shard_message(builder, split, e.message)) from None
+    except tf.errors.InvalidArgumentError as e:
+      if NON_FINITE not in e.message or self._source is None:
+        raise
+      builder, split = self._source
+      detail = e.message[e.message.index(NON_FINITE) :].split('\n')[0].replace("\\'", "'")
+      detail = detail.replace('] [', ' ').rstrip(']')
+      raise DataError(
+        f'{split} split of {builder.name}: {detail}. Rebuild the shards or the cached '
+        'features from finite inputs.'
+      ) from None
+
+
+def damaged_shard_message(builder, split: str, reason: str) -> str:
+  """Names the shard files of `split` that fail TFRecord's checks (read again, on error only)."""
+  damaged = []
+  for path in builder.info.splits[split].filepaths:
+    try:
+      for _ in tf.data.TFRecordDataset(str(path)):
+        pass
+    except tf.errors.DataLossError:
+      damaged.append(str(path))
+  where = ', '.join(damaged) if damaged else f'one of the {split} shards in {builder.data_dir}'
+  return (
+    f'damaged TFRecord shard in the {split} split of {builder.name}: {where} ({reason}). Rebuild the '
+    'dataset (python -m data.build ... --overwrite) or restore the file.'
+  )
 
 
 def _decoders(builder, features: Sequence[str] | None):
@@ -225,11 +267,26 @@ def _prepare(example, *, jitter_seed=None, jitter_range: Sequence[float] | None 
       if jitter_seed is not None and jitter_range:
         video = jitter_clips(video, jitter_seed, jitter_range)
       value = _normalise(video)
-    elif value.dtype.is_floating and value.dtype != tf.float32:
-      value = tf.cast(value, tf.float32)
+    elif value.dtype.is_floating:
+      value = _checked_finite(name, tf.cast(value, tf.float32), example)
     out[name] = value
   out['valid_window'] = tf.constant(True)
   return out
+
+
+NON_FINITE = 'non-finite values in feature'
+
+
+def _checked_finite(name: str, value, example):
+  """`value`, after an assertion that it holds no NaN or infinity (the error names the window)."""
+  where = [f'{NON_FINITE} {name!r} of the window of']
+  if 'video_name' in example:
+    where.append(example['video_name'])
+  if 'end_frame' in example:
+    where += ['ending at frame', tf.reduce_max(example['end_frame'])]
+  check = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(value)), where, summarize=4)
+  with tf.control_dependencies([check]):
+    return tf.identity(value)
 
 
 def num_train_batches(
@@ -312,7 +369,7 @@ def create_train_dataset(
     return ds.prefetch(prefetch)
 
   left = num_batches - start_batch
-  return Batches(make, left, left * local, local)
+  return Batches(make, left, left * local, local, source=(builder, split))
 
 
 def create_eval_dataset(
@@ -353,4 +410,4 @@ def create_eval_dataset(
     ds = ds.batch(local, drop_remainder=True)
     return ds.prefetch(prefetch)
 
-  return Batches(make, num_batches, end - start, local)
+  return Batches(make, num_batches, end - start, local, source=(builder, split))

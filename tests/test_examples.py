@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from iaca_jax.preprocessing import examples, mel
+from iaca_jax.preprocessing import DataError, examples, mel
 
 N = 40
 SILENCE = (-100 + 14.8) / 19.895
@@ -100,3 +101,33 @@ def test_label_shape_mismatch_is_an_error():
   v.labels = v.labels[:-1]
   with pytest.raises(ValueError):
     _run(v, train=False)
+
+
+def test_crop_problems_are_named_and_counted_apart(tmp_path):
+  """A zero-byte or non-image crop gives its reason; a resized crop is named; a grey one is counted."""
+
+  paths = {
+    1: tmp_path / 'empty.jpg',
+    2: tmp_path / 'text.jpg',
+    3: tmp_path / 'small.jpg',
+    4: tmp_path / 'grey.jpg',
+  }
+  paths[1].write_bytes(b'')
+  paths[2].write_text('not an image')
+  Image.new('RGB', (64, 64), (90, 20, 200)).save(paths[3], format='JPEG')
+  Image.new('L', (112, 112), 128).save(paths[4], format='JPEG')
+  stats = examples.BuildStats()
+  crops = examples.load_crops({k: str(v) for k, v in paths.items()}, 4, 'vid', stats)
+  assert sorted(crops) == [3, 4]
+  assert stats.counts['unreadable_jpegs'] == 2 and stats.counts['resized_jpegs'] == 1
+  assert stats.counts['reencoded_jpegs'] == 1
+  text = '\n'.join(stats.messages)
+  assert f'{paths[1]} (empty file (0 bytes))' in text and f'{paths[2]} (not an image file' in text
+  assert f'{paths[3]} resized from 64x64 to 112x112' in text and 'BytesIO' not in text
+
+
+def test_non_finite_audio_stops_the_build_naming_the_video_and_clip():
+  video = _video()
+  video.audio[int(20 / 30 * 44_100)] = np.nan  # inside the clips ending at frames 21 and later
+  with pytest.raises(DataError, match=r'vid: the clip ending at frame \d+ has non-finite audio'):
+    _run(video, train=False)

@@ -11,16 +11,20 @@ import glob
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import types
 
 import av
 import librosa
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from iaca_jax import input_pipeline as ip
+from iaca_jax.preprocessing import DataError
 
 DATASET = 'synthetic_av'
 VA = '6th_ABAW_Annotations/VA_Estimation_Challenge'
@@ -420,3 +424,35 @@ def test_resumed_run_in_a_new_process_sees_the_same_batches(tiny):
     features=['video_name', 'end_frame'],
   )
   assert resumed == [(n, tuple(int(x) for x in e)) for n, e in _keys(here)][2 * 4 :]
+
+
+def test_damaged_shard_is_named_at_read_time(cached, tmp_path):
+  """Bytes flipped inside one shard: reading stops with a DataError naming that file and the split."""
+  copy = tmp_path / 'features'
+  shutil.copytree(cached.dataset.features_dir, copy)
+  shard = sorted(copy.glob('*-train.tfrecord-*'))[0]
+  data = bytearray(shard.read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+  shard.write_bytes(bytes(data))
+  batches = ip.create_train_dataset(str(copy), global_batch_size=4, seed=0, process_index=0, process_count=1)
+  with pytest.raises(DataError, match='damaged TFRecord shard in the train split') as e:
+    for _ in batches:
+      pass
+  assert str(shard) in str(e.value)
+
+
+def test_non_finite_values_are_stopped_when_read():
+  """A NaN in a float feature of a window: iterating ends with a DataError naming the window."""
+  example = {
+    'audio': np.zeros((16, 64, 104), np.float32),
+    'video_name': b'vid7',
+    'end_frame': np.arange(1, 17, dtype=np.int32),
+  }
+  example['audio'][3, 5, 7] = np.nan
+  make = lambda: tf.data.Dataset.from_tensors(example).map(ip._prepare).batch(1)
+  builder = types.SimpleNamespace(name='synthetic_av')
+  with pytest.raises(
+    DataError, match=r"train split of synthetic_av: non-finite values in feature 'audio'.*vid7.*16"
+  ):
+    list(ip.Batches(make, 1, 1, 1, source=(builder, 'train')))

@@ -8,6 +8,7 @@ import av
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from data import build
 from data.synthetic_av import generate
@@ -155,6 +156,24 @@ def test_missing_crop_folder(raw):
   assert os.path.join(raw, 'cropped_aligned', video) in str(e.value)
 
 
+def test_empty_crop_folder_is_treated_as_a_missing_one(raw):
+  folder = os.path.join(raw, 'cropped_aligned', 'syn001')  # a training video
+  shutil.rmtree(folder)
+  os.makedirs(folder)
+  stats = {}
+  plans = tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True, stats)
+  assert 'syn001' not in [p.name for p in plans['train']]
+  assert stats['train'].counts['videos_without_crops'] == 1
+  assert any(folder in m and 'no <%05d>.jpg' in m for m in stats['train'].messages)
+  video = _val_video(raw)  # a validation video
+  folder = os.path.join(raw, 'cropped_aligned', video)
+  for name in os.listdir(folder):
+    os.remove(os.path.join(folder, name))
+  with pytest.raises(DataError, match='holds no') as e:
+    tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
+  assert folder in str(e.value)
+
+
 def test_video_missing_from_the_sidecar(raw):
   path = os.path.join(raw, 'corruptions.json')
   with open(path) as f:
@@ -221,6 +240,10 @@ def test_skippable_defects_are_counted_and_the_build_completes(raw, tmp_path):
   assert stats['test']['unreadable_jpegs'] == 1
   assert stats['test']['audio_unreadable'] == 1
   assert stats['test']['length_from_crops'] == 1
+  assert stats['test']['raw_video_unreadable'] == 1 and 'fps_not_from_container' not in stats['test']
+  truncated = os.path.join(vids, test + '.mp4')
+  first = next(m for m in builder.build_stats['test'].messages if truncated in m)
+  assert first.startswith(f'cannot open raw video {truncated} (') and 'frame count not checked' in first
   messages = [m for v in builder.build_stats.values() for m in v.messages]
   assert any(bad_jpeg in m for m in messages)
   assert any(os.path.join(vids, 'syn000.mp4') in m for m in messages)
@@ -268,8 +291,17 @@ def test_failure_in_the_middle_of_a_build_leaves_nothing_complete(raw, tmp_path,
 
 # --------------------------------------------------------- aff_wild2 builder
 def test_aff_wild2_builder_reads_the_layout(micro, tmp_path):
-  """The Aff-Wild2 builder on an Aff-Wild2-layout folder, at 16 kHz: no corruption flags."""
+  """The Aff-Wild2 builder on an Aff-Wild2-layout folder, at 16 kHz: no corruption flags. What an
+  interrupted earlier build left beside it is removed; a build running now in another process is not."""
+  config_dir = tmp_path / 'tfds' / 'aff_wild2' / 'sr16000_keep1'
+  stale, running = config_dir / 'incomplete.0123abcd_1.0.0', config_dir / 'incomplete.4567ef01_1.0.0'
+  for folder in (stale, running):
+    folder.mkdir(parents=True)
+    (folder / 'aff_wild2-train.tfrecord-00000-of-00001').write_bytes(b'partial')
+  os.utime(stale, (1_000_000_000, 1_000_000_000))
+  os.utime(running, (4_000_000_000, 4_000_000_000))
   builder = build.build('aff_wild2', micro, str(tmp_path / 'tfds'), sample_rate=16_000, min_valid_clips=1)
+  assert not stale.exists() and running.exists()
   assert builder.name == 'aff_wild2' and builder.builder_config.name == 'sr16000_keep1'
   assert builder.info.features['audio'].shape == (16, 64, 104)
   assert set(builder.info.splits) == {'train', 'validation', 'test'}
@@ -290,3 +322,87 @@ def test_builders_load_like_the_tfds_cli():
       cls = tfds.core.community.builder_cls_from_module(f'{name}.{name}_dataset_builder')
       assert cls.name == name
       assert [c.name for c in cls.BUILDER_CONFIGS] == ['sr44100', 'sr16000']
+
+
+# ------------------------------------------------------- damage in many ways
+def _pipeline(root, data_dir, split):
+  """What a build does short of writing: plan every split, then generate the examples of `split`."""
+  builder = build.make_builder('synthetic_av', data_dir, min_valid_clips=1)
+  plans = tfds_builder.plan_splits(root, builder.builder_config, True, builder.build_stats)
+  out = dict(builder._generate_examples(plans[split], split, root))
+  return out, [m for s in builder.build_stats.values() for m in s.messages]
+
+
+def _same(a, b):
+  if a.keys() != b.keys():
+    return False
+  for key, ex in a.items():
+    for name, value in ex.items():
+      if isinstance(value, list) and value != b[key][name]:
+        return False
+      if not isinstance(value, list) and not np.array_equal(np.asarray(value), np.asarray(b[key][name])):
+        return False
+  return True
+
+
+def _damage(path, how, rng):
+  """One kind of damage. Flips touch text only: a flipped byte inside JPEG or mp4 payload decodes to
+  other pixels or samples, which no reader can tell from real ones without a checksum."""
+  data = open(path, 'rb').read()
+  if how == 'truncate':
+    open(path, 'wb').write(data[: len(data) // 2])
+  elif how == 'flip':
+    i = int(rng.integers(0, max(1, len(data) - 8)))
+    open(path, 'wb').write(data[:i] + bytes(b ^ 0xFF for b in data[i : i + 8]) + data[i + 8 :])
+  elif how == 'delete':
+    os.remove(path)
+  elif how == 'empty':
+    open(path, 'wb').close()
+  elif how == 'rename':
+    os.rename(path, path + '.bak')
+  elif how == 'latin1':
+    open(path, 'wb').write(data.replace(b'0', b'\xe9', 1))
+  elif how == 'non_finite':
+    open(path, 'wb').write(data.replace(b'\n0', b'\nnan', 1))
+  elif how == 'small_image':
+    Image.new('RGB', (40, 40)).save(path, format='JPEG')
+
+
+def test_damaged_inputs_never_pass_silently(micro, tmp_path):
+  """A valid tree damaged in many ways: each outcome names the damaged file (or its video) in a
+  DataError or in a counted build message, or leaves every example exactly as it was."""
+  val = _val_video(micro)
+  crop = lambda video, i: os.path.join(
+    'cropped_aligned', video, sorted(os.listdir(os.path.join(micro, 'cropped_aligned', video)))[i]
+  )
+  cases = [  # (file relative to the tree, its video, the split whose examples it feeds, damages)
+    (
+      os.path.join(VA, 'Train_Set', 'syn001.txt'),
+      'syn001',
+      'train',
+      ('truncate', 'flip', 'latin1', 'non_finite', 'delete'),
+    ),
+    (os.path.join(VA, 'Validation_Set', f'{val}.txt'), val, 'validation', ('empty', 'rename')),
+    (crop('syn001', 3), 'syn001', 'train', ('truncate', 'empty', 'small_image')),  # a missing crop is no face
+    (crop(val, 10), val, 'validation', ('empty', 'small_image')),
+    ('corruptions.json', val, 'validation', ('truncate', 'flip', 'delete')),
+    (os.path.join('raw_videos', f'{val}.mp4'), val, 'validation', ('truncate', 'empty', 'delete')),
+  ]
+  references, rng = {}, np.random.default_rng(0)
+  for k, (relative, video, split, ways) in enumerate(cases):
+    if split not in references:
+      references[split] = _pipeline(micro, str(tmp_path / 'tfds_ref'), split)[0]
+    for how in ways:
+      root = str(tmp_path / f'raw_{k}_{how}')
+      shutil.copytree(micro, root)
+      path = os.path.join(root, relative)
+      _damage(path, how, rng)
+      try:
+        out, messages = _pipeline(root, str(tmp_path / f'tfds_{k}_{how}'), split)
+      except DataError as e:
+        assert path in str(e) or video in str(e) or os.path.dirname(path) in str(e), (how, path, str(e))
+        continue
+      named = [m for m in messages if path in m or video in m]
+      assert named or _same(out, references[split]), (
+        f'{how} {path}: the result changed and no message names it'
+      )

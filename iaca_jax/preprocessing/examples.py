@@ -17,6 +17,7 @@ from PIL import Image
 
 from iaca_jax.preprocessing import annotations, corruptions, windows
 from iaca_jax.preprocessing import mel as mel_lib
+from iaca_jax.preprocessing.errors import DataError
 
 FACE_SIZE = 112
 FRAMES_PER_WINDOW = windows.CLIPS_PER_WINDOW * windows.FRAMES_PER_SAMPLE  # 128
@@ -72,30 +73,41 @@ def zero_frame_jpeg() -> bytes:
   return _ZERO_JPEG
 
 
-def check_jpeg(data: bytes, path: str) -> tuple[bytes, bool]:
-  """Decodes a face crop; returns (JPEG bytes of a 112x112 RGB image, re-encoded?).
+def check_jpeg(data: bytes, path: str) -> tuple[bytes, str | None]:
+  """Decodes a face crop; returns (JPEG bytes of a 112x112 RGB image, what was changed or None).
 
-  Crops that are not 112x112 RGB JPEGs are converted and re-encoded.
+  Crops that are not 112x112 RGB JPEGs are converted and re-encoded; the second value then says how
+  ('resized from 64x64', 'converted from L', ...).
 
   Raises:
-    OSError / ValueError (from PIL) if the file is not a readable image.
+    ValueError with the reason (an empty file, not an image, a truncated image) if the file is not a
+    readable image.
   """
-  with Image.open(io.BytesIO(data)) as im:
-    im.load()
-    if im.format == 'JPEG' and im.mode == 'RGB' and im.size == (FACE_SIZE, FACE_SIZE):
-      return data, False
-    im = im.convert('RGB')
-    if im.size != (FACE_SIZE, FACE_SIZE):
-      im = im.resize((FACE_SIZE, FACE_SIZE), Image.BILINEAR)
-    buf = io.BytesIO()
-    im.save(buf, format='JPEG', quality=95)
-    return buf.getvalue(), True
+  if not data:
+    raise ValueError('empty file (0 bytes)')
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      size, mode, kind = im.size, im.mode, im.format
+      if kind == 'JPEG' and mode == 'RGB' and size == (FACE_SIZE, FACE_SIZE):
+        return data, None
+      im = im.convert('RGB')
+      if size != (FACE_SIZE, FACE_SIZE):
+        im = im.resize((FACE_SIZE, FACE_SIZE), Image.BILINEAR)
+  except Image.UnidentifiedImageError:
+    raise ValueError(f'not an image file ({len(data)} bytes)') from None
+  buf = io.BytesIO()
+  im.save(buf, format='JPEG', quality=95)
+  if size != (FACE_SIZE, FACE_SIZE):
+    return buf.getvalue(), f'resized from {size[0]}x{size[1]} to {FACE_SIZE}x{FACE_SIZE}'
+  return buf.getvalue(), f'converted from {kind} {mode} to an RGB JPEG'
 
 
 def load_crops(
   crop_paths: dict[int, str], num_frames: int, video: str, stats: BuildStats
 ) -> dict[int, bytes]:
-  """Reads and checks the crops of frames 1..num_frames; unreadable ones are skipped."""
+  """Reads and checks the crops of frames 1..num_frames; unreadable ones are skipped (counted and
+  named), resized ones counted and named, other conversions (mode, format) counted."""
   crops = {}
   beyond = 0
   for frame in sorted(crop_paths):
@@ -106,11 +118,13 @@ def load_crops(
     try:
       with open(path, 'rb') as f:
         data = f.read()
-      data, reencoded = check_jpeg(data, path)
+      data, change = check_jpeg(data, path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       stats.warn('unreadable_jpegs', f'unreadable face crop {path} ({e}): treated as no face')
       continue
-    if reencoded:
+    if change and change.startswith('resized'):
+      stats.warn('resized_jpegs', f'face crop {path} {change}')
+    elif change:
       stats.count('reencoded_jpegs')
     crops[frame] = data
   if beyond:
@@ -210,6 +224,12 @@ def video_examples(
     for c in np.flatnonzero(real):
       waves[c] = mel_lib.clip_waveform(
         video.audio, mel.sample_rate, video.fps, int(end_frame[c]), mel.clip_samples
+      )
+    bad = np.flatnonzero(~np.isfinite(waves).all(axis=1))
+    if bad.size:
+      raise DataError(
+        f'{video.name}: the clip ending at frame {int(end_frame[bad[0]])} has non-finite audio samples '
+        '(the decoded track holds NaN or infinity)'
       )
     audio = mel_lib.log_mel(waves, mel)
     # Padding clips get the log-mel of silence too (what a zero waveform gives).

@@ -264,6 +264,17 @@ def plan_splits(
   twice = sorted(n for n, c in seen.items() if c > 1)
   if twice:
     raise DataError(f'videos in more than one split in {root}: {", ".join(twice)}')
+  crops_root = os.path.join(root, layout.CROPS_DIR)
+  unused = sorted(
+    n for n in os.listdir(crops_root) if os.path.isdir(os.path.join(crops_root, n)) and n not in seen
+  )
+  if unused:  # normal for Aff-Wild2 (other tracks' videos), a lost annotation file otherwise: say it once
+    build_stats.setdefault('train', examples.BuildStats()).warn(
+      'crop_folders_in_no_split',
+      f'{len(unused)} crop folder(s) in {crops_root} belong to no split (no annotation file, not in the test '
+      f'list): {", ".join(unused[:20])}{" ..." if len(unused) > 20 else ""}',
+      n=len(unused),
+    )
   for split, p in plans.items():
     if not p:
       raise DataError(f'split {split} of {root} has no usable video')
@@ -285,18 +296,32 @@ def _plan_video(
       stats.warn('videos_without_crop_folder', f'missing crop folder {folder}: training video {name} skipped')
       return None
     raise DataError(f'missing crop folder {folder} for {split} video {name}')
+  if not layout.list_crops(folder):  # an empty folder is no better than a missing one
+    if split == 'train':
+      stats.warn(
+        'videos_without_crops',
+        f'crop folder {folder} holds no <%05d>.jpg face crop: training video {name} skipped',
+      )
+      return None
+    raise DataError(f'crop folder {folder} of {split} video {name} holds no <%05d>.jpg face crop')
   raw = layout.raw_video_for(name, raw_index)
-  info = None
+  info, unreadable = None, None
   if raw is not None:
     try:
       info = audio_lib.probe_media(raw)
-    except Exception:  # pylint: disable=broad-except  (PyAV raises many types)
-      info = None  # decode_audio reports the unreadable file when the audio is read
+    except Exception as e:  # pylint: disable=broad-except  (PyAV raises many types)
+      unreadable = f'{type(e).__name__}: {e}'
   fps = info.fps if info and info.fps else None
   name_fps = layout.fps_from_name(layout.audio_source_name(name))
   if fps is None:
     fps = name_fps or DEFAULT_FPS
-    if raw is not None:
+    if unreadable:  # said first and once: the frame rate, the frame count check and the audio
+      stats.warn(
+        'raw_video_unreadable',
+        f'cannot open raw video {raw} ({unreadable}): frame rate {fps} '
+        'assumed, its frame count not checked, its audio treated as silence',
+      )
+    elif raw is not None:
       stats.warn('fps_not_from_container', f'{raw}: no frame rate in the container, using {fps}')
   elif name_fps and abs(name_fps - fps) > 0.5:
     logging.info('%s: container says %.3f fps, name says %s; using the container', raw, fps, name_fps)
