@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from iaca_jax.data_checks import NON_FINITE, checked_finite, damaged_shard_message
 from iaca_jax.preprocessing.errors import DataError
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
@@ -172,22 +173,6 @@ class Batches:
       ) from None
 
 
-def damaged_shard_message(builder, split: str, reason: str) -> str:
-  """Names the shard files of `split` that fail TFRecord's checks (read again, on error only)."""
-  damaged = []
-  for path in builder.info.splits[split].filepaths:
-    try:
-      for _ in tf.data.TFRecordDataset(str(path)):
-        pass
-    except tf.errors.DataLossError:
-      damaged.append(str(path))
-  where = ', '.join(damaged) if damaged else f'one of the {split} shards in {builder.data_dir}'
-  return (
-    f'damaged TFRecord shard in the {split} split of {builder.name}: {where} ({reason}). Rebuild the '
-    'dataset (python -m data.build ... --overwrite) or restore the file.'
-  )
-
-
 def _decoders(builder, features: Sequence[str] | None):
   names = list(builder.info.features.keys())
   if features is None:
@@ -268,25 +253,10 @@ def _prepare(example, *, jitter_seed=None, jitter_range: Sequence[float] | None 
         video = jitter_clips(video, jitter_seed, jitter_range)
       value = _normalise(video)
     elif value.dtype.is_floating:
-      value = _checked_finite(name, tf.cast(value, tf.float32), example)
+      value = checked_finite(name, tf.cast(value, tf.float32), example)
     out[name] = value
   out['valid_window'] = tf.constant(True)
   return out
-
-
-NON_FINITE = 'non-finite values in feature'
-
-
-def _checked_finite(name: str, value, example):
-  """`value`, after an assertion that it holds no NaN or infinity (the error names the window)."""
-  where = [f'{NON_FINITE} {name!r} of the window of']
-  if 'video_name' in example:
-    where.append(example['video_name'])
-  if 'end_frame' in example:
-    where += ['ending at frame', tf.reduce_max(example['end_frame'])]
-  check = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(value)), where, summarize=4)
-  with tf.control_dependencies([check]):
-    return tf.identity(value)
 
 
 def num_train_batches(
