@@ -30,19 +30,17 @@ class Evaluator:
     self.model = build_model(config.model)
     self.trainer = train_lib.Trainer(self.model, train_lib.create_mesh())
     self.data = data_source.DataSource(config)
+    missing = FileNotFoundError(
+      f'No {which} checkpoint under {workdir}/checkpoints: train first (python train.py --workdir {workdir} ...).'
+    )
     if not os.path.isdir(os.path.join(workdir, 'checkpoints', which)):  # before Orbax creates folders
-      raise FileNotFoundError(
-        f'No {which} checkpoint under {workdir}/checkpoints: train first (python train.py --workdir {workdir} ...).'
-      )
+      raise missing
     checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
     abstract = train_lib.abstract_model_state(config, self.model, self.data, self.trainer)
     restored = checkpoints.restore_part(abstract, best=which == 'best')
     checkpoints.close()
     if restored is None:
-      raise FileNotFoundError(
-        f'No {which} checkpoint under {workdir}/checkpoints: train first '
-        f'(python train.py --workdir {workdir} ...).'
-      )
+      raise missing
     parts, self.meta = restored
     self.variables = train_lib.model_variables(parts['params'], parts['frozen_params'], parts['batch_stats'])
     self.step = int(jax.device_get(parts['step']))

@@ -13,6 +13,8 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 import types  # noqa: E402
 
+import librosa  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import tiny as tiny_config  # noqa: E402
@@ -58,3 +60,26 @@ def cached(tiny):
     if not os.path.exists(os.path.join(features_dir, 'dataset_info.json')):
       feature_cache.cache_features(make_config(tiny.data_dir, features_dir))
   return make_config(tiny.data_dir, features_dir)
+
+
+def librosa_log_mel(y, sr):
+  """The normalised log-mel of docs/DESIGN.md §2, written directly with librosa's public functions
+  (the independent reference of the mel and input-pipeline tests)."""
+  s = librosa.feature.melspectrogram(
+    y=y.astype(np.float64),
+    sr=sr,
+    n_fft=1024,
+    hop_length=441,
+    win_length=882,
+    window='hann',
+    center=True,
+    pad_mode='reflect',
+    power=2.0,
+    n_mels=64,
+    fmin=0.0,
+    fmax=sr / 2,
+    htk=True,
+    norm=None,
+  )
+  db = librosa.power_to_db(s, ref=1.0, amin=1e-10, top_db=80.0)
+  return (db + 14.8) / 19.895

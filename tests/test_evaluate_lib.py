@@ -12,6 +12,20 @@ from iaca_jax import evaluate_lib, train_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_evaluate(workdir: str, *args: str) -> subprocess.CompletedProcess:
+  """evaluate.py on configs/tiny.py in a fresh process, as a user runs it."""
+  cmd = [
+    sys.executable,
+    'evaluate.py',
+    '--config',
+    os.path.join(REPO, 'configs/tiny.py'),
+    '--workdir',
+    workdir,
+    *args,
+  ]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def test_evaluate_end_to_end_with_missing_audio_and_submission(cached, tiny, tmp_path):
   config = cached
   config.num_epochs = 1
@@ -25,12 +39,7 @@ def test_evaluate_end_to_end_with_missing_audio_and_submission(cached, tiny, tmp
   changed = np.abs(clips['predictions'] - clean['predictions']).max(-1) > 1e-6
   assert changed[clips['silenced']].mean() > 0.9  # silencing reaches the model
   out = str(tmp_path / 'eval')
-  cmd = [
-    sys.executable,
-    'evaluate.py',
-    '--config',
-    os.path.join(REPO, 'configs/tiny.py'),
-    '--workdir',
+  run = run_evaluate(
     workdir,
     f'--config.dataset.data_dir={tiny.data_dir}',
     f'--config.dataset.features_dir={config.dataset.features_dir}',
@@ -41,8 +50,8 @@ def test_evaluate_end_to_end_with_missing_audio_and_submission(cached, tiny, tmp
     '--seeds=0',
     '--submission',
     '--attention_figure=syn003',
-  ]
-  subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+  )
+  assert run.returncode == 0, run.stderr[-2000:]
   scores = json.load(open(os.path.join(out, 'metrics_validation.json')))
   assert np.isfinite(scores['ccc_mean']) and scores['n_frames'] > 0
   sweep = json.load(open(os.path.join(out, 'missing_audio.json')))
@@ -59,14 +68,6 @@ def test_evaluate_end_to_end_with_missing_audio_and_submission(cached, tiny, tmp
 def test_evaluate_without_a_checkpoint_is_one_line_and_writes_nothing(tmp_path):
   workdir = tmp_path / 'empty'
   workdir.mkdir()
-  cmd = [
-    sys.executable,
-    'evaluate.py',
-    '--config',
-    os.path.join(REPO, 'configs/tiny.py'),
-    '--workdir',
-    str(workdir),
-  ]
-  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = run_evaluate(str(workdir))
   assert result.returncode == 1 and 'error: No best checkpoint' in result.stderr, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr and os.listdir(workdir) == []

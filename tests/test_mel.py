@@ -1,32 +1,10 @@
 """Per-clip waveform cutting and log-mel (docs/DESIGN.md §2) against direct computations."""
 
-import librosa
 import numpy as np
 import pytest
+from conftest import librosa_log_mel
 
 from iaca_jax.preprocessing import mel
-
-
-def _librosa_reference(y, sr):
-  """docs/DESIGN.md §2 written directly with librosa's public functions."""
-  s = librosa.feature.melspectrogram(
-    y=y.astype(np.float64),
-    sr=sr,
-    n_fft=1024,
-    hop_length=441,
-    win_length=882,
-    window='hann',
-    center=True,
-    pad_mode='reflect',
-    power=2.0,
-    n_mels=64,
-    fmin=0.0,
-    fmax=sr / 2,
-    htk=True,
-    norm=None,
-  )
-  db = librosa.power_to_db(s, ref=1.0, amin=1e-10, top_db=80.0)
-  return (db + 14.8) / 19.895
 
 
 def _clips(rng):
@@ -59,7 +37,7 @@ def test_log_mel_equals_librosa():
   got = mel.log_mel(clips, mel.mel_settings(44_100))
   assert got.shape == (5, 64, 104) and got.dtype == np.float32
   for y, g in zip(clips, got):
-    np.testing.assert_allclose(g, _librosa_reference(y, 44_100), atol=2e-4, rtol=0)
+    np.testing.assert_allclose(g, librosa_log_mel(y, 44_100), atol=2e-4, rtol=0)
   # Silence: 10 log10(1e-10) = -100 dB everywhere.
   np.testing.assert_allclose(got[-1], (-100 + 14.8) / 19.895, atol=1e-6)
   # The 80 dB floor is relative to each clip's own maximum.
