@@ -23,7 +23,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from iaca_jax import data_source, input_pipeline, pretrained
-from iaca_jax.compile_options import compiler_options
 from iaca_jax.models import IACAModel, build_model, init_variables
 from iaca_jax.preprocessing import mel
 
@@ -46,8 +45,7 @@ class _Encoder:
   def __init__(self, model: IACAModel, variables: dict):
     self.variables = variables
     self.apply = jax.jit(
-      lambda v, video, audio: model.apply(v, {'video': video, 'audio': audio}, method=IACAModel.encode),
-      compiler_options=compiler_options(),
+      lambda v, video, audio: model.apply(v, {'video': video, 'audio': audio}, method=IACAModel.encode)
     )
 
   def __call__(self, video: np.ndarray, audio: np.ndarray):

@@ -29,7 +29,6 @@ from jax.sharding import PartitionSpec as P
 
 from iaca_jax import inference, losses, metrics, pretrained
 from iaca_jax.checkpoints import Checkpoints
-from iaca_jax.compile_options import compiler_options
 from iaca_jax.data_source import DataSource
 from iaca_jax.fileio import atomic_write
 from iaca_jax.input_pipeline import DEVICE_KEYS, MODEL_INPUT_KEYS
@@ -186,13 +185,8 @@ class Trainer:
       functools.partial(train_step, model=model),
       donate_argnums=(0,),
       out_shardings=(self.replicated, self.replicated),
-      compiler_options=compiler_options(),
     )
-    self.eval_step = jax.jit(
-      functools.partial(eval_step, model=model),
-      out_shardings=self.replicated,
-      compiler_options=compiler_options(),
-    )
+    self.eval_step = jax.jit(functools.partial(eval_step, model=model), out_shardings=self.replicated)
 
   def replicate(self, tree):
     return jax.device_put(tree, self.replicated)

@@ -208,3 +208,38 @@ def test_user_mistakes_end_in_one_line_before_any_work(tmp_path):
     assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
     assert 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / 'run').exists()  # nothing written for a bad config
+
+
+STOPPED_RUN = """
+import sys
+import numpy as np
+from configs import tiny
+from iaca_jax import train_lib
+
+config = tiny.get_config()
+config.dataset.data_dir, config.dataset.features_dir, workdir = sys.argv[1:4]
+config.log_every_steps, config.checkpoint_every_steps = 1, 2
+prefetch_to_devices = train_lib.prefetch_to_devices
+
+def with_nan_in_third_batch(batches, *args):
+  def batches_():
+    for i, batch in enumerate(batches):
+      yield dict(batch, audio_features=batch['audio_features'] * np.nan) if i == 2 else batch
+  return prefetch_to_devices(batches_(), *args)
+
+train_lib.prefetch_to_devices = with_nan_in_third_batch
+train_lib.train_and_evaluate(config, workdir)  # raises at step 3, its process then exits
+"""
+
+
+def test_a_run_stopped_by_a_bad_step_keeps_the_checkpoint_saved_before_it(cached, tmp_path):
+  # The save of step 2 is still in flight when step 3 fails and the interpreter shuts down.
+  workdir = str(tmp_path / 'run')
+  config = cached
+  args = [sys.executable, '-c', STOPPED_RUN, config.dataset.data_dir, config.dataset.features_dir, workdir]
+  run = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode != 0 and 'Non-finite step 3' in run.stderr, run.stderr[-2000:]
+  latest = os.path.join(workdir, 'checkpoints', 'latest')
+  assert sorted(os.listdir(latest)) == ['2'], os.listdir(latest)  # complete, nothing temporary
+  step, params = final_params(workdir)
+  assert step == 2 and all(np.isfinite(p).all() for p in jax.tree.leaves(params))
