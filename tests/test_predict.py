@@ -21,9 +21,18 @@ from PIL import Image
 
 from configs import tiny as tiny_config
 from data import build
-from iaca_jax import evaluate_lib, faces, metrics, predict_lib, predict_outputs, train_lib
+from iaca_jax import (
+  data_source,
+  evaluate_lib,
+  faces,
+  input_pipeline,
+  metrics,
+  predict_lib,
+  predict_outputs,
+  train_lib,
+)
 from iaca_jax.checkpoints import Checkpoints
-from iaca_jax.models import build_model
+from iaca_jax.models import IACAModel, build_model
 from iaca_jax.preprocessing import audio as audio_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,13 +40,14 @@ NUM_FRAMES = 96
 BLANK = (40, 56)
 
 
-def make_run(workdir: str, config) -> str:
-  """A workdir as train.py leaves it: config.json and a best checkpoint (here the initial state)."""
+def make_run(workdir: str, config, shapes=None) -> str:
+  """A workdir as train.py leaves it: config.json and a best checkpoint (here the initial state for
+  inputs shaped like `shapes`, default raw faces and log-mels)."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, train_lib.RUN_CONFIG_FILE), 'w') as f:
     f.write(config.to_json())
   model = build_model(config.model)
-  shapes = predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
+  shapes = shapes or predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
   state = train_lib.init_state(model, shapes, jax.random.key(config.seed + 1), optax.adamw(1e-3))
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
   checkpoints.save(1, state, {'best_score': 0.0}, best=True)
@@ -180,6 +190,41 @@ def test_plot_overlay_and_challenge_files(prediction, tmp_path):
   green = lambda rgb: np.sum((rgb[..., 1] > 200) & (rgb[..., 0] < 80) & (rgb[..., 2] < 80))
   assert green(frames[10]) > 100 and green(frames[45]) < 20
   assert sorted(os.listdir(tmp_path)) == ['face.mp4', 'face.png', 'face.txt']
+
+
+def test_a_cached_feature_run_gets_the_encoders_its_features_were_cached_with(cached, tmp_path):
+  """A run trained on cached features has no encoder in its checkpoint: predict must rebuild the
+  encoders that wrote the cache. Their features of a validation window equal the cached ones."""
+  run = make_run(str(tmp_path / 'cached_run'), cached, data_source.DataSource(cached).input_shapes())
+  loaded = predict_lib.load_model(run)
+  split = cached.dataset.eval_split
+  window = next(
+    iter(
+      input_pipeline.create_eval_dataset(
+        cached.dataset.name,
+        cached.dataset.data_dir,
+        global_batch_size=1,
+        split=split,
+        process_index=0,
+        process_count=1,
+      )
+    )
+  )
+  key = (window['video_name'][0], tuple(window['end_frame'][0]))
+  stored = next(  # the cache's windows are in another order
+    {k: v[i] for k, v in batch.items()}
+    for batch in data_source.DataSource(cached).eval_batches(split)
+    for i in range(len(batch['video_name']))
+    if (batch['video_name'][i], tuple(batch['end_frame'][i])) == key
+  )
+  model = build_model(loaded.config.model)
+  video_f, audio_f = model.apply(
+    jax.device_get(loaded.variables),
+    {'video': window['video'], 'audio': window['audio']},
+    method=IACAModel.encode,
+  )
+  np.testing.assert_allclose(video_f[0], stored['video_features'], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(audio_f[0], stored['audio_features'], atol=1e-5, rtol=1e-5)
 
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:

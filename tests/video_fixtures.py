@@ -16,20 +16,23 @@ SAMPLE_RATE = 16_000
 FACE_REGION = (slice(20, 220), slice(130, 330))  # rows, columns of the astronaut around her face
 
 
-def face_frames(num_frames: int, blank: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def face_frames(
+  num_frames: int, blank: tuple[int, int], width: int = WIDTH, height: int = HEIGHT
+) -> tuple[np.ndarray, np.ndarray]:
   """(N, H, W, 3) uint8 frames and the (N, 3) true (x, y, side) of the pasted head square, NaN where
   there is none: the astronaut's head moving left to right while shrinking from 150 to 100 pixels,
-  grey frames [blank[0], blank[1])."""
+  grey frames [blank[0], blank[1]). Sizes scale with `height` (given for 240)."""
   head = data.astronaut()[FACE_REGION]
-  frames = np.full((num_frames, HEIGHT, WIDTH, 3), 128, np.uint8)
+  frames = np.full((num_frames, height, width, 3), 128, np.uint8)
+  unit = height / HEIGHT
   truth = np.full((num_frames, 3), np.nan)
   for i in range(num_frames):
     if blank[0] <= i < blank[1]:
       continue
     t = i / max(num_frames - 1, 1)
-    side = int(round(150 - 50 * t))
-    x = int(round(10 + (WIDTH - side - 20) * t))
-    y = int(round((HEIGHT - side) / 2 + 20 * np.sin(2 * np.pi * t)))
+    side = int(round((150 - 50 * t) * unit))
+    x = int(round(10 + (width - side - 20) * t))
+    y = int(round((height - side) / 2 + 20 * unit * np.sin(2 * np.pi * t)))
     frames[i, y : y + side, x : x + side] = cv2.resize(head, (side, side), interpolation=cv2.INTER_AREA)
     truth[i] = (x, y, side)
   return frames, truth
@@ -71,9 +74,14 @@ def write_video(path: str, frames: np.ndarray, audio: np.ndarray | None, fps: in
 
 
 def write_face_video(
-  path: str, num_frames: int = 96, blank: tuple[int, int] = (40, 56), with_audio: bool = True
+  path: str,
+  num_frames: int = 96,
+  blank: tuple[int, int] = (40, 56),
+  with_audio: bool = True,
+  width: int = WIDTH,
+  height: int = HEIGHT,
 ):
   """The face video at `path`; returns the (N, 3) head squares of `face_frames`."""
-  frames, truth = face_frames(num_frames, blank)
+  frames, truth = face_frames(num_frames, blank, width, height)
   write_video(path, frames, voice(num_frames / FPS) if with_audio else None)
   return truth
