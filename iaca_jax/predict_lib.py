@@ -226,11 +226,11 @@ def find_faces(
   if not rate:
     raise PredictError(f'{path}: the video stream has no frame rate')
   detector = faces.FaceDetector(detect_size)
-  detections, num_frames, size = {}, 0, (0, 0)
+  detections, num_frames, last = {}, 0, None
   for i, rgb in enumerate(decode_frames(path)):
     if i % detect_every == 0:
       detections[i] = detector(rgb)
-    num_frames, size = i + 1, rgb.shape[:2]
+    num_frames, last = i + 1, rgb
     if progress is not None:
       progress.update(1)
   if num_frames < windows.FRAMES_PER_CLIP:
@@ -238,7 +238,8 @@ def find_faces(
       f'{path} has {num_frames} frames, fewer than one clip ({windows.FRAMES_PER_CLIP} frames)'
     )
   if (num_frames - 1) % detect_every:  # the last frame is always detected: no extrapolated tail
-    detections[num_frames - 1] = _detect_frame(path, num_frames - 1, detector)
+    detections[num_frames - 1] = detector(last)
+  size = last.shape[:2]
   track = faces.build_track(detections, num_frames, crop_scale)
   crops = {}
   for i, rgb in enumerate(decode_frames(path)):
@@ -250,13 +251,6 @@ def find_faces(
     if progress is not None:
       progress.update(1)
   return VideoFaces(path, float(rate), size[1], size[0], start, track, crops)
-
-
-def _detect_frame(path: str, index: int, detector: faces.FaceDetector) -> faces.Detection:
-  for i, rgb in enumerate(decode_frames(path)):
-    if i == index:
-      return detector(rgb)
-  return faces.Detection(None)
 
 
 def read_audio(video: VideoFaces, sample_rate: int) -> audio_lib.AudioTrack:

@@ -37,7 +37,8 @@ from iaca_jax.preprocessing import audio as audio_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_FRAMES = 96
-BLANK = (40, 56)
+BLANK = (40, 56)  # frames without a face
+PAUSE = (66, 81)  # frames without voice
 
 
 def make_run(workdir: str, config, shapes=None) -> str:
@@ -65,7 +66,7 @@ def run_config():
 @pytest.fixture(scope='module')
 def face_video(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('videos') / 'face.mp4')
-  squares = video_fixtures.write_face_video(path, NUM_FRAMES, BLANK)
+  squares = video_fixtures.write_face_video(path, NUM_FRAMES, BLANK, pause=(PAUSE[0] / 30, PAUSE[1] / 30))
   return path, squares
 
 
@@ -104,6 +105,16 @@ def test_detecting_every_fifth_frame_errs_only_next_to_a_change(face_video):
   assert set(np.flatnonzero(track.detected)) == set(range(0, NUM_FRAMES, 5)) | {NUM_FRAMES - 1}
   wrong = np.flatnonzero(track.present != truth)
   assert all(min(abs(i - b) for b in BLANK) <= 2 for i in wrong), wrong
+
+
+def test_the_silent_frames_are_the_pause(prediction):
+  assert prediction.audio_status == audio_lib.OK
+  expected = np.zeros(NUM_FRAMES, bool)
+  expected[PAUSE[0] : PAUSE[1]] = True
+  near_an_edge = np.zeros(NUM_FRAMES, bool)
+  for edge in PAUSE:
+    near_an_edge[edge - 2 : edge + 2] = True  # AAC spreads the edges over a few milliseconds
+  np.testing.assert_array_equal(prediction.silent[~near_an_edge], expected[~near_an_edge])
 
 
 def read_csv(path: str) -> tuple[str, np.ndarray]:

@@ -38,13 +38,18 @@ def face_frames(
   return frames, truth
 
 
-def voice(duration: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-  """A voiced sound: harmonics of a gliding 120-220 Hz pitch under a 4 Hz syllable envelope. (S,)"""
+def voice(
+  duration: float, sample_rate: int = SAMPLE_RATE, pause: tuple[float, float] | None = None
+) -> np.ndarray:
+  """A voiced sound: harmonics of a gliding 120-220 Hz pitch under a 2 Hz syllable envelope, silent
+  during `pause` (seconds). (S,) float32."""
   t = np.arange(int(duration * sample_rate)) / sample_rate
   f0 = 170 + 50 * np.sin(2 * np.pi * 0.7 * t)
   phase = 2 * np.pi * np.cumsum(f0) / sample_rate
   wave = sum(np.sin(k * phase) / k for k in range(1, 8))
-  envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 2
+  envelope = 0.3 + 0.7 * np.sin(2 * np.pi * 2 * t) ** 2
+  if pause is not None:
+    envelope[(t >= pause[0]) & (t < pause[1])] = 0.0
   return (0.3 * wave * envelope).astype(np.float32)
 
 
@@ -80,8 +85,10 @@ def write_face_video(
   with_audio: bool = True,
   width: int = WIDTH,
   height: int = HEIGHT,
+  pause: tuple[float, float] | None = None,
 ):
-  """The face video at `path`; returns the (N, 3) head squares of `face_frames`."""
+  """The face video at `path` (a silent `pause` in seconds); returns the (N, 3) head squares of
+  `face_frames`."""
   frames, truth = face_frames(num_frames, blank, width, height)
-  write_video(path, frames, voice(num_frames / FPS) if with_audio else None)
+  write_video(path, frames, voice(num_frames / FPS, pause=pause) if with_audio else None)
   return truth
