@@ -29,6 +29,7 @@ from iaca_jax import (
   metrics,
   predict_lib,
   predict_outputs,
+  pretrained,
   train_lib,
 )
 from iaca_jax.checkpoints import Checkpoints
@@ -236,6 +237,22 @@ def test_a_cached_feature_run_gets_the_encoders_its_features_were_cached_with(ca
   )
   np.testing.assert_allclose(video_f[0], stored['video_features'], atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(audio_f[0], stored['audio_features'], atol=1e-5, rtol=1e-5)
+
+
+def test_converted_weights_give_the_model_they_were_converted_for(model, prediction, face_video, tmp_path):
+  """A converted-weights directory: the model settings from its conversion.json, the weights in place;
+  the same weights as the run give the same predictions."""
+  variables = jax.device_get(model.variables)
+  settings = {'features': model.config.model.features, 'lstm_hidden': model.config.model.lstm_hidden}
+  path = pretrained.save_converted(
+    variables, str(tmp_path / 'converted'), metadata={'model_config': settings}
+  )
+  base = run_config()
+  base.model.features, base.model.lstm_hidden = 32, 32  # replaced by conversion.json
+  converted = predict_lib.load_model(path, base_config=base)
+  assert converted.config.model.features == model.config.model.features
+  again = predict_lib.predict_video(converted, face_video[0], detect_every=1, show_progress=False)
+  np.testing.assert_allclose(again.raw, prediction.raw, atol=1e-6, rtol=0)
 
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
