@@ -319,7 +319,10 @@ def predict_video(
   """
   name = os.path.splitext(os.path.basename(path))[0]
   batch_size = batch_size or jax.device_count()
-  with tqdm.tqdm(desc=f'{name}: faces', unit='frame', disable=not show_progress, leave=False) as bar:
+  count = check_video(path)  # the frame count from the packets; errors before any decoding
+  with tqdm.tqdm(
+    total=2 * count, desc=f'{name}: faces', unit='frame', disable=not show_progress, leave=False
+  ) as bar:  # two passes: detection, then crops
     video = find_faces(path, progress=bar, **face_options)
     track = read_audio(video, model.sample_rate)
     settings = mel_lib.mel_settings(model.sample_rate)
