@@ -132,6 +132,12 @@ def attention_figure(
   return reports.attention_figure(window, clips, video, os.path.join(output_dir, f'attention_{video}.png'))
 
 
+def submission_lines(video: str, smoothed: np.ndarray) -> list[str]:
+  """The challenge file's rows of one video, `<video>/<frame, 5 digits>.jpg,valence,arousal`, from
+  its post-processed (N, 2) predictions."""
+  return [f'{video}/{i + 1:05d}.jpg,{v:.6f},{a:.6f}' for i, (v, a) in enumerate(smoothed)]
+
+
 def write_submission(evaluator: Evaluator, split: str, output_dir: str) -> str:
   """The challenge file: `image_location,valence,arousal`, one post-processed row per frame."""
   videos = metrics.clips_to_frames(evaluator.predict(split))
@@ -140,8 +146,7 @@ def write_submission(evaluator: Evaluator, split: str, output_dir: str) -> str:
     predictions = videos[name]['predictions']
     if np.isnan(predictions).any():
       raise ValueError(f'Video {name}: {int(np.isnan(predictions).any(-1).sum())} frames have no prediction.')
-    smoothed = metrics.postprocess(predictions)
-    lines += [f'{name}/{i + 1:05d}.jpg,{v:.6f},{a:.6f}' for i, (v, a) in enumerate(smoothed)]
+    lines += submission_lines(name, metrics.postprocess(predictions))
   path = os.path.join(output_dir, f'submission_{split}.csv')
   atomic_write(path, '\n'.join(lines) + '\n')
   return path

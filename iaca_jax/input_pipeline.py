@@ -381,3 +381,13 @@ def create_eval_dataset(
     return ds.prefetch(prefetch)
 
   return Batches(make, num_batches, end - start, local, source=(builder, split))
+
+
+_prepare_compiled = tf.function(_prepare)
+
+
+def prepare_eval_window(example: dict[str, Any]) -> dict[str, np.ndarray]:
+  """One window as the builders write it (128 face JPEGs, log-mels, clip keys; `video_name` is left
+  out) -> the row `create_eval_dataset` makes of it: faces decoded and normalised, `valid_window`."""
+  tensors = {k: tf.constant(v) for k, v in example.items() if k != 'video_name'}
+  return {k: v.numpy() for k, v in _prepare_compiled(tensors).items()}

@@ -35,6 +35,8 @@ from iaca_jax.input_pipeline import DEVICE_KEYS, MODEL_INPUT_KEYS
 from iaca_jax.models import IACAModel, build_model, init_variables
 from iaca_jax.writers import create_metric_writer
 
+RUN_CONFIG_FILE = 'config.json'  # the run's config, in its workdir: what predict.py builds the model from
+
 
 class TrainState(flax.struct.PyTreeNode):
   step: jnp.ndarray
@@ -285,6 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.distributed:
     jax.distributed.initialize()
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
   model = build_model(config.model)
   trainer = Trainer(model, create_mesh())
   data = DataSource(config)

@@ -3,6 +3,7 @@ encoders have no optimizer state; a non-finite loss leaves the state unchanged; 
 schedule; the loss falls; a resumed run equals an uninterrupted one."""
 
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -172,6 +173,8 @@ def test_resumed_run_equals_uninterrupted_run(cached, tmp_path):
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
   assert os.path.isfile(os.path.join(resumed, 'train_result.json'))
+  with open(os.path.join(resumed, train_lib.RUN_CONFIG_FILE)) as f:  # what predict.py builds from
+    assert json.load(f) == json.loads(config.to_json())
   assert any(f.startswith('events') for f in os.listdir(os.path.join(resumed, 'tensorboard')))
 
 

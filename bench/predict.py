@@ -1,0 +1,190 @@
+r"""Benchmark of predict.py: frames per second on a video file, and the face detector's share.
+
+    .venv/bin/python bench/predict.py [--frames=512] [--paper_windows=2]
+
+Writes a 640x360, 30 fps test video (scikit-image's astronaut moving and scaling, a synthetic voice,
+tests/video_fixtures.py) and a run of each model as train.py leaves it (config.json and an untrained
+best checkpoint: speed does not depend on the weights), then:
+- demo model (configs/synthetic_demo.py): the whole `predict_video` on the video, with the detector
+  on every frame and on every 5th (the default), timed per stage; the detector's share of the time.
+- paper-size model (configs/default.py): the model on `--paper_windows` windows of the same video
+  after one warm-up window; its frames/s is 16 frames per window (every window ends 16 clips, one per
+  frame, on a video of 512 frames or more) over the seconds per window, plus the faces and audio
+  stages measured on the demo run.
+Results: bench/results/predict_cpu.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import video_fixtures  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from configs import default, synthetic_demo  # noqa: E402
+from iaca_jax import faces, predict_lib, train_lib  # noqa: E402
+from iaca_jax.checkpoints import Checkpoints  # noqa: E402
+from iaca_jax.inference import predict_split  # noqa: E402
+from iaca_jax.models import IACAModel, build_model  # noqa: E402
+from iaca_jax.preprocessing import examples, windows  # noqa: E402
+from iaca_jax.preprocessing import mel as mel_lib  # noqa: E402
+
+flags.DEFINE_integer('frames', 512, 'Frames of the test video (>= 512 for the steady window rate).')
+flags.DEFINE_integer('paper_windows', 2, 'Timed windows of the paper-size model (after one warm-up).')
+flags.DEFINE_string('work_dir', '', 'Where the video and runs go (default: a temporary folder).')
+flags.DEFINE_string('out', os.path.join(ROOT, 'bench', 'results', 'predict_cpu.json'), 'JSON result file.')
+FLAGS = flags.FLAGS
+
+
+def make_run(workdir: str, config) -> str:
+  """config.json and an initial state as the best checkpoint, for the inputs the run would train on."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, train_lib.RUN_CONFIG_FILE), 'w') as f:
+    f.write(config.to_json())
+  model = build_model(config.model)
+  shapes = predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
+  if config.dataset.features_dir:
+    variables = jax.eval_shape(lambda r: model.init(r, shapes), jax.random.key(0))
+    video_f, audio_f = jax.eval_shape(lambda v: model.apply(v, shapes, method=IACAModel.encode), variables)
+    shapes = {'video_features': video_f, 'audio_features': audio_f}
+  state = train_lib.init_state(model, shapes, jax.random.key(config.seed + 1), optax.adamw(1e-3))
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  checkpoints.save(1, state, {'best_score': 0.0}, best=True)
+  checkpoints.wait()
+  checkpoints.close()
+  return workdir
+
+
+class DetectorTimer:
+  """Wraps FaceDetector.__call__ to add up its seconds."""
+
+  def __init__(self):
+    self.seconds, self.calls = 0.0, 0
+    self._call = faces.FaceDetector.__call__
+    timer = self
+
+    def timed(detector, rgb):
+      start = time.perf_counter()
+      try:
+        return timer._call(detector, rgb)
+      finally:
+        timer.seconds += time.perf_counter() - start
+        timer.calls += 1
+
+    faces.FaceDetector.__call__ = timed
+
+  def reset(self):
+    self.seconds, self.calls = 0.0, 0
+
+
+def time_stages(model: predict_lib.LoadedModel, path: str, detect_every: int, timer: DetectorTimer) -> dict:
+  """Seconds of the whole `predict_video`, of the detector inside it, and of its stages run alone."""
+  timer.reset()
+  start = time.perf_counter()
+  full = predict_lib.predict_video(model, path, detect_every=detect_every, show_progress=False)
+  whole_s = time.perf_counter() - start
+  detector_s, calls = timer.seconds, timer.calls
+  start = time.perf_counter()
+  video = predict_lib.find_faces(path, detect_every=detect_every)
+  faces_s = time.perf_counter() - start
+  start = time.perf_counter()
+  track = predict_lib.read_audio(video, model.sample_rate)
+  audio_s = time.perf_counter() - start
+  n = video.num_frames
+  return dict(
+    detect_every=detect_every,
+    frames=n,
+    face_share=round(float(full.faces.track.present.mean()), 4),
+    audio_status=track.status,
+    predict_video_s=round(whole_s, 3),
+    frames_per_s=round(n / whole_s, 2),
+    detector_s=round(detector_s, 3),
+    detector_calls=calls,
+    detector_share=round(detector_s / whole_s, 4),
+    faces_s=round(faces_s, 3),
+    audio_s=round(audio_s, 3),
+    windows_and_model_s=round(max(whole_s - faces_s - audio_s, 0.0), 3),
+  )
+
+
+def paper_model(path: str, work_dir: str, video: predict_lib.VideoFaces, windows_timed: int) -> dict:
+  """The paper-size model on the first windows of the video: seconds per window after a warm-up."""
+  config = default.get_config()
+  start = time.perf_counter()
+  run = make_run(os.path.join(work_dir, 'paper_run'), config)
+  model = predict_lib.load_model(run)
+  setup_s = time.perf_counter() - start
+  track = predict_lib.read_audio(video, model.sample_rate)
+  item = examples.VideoInput('bench', video.num_frames, video.fps, video.crops, track.samples)
+  settings = mel_lib.mel_settings(model.sample_rate)
+  batch_size = jax.device_count()
+  seconds = []
+  iterator = predict_lib._batches(
+    examples.video_examples(item, settings, train=False), 'bench', batch_size, None
+  )
+  for i, batch in enumerate(iterator):
+    if i > windows_timed:
+      break
+    start = time.perf_counter()
+    predict_split(model.trainer, model.variables, [batch])
+    seconds.append(time.perf_counter() - start)
+  per_window = float(np.mean(seconds[1:])) / batch_size
+  return dict(
+    setup_s=round(setup_s, 1),
+    first_window_s=round(seconds[0], 2),
+    timed_windows=len(seconds) - 1,
+    seconds_per_window=round(per_window, 3),
+    model_frames_per_s=round(windows.CLIPS_PER_WINDOW / per_window, 3),
+  )
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix='iaca_bench_predict_')
+  os.makedirs(work_dir, exist_ok=True)
+  path = os.path.join(work_dir, 'face.mp4')
+  video_fixtures.write_face_video(path, FLAGS.frames, (200, 260), width=640, height=360)
+  timer = DetectorTimer()
+  result = {'machine': common.machine(), 'load_average_before': common.load_average(), 'video': path}
+  demo_config = synthetic_demo.get_config()
+  start = time.perf_counter()
+  demo = predict_lib.load_model(make_run(os.path.join(work_dir, 'demo_run'), demo_config))
+  result['demo_setup_s'] = round(time.perf_counter() - start, 1)
+  predict_lib.predict_video(demo, path, show_progress=False)  # compile the model once
+  result['demo'] = [time_stages(demo, path, every, timer) for every in (1, faces.DEFAULT_DETECT_EVERY)]
+  for row in result['demo']:
+    print(f'demo, detect every {row["detect_every"]}: {json.dumps(row)}', flush=True)
+  video = predict_lib.find_faces(path)
+  paper = paper_model(path, work_dir, video, FLAGS.paper_windows)
+  demo_default = result['demo'][-1]
+  host_per_frame = (demo_default['faces_s'] + demo_default['audio_s']) / demo_default['frames']
+  paper['frames_per_s'] = round(1.0 / (host_per_frame + 1.0 / paper['model_frames_per_s']), 3)
+  paper['detector_share'] = round(
+    demo_default['detector_s'] / demo_default['frames'] / (1.0 / paper['frames_per_s']), 5
+  )
+  result['paper'] = paper
+  print(f'paper: {json.dumps(paper)}', flush=True)
+  result['load_average_after'] = common.load_average()
+  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+  with open(FLAGS.out, 'w') as f:
+    json.dump(result, f, indent=1)
+  print(f'Wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,344 @@
+"""What predict.py does: any video file -> face crops and audio -> 16-clip windows -> the model ->
+per-frame valence and arousal.
+
+Every stage after the faces is the existing code: the preprocessing stage's window schedule, frame
+rules and log-mels (`preprocessing.examples.video_examples`, as for a test-split video: a frame
+without a face is a missing crop), the input pipeline's face decoding and normalisation, the
+evaluation's model run (`inference.predict_split`) and post-processing (`metrics.clips_to_frames`,
+`metrics.postprocess`). The model comes from a training run's workdir (its recorded `config.json`
+and best checkpoint) or from a directory of converted weights (its `conversion.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import av
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from PIL import Image
+
+from iaca_jax import faces, feature_cache, input_pipeline, metrics, pretrained, train_lib
+from iaca_jax.checkpoints import Checkpoints
+from iaca_jax.inference import predict_split
+from iaca_jax.models import IACAModel, build_model
+from iaca_jax.preprocessing import audio as audio_lib
+from iaca_jax.preprocessing import examples, windows
+from iaca_jax.preprocessing import mel as mel_lib
+
+JPEG_QUALITY = 95  # as the preprocessing stage re-encodes crops
+SILENT_RMS = 1e-4  # a frame whose audio has a lower RMS counts as silent (plot shading)
+
+
+class PredictError(ValueError):
+  """A video or model source that predict cannot use; the message names the file."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: ml_collections.ConfigDict
+  trainer: train_lib.Trainer
+  variables: dict
+  sample_rate: int  # of the log-mels the model was trained on
+  source: str  # what was loaded, for the report
+
+
+def model_sample_rate(config: ml_collections.ConfigDict) -> int:
+  """The log-mel sample rate of the run's dataset: `sr<rate>` in its tfds name, else 44.1 kHz."""
+  match = re.search(r'sr(\d+)', str(config.dataset.name))
+  return int(match.group(1)) if match else mel_lib.REFERENCE_SAMPLE_RATE
+
+
+def raw_inputs(sample_rate: int, batch: int = 1) -> dict[str, np.ndarray]:
+  """Zero model inputs of the raw kind: 'video' (B, 16, 8, 112, 112, 3), 'audio' (B, 16, 64, T)."""
+  settings = mel_lib.mel_settings(sample_rate)
+  size = examples.FACE_SIZE
+  return {
+    'video': np.zeros(
+      (batch, windows.CLIPS_PER_WINDOW, windows.FRAMES_PER_SAMPLE, size, size, 3), np.float32
+    ),
+    'audio': np.zeros((batch, windows.CLIPS_PER_WINDOW) + settings.shape, np.float32),
+  }
+
+
+def _overlay(base: dict, update: dict) -> dict:
+  """`base` with every leaf of `update` put in place (nested dicts merged)."""
+  out = dict(base)
+  for key, value in update.items():
+    out[key] = _overlay(base[key], value) if isinstance(value, dict) and key in base else value
+  return out
+
+
+def _restore_run(config: ml_collections.ConfigDict, workdir: str, which: str) -> LoadedModel:
+  """A training run: encoders as the run had them (restored, or for a cached-feature run the seeded
+  initialisation and `config.pretrained` that `feature_cache` used), the rest from the checkpoint."""
+  model = build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  sample_rate = model_sample_rate(config)
+  raw = raw_inputs(sample_rate)
+  variables, shapes = {}, raw
+  if config.dataset.features_dir:  # the checkpoint holds no encoder: set them up as feature_cache did
+    variables = feature_cache.encoder_variables(config, model, raw)
+    video_f, audio_f = jax.eval_shape(lambda v: model.apply(v, raw, method=IACAModel.encode), variables)
+    shapes = {'video_features': video_f, 'audio_features': audio_f}
+  abstract = jax.eval_shape(
+    lambda r: train_lib.init_model_state(model, shapes, r), jax.random.key(config.seed)
+  )
+  abstract = train_lib.abstract_like(abstract, trainer.replicated)
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  restored = checkpoints.restore_part(abstract, best=which == 'best')
+  checkpoints.close()
+  if restored is None:
+    raise PredictError(f'No {which} checkpoint under {workdir}/checkpoints: train first.')
+  parts = jax.device_get(restored[0])
+  trained = train_lib.model_variables(parts['params'], parts['frozen_params'], parts['batch_stats'])
+  variables = trainer.replicate(_overlay(variables, trained))
+  step = int(parts['step'])
+  return LoadedModel(config, trainer, variables, sample_rate, f'{workdir} ({which} checkpoint, step {step})')
+
+
+def _load_converted(path: str, base: ml_collections.ConfigDict) -> LoadedModel:
+  """Converted weights: `base` with the model settings of `conversion.json`."""
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.model.update(pretrained.read_conversion_metadata(path).get('model_config', {}))
+  config.pretrained = path
+  model = build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  sample_rate = model_sample_rate(config)
+  variables = feature_cache.encoder_variables(config, model, raw_inputs(sample_rate))
+  return LoadedModel(config, trainer, trainer.replicate(variables), sample_rate, f'converted weights {path}')
+
+
+def load_model(
+  source: str, *, which: str = 'best', base_config: ml_collections.ConfigDict | None = None
+) -> LoadedModel:
+  """The model of a training run's workdir, or of a converted-weights directory (then `base_config`
+  gives everything but the model settings, e.g. configs/default.py)."""
+  source = os.path.abspath(os.path.expanduser(source))
+  config_path = os.path.join(source, train_lib.RUN_CONFIG_FILE)
+  if os.path.isfile(config_path):
+    with open(config_path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    return _restore_run(config, source, which)
+  if os.path.isfile(os.path.join(source, pretrained.METADATA_FILE)):
+    if base_config is None:
+      raise PredictError(f'{source} holds converted weights: a base config is needed for them.')
+    return _load_converted(source, base_config)
+  if os.path.isdir(os.path.join(source, 'checkpoints')):
+    raise PredictError(
+      f'{source} has checkpoints but no {train_lib.RUN_CONFIG_FILE} (runs record their config since '
+      'predict.py exists): retrain, or train one step more with the same command to write it.'
+    )
+  raise PredictError(
+    f'{source} is neither a training workdir (with {train_lib.RUN_CONFIG_FILE}) nor converted weights '
+    f'(with {pretrained.METADATA_FILE}).'
+  )
+
+
+@dataclasses.dataclass
+class VideoFaces:
+  """The faces of one video: N frames at `fps`, the track and the 112x112 crop JPEG of each face frame."""
+
+  path: str
+  fps: float
+  width: int
+  height: int
+  video_start: float
+  track: faces.FaceTrack
+  crops: dict[int, bytes]  # 1-based frame -> JPEG bytes
+
+  @property
+  def num_frames(self) -> int:
+    return self.track.num_frames
+
+
+def open_video(path: str) -> av.container.InputContainer:
+  """Opens a video file; PredictError naming it when missing, unreadable or without a video stream."""
+  if not os.path.isfile(path):
+    raise PredictError(f'{path}: no such file')
+  try:
+    container = av.open(path)
+  except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
+    raise PredictError(f'{path}: not a readable video ({e})') from None
+  if not container.streams.video:
+    container.close()
+    raise PredictError(f'{path} has no video stream')
+  return container
+
+
+def check_video(path: str) -> int:
+  """Checks what can be checked before any work: the file opens, has a video stream with a frame
+  rate and at least one clip of frames (counted from the packets). Returns the frame count.
+
+  Raises:
+    PredictError naming the file.
+  """
+  with open_video(path) as container:
+    stream = container.streams.video[0]
+    if not (stream.average_rate or stream.guessed_rate or stream.base_rate):
+      raise PredictError(f'{path}: the video stream has no frame rate')
+    try:
+      count = sum(1 for p in container.demux(stream) if p.size > 0)
+    except (av.error.FFmpegError, ValueError) as e:
+      raise PredictError(f'{path}: reading the video stream failed ({e})') from None
+  if count < windows.FRAMES_PER_CLIP:
+    raise PredictError(f'{path} has {count} frames, fewer than one clip ({windows.FRAMES_PER_CLIP} frames)')
+  return count
+
+
+def decode_frames(path: str) -> Iterator[np.ndarray]:
+  """The frames of the first video stream as (H, W, 3) uint8 RGB; a decoding failure names the file."""
+  with open_video(path) as container:
+    i = 0
+    try:
+      for frame in container.decode(video=0):
+        yield frame.to_ndarray(format='rgb24')
+        i += 1
+    except (av.error.FFmpegError, ValueError) as e:
+      raise PredictError(f'{path}: decoding stopped at frame {i + 1} ({e})') from None
+
+
+def find_faces(
+  path: str,
+  *,
+  detect_every: int = faces.DEFAULT_DETECT_EVERY,
+  detect_size: int = faces.DEFAULT_DETECT_SIZE,
+  crop_scale: float = faces.DEFAULT_CROP_SCALE,
+  progress: tqdm.tqdm | None = None,
+) -> VideoFaces:
+  """Two passes over the video: the detector on every `detect_every`-th frame, then the crops.
+
+  Raises:
+    PredictError naming the file: unreadable, no video stream, no frame rate, or fewer frames than one
+    clip (32).
+  """
+  with open_video(path) as container:
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+  if not rate:
+    raise PredictError(f'{path}: the video stream has no frame rate')
+  detector = faces.FaceDetector(detect_size)
+  detections, num_frames, last = {}, 0, None
+  for i, rgb in enumerate(decode_frames(path)):
+    if i % detect_every == 0:
+      detections[i] = detector(rgb)
+    num_frames, last = i + 1, rgb
+    if progress is not None:
+      progress.update(1)
+  if num_frames < windows.FRAMES_PER_CLIP:
+    raise PredictError(
+      f'{path} has {num_frames} frames, fewer than one clip ({windows.FRAMES_PER_CLIP} frames)'
+    )
+  if (num_frames - 1) % detect_every:  # the last frame is always detected: no extrapolated tail
+    detections[num_frames - 1] = detector(last)
+  size = last.shape[:2]
+  track = faces.build_track(detections, num_frames, crop_scale)
+  crops = {}
+  for i, rgb in enumerate(decode_frames(path)):
+    if i < num_frames and track.present[i]:
+      crop = faces.crop_face(rgb, track.centre[i], track.side[i], track.angle[i], examples.FACE_SIZE)
+      buf = io.BytesIO()
+      Image.fromarray(crop).save(buf, format='JPEG', quality=JPEG_QUALITY)
+      crops[i + 1] = buf.getvalue()
+    if progress is not None:
+      progress.update(1)
+  return VideoFaces(path, float(rate), size[1], size[0], start, track, crops)
+
+
+def read_audio(video: VideoFaces, sample_rate: int) -> audio_lib.AudioTrack:
+  """The video's own audio track at `sample_rate`, sample 0 at the first frame (zeros where missing)."""
+  return audio_lib.decode_audio(
+    video.path, sample_rate, video_start=video.video_start, expected_duration=video.num_frames / video.fps
+  )
+
+
+def silent_frames(track: np.ndarray, sample_rate: int, fps: float, num_frames: int) -> np.ndarray:
+  """bool (N,): frames whose stretch of the track is missing or has an RMS below SILENT_RMS."""
+  bounds = np.round(np.arange(num_frames + 1) * sample_rate / fps).astype(np.int64)
+  power = np.concatenate([[0.0], np.cumsum(np.asarray(track, np.float64) ** 2)])
+  lo, hi = np.minimum(bounds[:-1], len(track)), np.minimum(bounds[1:], len(track))
+  rms = np.sqrt((power[hi] - power[lo]) / np.maximum(bounds[1:] - bounds[:-1], 1))
+  return (hi <= lo) | (rms < SILENT_RMS)
+
+
+def _batches(windows_iter, name: str, batch_size: int, progress: tqdm.tqdm | None) -> Iterator[dict]:
+  """Windows of `video_examples` -> the evaluation pipeline's batches (faces decoded and normalised
+  by `input_pipeline`), padded with invalid windows to `batch_size`."""
+  rows = []
+
+  def stack(rows):
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    pad = batch_size - len(rows)
+    if pad:
+      batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    return batch
+
+  for _, example in windows_iter:
+    window = {k: np.asarray(v) for k, v in input_pipeline.prepare_eval_window(example).items()}
+    window['video_name'] = np.asarray(name.encode(), object)
+    rows.append(window)
+    if progress is not None:
+      progress.update(1)
+    if len(rows) == batch_size:
+      yield stack(rows)
+      rows = []
+  if rows:
+    yield stack(rows)
+
+
+@dataclasses.dataclass
+class VideoPrediction:
+  """Per-frame results of one video (N frames)."""
+
+  faces: VideoFaces
+  raw: np.ndarray  # (N, 2) valence, arousal: the prediction of the clip ending on each frame
+  smoothed: np.ndarray  # (N, 2) after the evaluation's post-processing (clip, moving average)
+  silent: np.ndarray  # bool (N,)
+  audio_status: str
+  audio_message: str
+
+
+def predict_video(
+  model: LoadedModel, path: str, *, batch_size: int = 0, show_progress: bool = True, **face_options
+) -> VideoPrediction:
+  """Per-frame valence and arousal of the video at `path` (see the module docstring).
+
+  Args:
+    model: from `load_model`.
+    path: any video file PyAV reads.
+    batch_size: windows per model call (default: the device count); a multiple of the device count.
+    face_options: `find_faces` options (detect_every, detect_size, crop_scale).
+  """
+  name = os.path.splitext(os.path.basename(path))[0]
+  batch_size = batch_size or jax.device_count()
+  count = check_video(path)  # the frame count from the packets; errors before any decoding
+  with tqdm.tqdm(
+    total=2 * count, desc=f'{name}: faces', unit='frame', disable=not show_progress, leave=False
+  ) as bar:  # two passes: detection, then crops
+    video = find_faces(path, progress=bar, **face_options)
+    track = read_audio(video, model.sample_rate)
+    settings = mel_lib.mel_settings(model.sample_rate)
+    clips = windows.window_clip_ends(video.num_frames)
+    bar.reset(total=len(clips))
+    bar.unit = 'window'
+    bar.set_description(f'{name}: model')
+    stats = examples.BuildStats()
+    item = examples.VideoInput(name, video.num_frames, video.fps, video.crops, track.samples)
+    windows_iter = examples.video_examples(item, settings, train=False, stats=stats)
+    batches = _batches(windows_iter, name, batch_size, bar)
+    outputs = predict_split(model.trainer, model.variables, batches)
+  frames = metrics.clips_to_frames(outputs)[name]['predictions']
+  if frames.shape[0] != video.num_frames or np.isnan(frames).any():
+    raise RuntimeError(f'{path}: the windows did not predict every frame once')  # a bug, not bad input
+  silent = silent_frames(track.samples, model.sample_rate, video.fps, video.num_frames)
+  return VideoPrediction(
+    video, frames, metrics.postprocess(frames), silent, track.status, track.message or 'audio ok'
+  )

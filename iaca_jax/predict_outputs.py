@@ -1,0 +1,145 @@
+"""The files predict.py writes per video: the per-frame CSV, the challenge layout, the plot and the
+overlay video. Each is written to a temporary name and renamed when complete."""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+
+import av
+import cv2
+import matplotlib
+
+matplotlib.use('Agg')  # files only, never a screen
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from iaca_jax.evaluate_lib import submission_lines  # noqa: E402
+from iaca_jax.fileio import atomic_savefig, atomic_write  # noqa: E402
+from iaca_jax.predict_lib import PredictError, VideoPrediction, open_video  # noqa: E402
+
+CSV_HEADER = 'frame,time_s,valence,arousal,face'
+
+
+def video_name(prediction: VideoPrediction) -> str:
+  return os.path.splitext(os.path.basename(prediction.faces.path))[0]
+
+
+def write_csv(prediction: VideoPrediction, path: str) -> str:
+  """`frame,time_s,valence,arousal,face`: one row per frame (1-based frame, its start time, the
+  post-processed prediction, 1 when a face was found)."""
+  fps = prediction.faces.fps
+  lines = [CSV_HEADER]
+  for i, ((v, a), face) in enumerate(zip(prediction.smoothed, prediction.faces.track.present)):
+    lines.append(f'{i + 1},{i / fps:.4f},{v:.6f},{a:.6f},{int(face)}')
+  atomic_write(path, '\n'.join(lines) + '\n')
+  return path
+
+
+def write_abaw(prediction: VideoPrediction, path: str) -> str:
+  """The challenge layout (as `evaluate.py --submission` writes it): `image_location,valence,arousal`
+  with `<video>/<frame, 5 digits>.jpg` rows."""
+  lines = ['image_location,valence,arousal'] + submission_lines(video_name(prediction), prediction.smoothed)
+  atomic_write(path, '\n'.join(lines) + '\n')
+  return path
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+  """[start, stop) index pairs of the runs of True in a (N,) bool array."""
+  edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+  return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+
+
+def plot(prediction: VideoPrediction, path: str) -> str:
+  """Valence and arousal over time, with the no-face and silent stretches shaded."""
+  fps = prediction.faces.fps
+  n = len(prediction.smoothed)
+  t = np.arange(n) / fps
+  fig, axes = plt.subplots(2, 1, figsize=(9, 4.2), sharex=True)
+  shades = ((~prediction.faces.track.present, '0.75', 'no face'), (prediction.silent, '#9ecae1', 'silent'))
+  for d, (ax, name) in enumerate(zip(axes, ('valence', 'arousal'))):
+    for flags, colour, label in shades:
+      for k, (start, stop) in enumerate(_runs(flags)):
+        ax.axvspan(start / fps, stop / fps, color=colour, alpha=0.5, lw=0, label=label if k == 0 else None)
+    ax.plot(t, prediction.raw[:, d], color='0.5', lw=0.6, label='per clip')
+    ax.plot(t, prediction.smoothed[:, d], color='C3' if d == 0 else 'C0', lw=1.5, label='smoothed')
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel(name)
+    ax.axhline(0, color='k', lw=0.4)
+  axes[0].legend(loc='upper right', fontsize=7, ncol=4)
+  axes[-1].set_xlabel('time (s)')
+  axes[0].set_title(
+    f'{video_name(prediction)}: {prediction.faces.track.present.mean():.0%} of frames with a face'
+  )
+  fig.tight_layout()
+  atomic_savefig(fig, path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _draw(rgb: np.ndarray, prediction: VideoPrediction, i: int) -> np.ndarray:
+  """Frame i with the face square (rotated as the crop) and a valence-arousal disc in the top-left."""
+  out = np.ascontiguousarray(rgb)
+  track = prediction.faces.track
+  if track.present[i]:
+    corners = cv2.boxPoints(((*track.centre[i],), (track.side[i], track.side[i]), -track.angle[i]))
+    cv2.polylines(out, [np.round(corners).astype(np.int32)], True, (0, 255, 0), 2)
+  radius = max(20, min(out.shape[:2]) // 8)
+  centre = (radius + 8, radius + 8)
+  cv2.circle(out, centre, radius, (255, 255, 255), 1, cv2.LINE_AA)
+  cv2.line(out, (centre[0] - radius, centre[1]), (centre[0] + radius, centre[1]), (255, 255, 255), 1)
+  cv2.line(out, (centre[0], centre[1] - radius), (centre[0], centre[1] + radius), (255, 255, 255), 1)
+  v, a = np.clip(prediction.smoothed[i], -1, 1)
+  dot = (int(round(centre[0] + v * radius)), int(round(centre[1] - a * radius)))
+  cv2.circle(out, dot, max(3, radius // 8), (255, 64, 64), -1, cv2.LINE_AA)
+  return out
+
+
+def write_overlay(prediction: VideoPrediction, path: str) -> str:
+  """The video with the face square and the valence-arousal marker drawn on it (H.264), its audio
+  kept (re-encoded as AAC), written with PyAV."""
+  source = prediction.faces.path
+  root, ext = os.path.splitext(path)
+  tmp = f'{root}.tmp-{os.getpid()}{ext}'
+  w, h = prediction.faces.width // 2 * 2, prediction.faces.height // 2 * 2  # yuv420p: even sides
+  rate = Fraction(prediction.faces.fps).limit_denominator(1001)
+  try:
+    with open_video(source) as src, av.open(tmp, 'w') as dst:
+      video_out = dst.add_stream('libx264', rate=rate)
+      video_out.width, video_out.height, video_out.pix_fmt = w, h, 'yuv420p'
+      streams = [src.streams.video[0]]
+      audio_out = resampler = None
+      if src.streams.audio:
+        audio_in = src.streams.audio[0]
+        streams.append(audio_in)
+        audio_out = dst.add_stream('aac', rate=audio_in.rate)
+        audio_out.layout = 'stereo' if audio_in.channels > 1 else 'mono'
+        resampler = av.AudioResampler(format='fltp', layout=audio_out.layout.name, rate=audio_in.rate)
+      i = 0
+      for packet in src.demux(streams):
+        for frame in packet.decode():
+          if isinstance(frame, av.VideoFrame):
+            if i < len(prediction.smoothed):
+              drawn = _draw(frame.to_ndarray(format='rgb24')[:h, :w], prediction, i)
+              out = av.VideoFrame.from_ndarray(drawn, format='rgb24')
+              out.pts = i
+              dst.mux(video_out.encode(out))
+            i += 1
+          elif audio_out is not None:
+            for chunk in resampler.resample(frame):
+              chunk.pts = None
+              dst.mux(audio_out.encode(chunk))
+      dst.mux(video_out.encode(None))
+      if audio_out is not None:
+        for chunk in resampler.resample(None):
+          chunk.pts = None
+          dst.mux(audio_out.encode(chunk))
+        dst.mux(audio_out.encode(None))
+    os.replace(tmp, path)
+  except (av.error.FFmpegError, ValueError) as e:
+    raise PredictError(f'{source}: writing the overlay video {path} failed ({e})') from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path

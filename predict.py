@@ -1,0 +1,80 @@
+r"""Per-frame valence and arousal for any video file. Thin entry point; see iaca_jax/predict_lib.py.
+
+  python predict.py --workdir=results/demo/runs/rjca_iaca VIDEO [VIDEO ...] --output_dir=predictions
+  python predict.py --workdir=/ckpt/converted VIDEO ...        # converted weights (docs/CONVERT.md)
+
+--workdir is a training run (its config.json and best checkpoint) or a directory of converted
+weights (its conversion.json; the rest of the settings from configs/default.py). Per video it writes
+<name>.csv (frame,time_s,valence,arousal,face), <name>.png (the plot), with --overlay <name>.mp4 and
+with --format=abaw <name>.txt (the challenge layout).
+"""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+
+from configs import default  # noqa: E402
+from iaca_jax import cli, faces, predict_lib, predict_outputs  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'A training run, or a directory of converted weights.', required=True)
+flags.DEFINE_string('output_dir', 'predictions', 'Where the files of every video are written.')
+flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint of a run to load.')
+flags.DEFINE_enum('format', 'csv', ['csv', 'abaw'], 'abaw: also the challenge file layout per video.')
+flags.DEFINE_bool('overlay', False, 'Also write the video with the face box and a valence-arousal marker.')
+flags.DEFINE_bool('plot', True, 'Write the plot of valence and arousal over time.')
+flags.DEFINE_integer('detect_every', faces.DEFAULT_DETECT_EVERY, 'Run the face detector every N frames.')
+flags.DEFINE_integer('detect_size', faces.DEFAULT_DETECT_SIZE, 'Longer side of the image the detector sees.')
+flags.DEFINE_float('crop_scale', faces.DEFAULT_CROP_SCALE, 'Crop side / detected face box side.')
+flags.DEFINE_integer('batch_size', 0, 'Windows per model call (default: the device count).')
+
+
+def main(argv):
+  videos = argv[1:]
+  logging.set_verbosity(logging.WARNING)
+  if not videos:
+    print('error: name at least one VIDEO file (see --helpfull)', file=sys.stderr, flush=True)
+    sys.exit(2)
+  cli.run_reporting_user_errors(lambda: predict(videos))
+
+
+def predict(videos):
+  if FLAGS.detect_every < 1:
+    raise ValueError(f'--detect_every must be >= 1, got {FLAGS.detect_every}')
+  missing = [v for v in videos if not os.path.isfile(v)]
+  if missing:
+    raise FileNotFoundError(f'no such video file: {", ".join(missing)}')
+  for path in videos:
+    predict_lib.check_video(path)
+  output_dir = cli.check_writable_dir(FLAGS.output_dir, 'output_dir')
+  model = predict_lib.load_model(FLAGS.workdir, which=FLAGS.checkpoint, base_config=default.get_config())
+  print(f'Model: {model.source}')
+  for path in videos:
+    prediction = predict_lib.predict_video(
+      model,
+      path,
+      batch_size=FLAGS.batch_size,
+      detect_every=FLAGS.detect_every,
+      detect_size=FLAGS.detect_size,
+      crop_scale=FLAGS.crop_scale,
+    )
+    name = predict_outputs.video_name(prediction)
+    written = [predict_outputs.write_csv(prediction, os.path.join(output_dir, f'{name}.csv'))]
+    if FLAGS.plot:
+      written.append(predict_outputs.plot(prediction, os.path.join(output_dir, f'{name}.png')))
+    if FLAGS.format == 'abaw':
+      written.append(predict_outputs.write_abaw(prediction, os.path.join(output_dir, f'{name}.txt')))
+    if FLAGS.overlay:
+      written.append(predict_outputs.write_overlay(prediction, os.path.join(output_dir, f'{name}.mp4')))
+    track = prediction.faces.track
+    print(
+      f'{path}: {track.num_frames} frames, face in {track.present.mean():.1%}, '
+      f'silent {prediction.silent.mean():.1%} ({prediction.audio_message}); wrote {", ".join(written)}'
+    )
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,298 @@
+"""predict.py on video files: faces found where they are, one CSV row per frame, the same numbers as
+the same crops through the preprocessing stage and the evaluation, clear errors for bad videos.
+
+The model is the tiny config, an initialised (untrained) state saved as a run's best checkpoint with
+its config.json, as train.py leaves them.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import av
+import jax
+import numpy as np
+import optax
+import pytest
+import video_fixtures  # tests/video_fixtures.py
+from PIL import Image
+
+from configs import tiny as tiny_config
+from data import build
+from iaca_jax import (
+  data_source,
+  evaluate_lib,
+  faces,
+  input_pipeline,
+  metrics,
+  predict_lib,
+  predict_outputs,
+  pretrained,
+  train_lib,
+)
+from iaca_jax.checkpoints import Checkpoints
+from iaca_jax.models import IACAModel, build_model
+from iaca_jax.preprocessing import audio as audio_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_FRAMES = 96
+BLANK = (40, 56)  # frames without a face
+PAUSE = (66, 81)  # frames without voice
+
+
+def make_run(workdir: str, config, shapes=None) -> str:
+  """A workdir as train.py leaves it: config.json and a best checkpoint (here the initial state for
+  inputs shaped like `shapes`, default raw faces and log-mels)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, train_lib.RUN_CONFIG_FILE), 'w') as f:
+    f.write(config.to_json())
+  model = build_model(config.model)
+  shapes = shapes or predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
+  state = train_lib.init_state(model, shapes, jax.random.key(config.seed + 1), optax.adamw(1e-3))
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  checkpoints.save(1, state, {'best_score': 0.0}, best=True)
+  checkpoints.wait()
+  checkpoints.close()
+  return workdir
+
+
+def run_config():
+  config = tiny_config.get_config()
+  config.dataset.name = 'aff_wild2'  # 44.1 kHz log-mels, as the route through the builder
+  return config
+
+
+@pytest.fixture(scope='module')
+def face_video(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('videos') / 'face.mp4')
+  squares = video_fixtures.write_face_video(path, NUM_FRAMES, BLANK, pause=(PAUSE[0] / 30, PAUSE[1] / 30))
+  return path, squares
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  return make_run(str(tmp_path_factory.mktemp('run') / 'tiny'), run_config())
+
+
+@pytest.fixture(scope='module')
+def model(run_dir):
+  return predict_lib.load_model(run_dir)
+
+
+@pytest.fixture(scope='module')
+def prediction(model, face_video):
+  return predict_lib.predict_video(model, face_video[0], detect_every=1, show_progress=False)
+
+
+def test_the_detector_finds_the_face_where_it_is_and_not_in_blank_frames(prediction, face_video):
+  squares = face_video[1]
+  truth = ~np.isnan(squares[:, 0])
+  track = prediction.faces.track
+  np.testing.assert_array_equal(track.present, truth)
+  # The astronaut's face spans about 47-142 of the 200 pixels of the pasted head square, both ways.
+  x, y, side = squares[truth].T
+  centre = track.centre[truth]
+  np.testing.assert_array_less(np.abs(centre[:, 0] - (x + 0.47 * side)), 0.12 * side)
+  np.testing.assert_array_less(np.abs(centre[:, 1] - (y + 0.47 * side)), 0.12 * side)
+  ratio = track.side[truth] / (0.475 * side * faces.DEFAULT_CROP_SCALE)
+  assert ratio.min() > 0.75 and ratio.max() < 1.35, (ratio.min(), ratio.max())
+
+
+def test_detecting_every_fifth_frame_errs_only_next_to_a_change(face_video):
+  truth = ~np.isnan(face_video[1][:, 0])
+  track = predict_lib.find_faces(face_video[0], detect_every=5).track
+  assert set(np.flatnonzero(track.detected)) == set(range(0, NUM_FRAMES, 5)) | {NUM_FRAMES - 1}
+  wrong = np.flatnonzero(track.present != truth)
+  assert all(min(abs(i - b) for b in BLANK) <= 2 for i in wrong), wrong
+
+
+def test_the_silent_frames_are_the_pause(prediction):
+  assert prediction.audio_status == audio_lib.OK
+  expected = np.zeros(NUM_FRAMES, bool)
+  expected[PAUSE[0] : PAUSE[1]] = True
+  near_an_edge = np.zeros(NUM_FRAMES, bool)
+  for edge in PAUSE:
+    near_an_edge[edge - 2 : edge + 2] = True  # AAC spreads the edges over a few milliseconds
+  np.testing.assert_array_equal(prediction.silent[~near_an_edge], expected[~near_an_edge])
+
+
+def read_csv(path: str) -> tuple[str, np.ndarray]:
+  with open(path) as f:
+    header = f.readline().strip()
+  return header, np.loadtxt(path, delimiter=',', skiprows=1, ndmin=2)
+
+
+def test_the_csv_has_one_row_per_frame(prediction, tmp_path):
+  path = predict_outputs.write_csv(prediction, str(tmp_path / 'face.csv'))
+  header, rows = read_csv(path)
+  assert header == 'frame,time_s,valence,arousal,face'
+  assert rows.shape == (NUM_FRAMES, 5)
+  np.testing.assert_array_equal(rows[:, 0], np.arange(1, NUM_FRAMES + 1))
+  np.testing.assert_allclose(rows[:, 1], np.arange(NUM_FRAMES) / video_fixtures.FPS, atol=1e-4)
+  np.testing.assert_allclose(rows[:, 2:4], prediction.smoothed, atol=1e-6)
+  np.testing.assert_array_equal(rows[:, 4], prediction.faces.track.present)
+  assert os.listdir(tmp_path) == ['face.csv']  # no temporary file left
+
+
+def write_aff_wild2_layout(root, name: str, video_path: str, crops: dict, num_frames: int) -> None:
+  """The crops and the raw video as an Aff-Wild2 validation video (and a copy as the train split)."""
+  va = root / '8th_ABAW_Annotations' / 'VA_Estimation_Challenge'
+  for split_dir, video in (('Train_Set', f'{name}_train'), ('Validation_Set', name)):
+    (va / split_dir).mkdir(parents=True)
+    (va / split_dir / f'{video}.txt').write_text('valence,arousal\n' + '0.1,0.2\n' * num_frames)
+    crop_dir = root / 'cropped_aligned' / video
+    crop_dir.mkdir(parents=True)
+    for frame, jpeg in crops.items():
+      (crop_dir / f'{frame:05d}.jpg').write_bytes(jpeg)
+    (root / 'raw_videos').mkdir(exist_ok=True)
+    shutil.copy(video_path, root / 'raw_videos' / f'{video}.mp4')
+
+
+def test_predictions_equal_the_same_crops_through_the_builder_and_the_evaluation(
+  prediction, run_dir, face_video, tmp_path
+):
+  raw = tmp_path / 'raw'
+  write_aff_wild2_layout(raw, 'face', face_video[0], prediction.faces.crops, NUM_FRAMES)
+  builder = build.build('aff_wild2', str(raw), str(tmp_path / 'tfds'), min_valid_clips=1)
+  config = run_config()
+  config.dataset.name = str(builder.data_dir)  # the prepared version folder (44.1 kHz, keep 1)
+  evaluator = evaluate_lib.Evaluator(config, run_dir, 'best')
+  frames = metrics.clips_to_frames(evaluator.predict('validation'))['face']['predictions']
+  np.testing.assert_allclose(prediction.raw, frames, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(prediction.smoothed, metrics.postprocess(frames), atol=1e-5, rtol=0)
+  assert np.ptp(frames, axis=0).min() > 1e-4  # the untrained model still responds to its inputs
+
+
+def test_the_synthetic_sets_raw_videos_run_through_predict(model, tiny):
+  raw_dir = os.path.join(tiny.raw, 'raw_videos')
+  videos = sorted(os.listdir(raw_dir))
+  assert videos
+  for name in videos:
+    path = os.path.join(raw_dir, name)
+    result = predict_lib.predict_video(model, path, show_progress=False)
+    count = audio_lib.probe_media(path).num_frames
+    assert result.smoothed.shape == (count, 2) and np.isfinite(result.smoothed).all()
+    assert result.audio_status == audio_lib.OK
+
+
+def test_a_video_without_audio_is_predicted_on_silence(model, tmp_path):
+  path = str(tmp_path / 'mute.mp4')
+  video_fixtures.write_face_video(path, 40, (20, 30), with_audio=False)
+  result = predict_lib.predict_video(model, path, show_progress=False)
+  assert result.audio_status == audio_lib.NO_AUDIO_STREAM and path in result.audio_message
+  assert result.silent.all() and result.smoothed.shape == (40, 2)
+
+
+def test_plot_overlay_and_challenge_files(prediction, tmp_path):
+  png = predict_outputs.plot(prediction, str(tmp_path / 'face.png'))
+  assert Image.open(png).size[0] > 500
+  abaw = predict_outputs.write_abaw(prediction, str(tmp_path / 'face.txt'))
+  with open(abaw) as f:
+    lines = f.read().splitlines()
+  assert lines[0] == 'image_location,valence,arousal' and lines[1].startswith('face/00001.jpg,')
+  assert len(lines) == NUM_FRAMES + 1
+  mp4 = predict_outputs.write_overlay(prediction, str(tmp_path / 'face.mp4'))
+  with av.open(mp4) as container:
+    assert container.streams.audio
+    frames = [f.to_ndarray(format='rgb24') for f in container.decode(video=0)]
+  assert len(frames) == NUM_FRAMES
+  # The face square is drawn in green where there is a face, not on the blank frames.
+  green = lambda rgb: np.sum((rgb[..., 1] > 200) & (rgb[..., 0] < 80) & (rgb[..., 2] < 80))
+  assert green(frames[10]) > 100 and green(frames[45]) < 20
+  assert sorted(os.listdir(tmp_path)) == ['face.mp4', 'face.png', 'face.txt']
+
+
+def test_a_cached_feature_run_gets_the_encoders_its_features_were_cached_with(cached, tmp_path):
+  """A run trained on cached features has no encoder in its checkpoint: predict must rebuild the
+  encoders that wrote the cache. Their features of a validation window equal the cached ones."""
+  run = make_run(str(tmp_path / 'cached_run'), cached, data_source.DataSource(cached).input_shapes())
+  loaded = predict_lib.load_model(run)
+  split = cached.dataset.eval_split
+  window = next(
+    iter(
+      input_pipeline.create_eval_dataset(
+        cached.dataset.name,
+        cached.dataset.data_dir,
+        global_batch_size=1,
+        split=split,
+        process_index=0,
+        process_count=1,
+      )
+    )
+  )
+  key = (window['video_name'][0], tuple(window['end_frame'][0]))
+  stored = next(  # the cache's windows are in another order
+    {k: v[i] for k, v in batch.items()}
+    for batch in data_source.DataSource(cached).eval_batches(split)
+    for i in range(len(batch['video_name']))
+    if (batch['video_name'][i], tuple(batch['end_frame'][i])) == key
+  )
+  model = build_model(loaded.config.model)
+  video_f, audio_f = model.apply(
+    jax.device_get(loaded.variables),
+    {'video': window['video'], 'audio': window['audio']},
+    method=IACAModel.encode,
+  )
+  np.testing.assert_allclose(video_f[0], stored['video_features'], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(audio_f[0], stored['audio_features'], atol=1e-5, rtol=1e-5)
+
+
+def test_converted_weights_give_the_model_they_were_converted_for(model, prediction, face_video, tmp_path):
+  """A converted-weights directory: the model settings from its conversion.json, the weights in place;
+  the same weights as the run give the same predictions."""
+  variables = jax.device_get(model.variables)
+  settings = {'features': model.config.model.features, 'lstm_hidden': model.config.model.lstm_hidden}
+  path = pretrained.save_converted(
+    variables, str(tmp_path / 'converted'), metadata={'model_config': settings}
+  )
+  base = run_config()
+  base.model.features, base.model.lstm_hidden = 32, 32  # replaced by conversion.json
+  converted = predict_lib.load_model(path, base_config=base)
+  assert converted.config.model.features == model.config.model.features
+  again = predict_lib.predict_video(converted, face_video[0], detect_every=1, show_progress=False)
+  np.testing.assert_allclose(again.raw, prediction.raw, atol=1e-6, rtol=0)
+
+
+def run_predict(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='')
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'predict.py'), *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=ROOT,
+    timeout=300,
+  )
+
+
+def test_bad_videos_are_one_clear_error_naming_the_file(face_video, run_dir, tmp_path):
+  truncated = tmp_path / 'truncated.mp4'
+  data = open(face_video[0], 'rb').read()
+  truncated.write_bytes(data[: len(data) // 2])
+  audio_only = str(tmp_path / 'audio_only.m4a')
+  with av.open(audio_only, 'w', format='mp4') as out:
+    stream = out.add_stream('aac', rate=16000)
+    stream.layout = 'mono'
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format='flt', layout='mono')
+    frame.sample_rate = 16000
+    out.mux(stream.encode(frame))
+    out.mux(stream.encode(None))
+  short = str(tmp_path / 'short.mp4')
+  video_fixtures.write_face_video(short, 10, (0, 0))
+  expected = {
+    str(truncated): 'not a readable video',
+    audio_only: 'has no video stream',
+    short: 'has 10 frames, fewer than one clip (32 frames)',
+  }
+  for path, reason in expected.items():
+    with pytest.raises(predict_lib.PredictError, match=re.escape(path) + '.*' + re.escape(reason)):
+      predict_lib.check_video(path)
+  output_dir = tmp_path / 'out'
+  result = run_predict(f'--workdir={run_dir}', f'--output_dir={output_dir}', face_video[0], short)
+  assert result.returncode == 1
+  assert (
+    result.stderr.strip().splitlines()[-1] == f'error: {short} has 10 frames, fewer than one clip (32 frames)'
+  )
+  assert 'Traceback' not in result.stderr and not output_dir.exists()
