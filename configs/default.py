@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'validation'
   config.dataset.features_dir = ''  # cached encoder features (python cache_features.py); '' = online encoders
+  config.dataset.features_dtype = 'float32'  # how cache_features.py stores them: float32 or float16 (half)
   config.dataset.jitter = (0.8, 1.2)  # per-clip brightness/contrast factors (raw-input training); ()=off
   config.dataset.shuffle_buffer = 1024
 

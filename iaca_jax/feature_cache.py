@@ -33,6 +33,7 @@ from iaca_jax.preprocessing import mel
 
 PASSTHROUGH = ('labels', 'mask', 'video_name') + input_pipeline.CLIP_KEYS  # copied from the source
 VERSION = '1.0.0'
+STORAGE_DTYPES = {'float32': np.float32, 'float16': np.float16}
 
 
 def encoder_variables(config: ml_collections.ConfigDict, model: IACAModel, example: dict) -> dict:
@@ -67,10 +68,23 @@ class _Encoder:
     return jax.device_get(self.apply(self.variables, video, audio))
 
 
-def _feature_spec(example_video: np.ndarray, example_audio: np.ndarray, source) -> tfds.features.FeaturesDict:
+def storage_dtype(config: ml_collections.ConfigDict) -> type:
+  """The stored type of the features: float32, or float16 (half the disk; docs/SCALING.md)."""
+  name = config.dataset.get('features_dtype', 'float32')
+  if name not in STORAGE_DTYPES:
+    raise ValueError(f'config.dataset.features_dtype={name!r}; expected one of {sorted(STORAGE_DTYPES)}')
+  return STORAGE_DTYPES[name]
+
+
+def _feature_spec(
+  example_video: np.ndarray, example_audio: np.ndarray, source, dtype: type = np.float32
+) -> tfds.features.FeaturesDict:
+  # float32 as tf.Example floats (4 bytes each); float16 as raw bytes (2 bytes each), which tfds
+  # decodes back to float16 and the input pipeline casts to float32.
+  encoding = tfds.features.Encoding.NONE if dtype == np.float32 else tfds.features.Encoding.BYTES
   spec = {
-    'video_features': tfds.features.Tensor(shape=example_video.shape, dtype=np.float32),
-    'audio_features': tfds.features.Tensor(shape=example_audio.shape, dtype=np.float32),
+    'video_features': tfds.features.Tensor(shape=example_video.shape, dtype=dtype, encoding=encoding),
+    'audio_features': tfds.features.Tensor(shape=example_audio.shape, dtype=dtype, encoding=encoding),
   }
   for name in PASSTHROUGH:
     spec[name] = source.info.features[name]
@@ -97,7 +111,7 @@ class CachedFeatures(tfds.core.GeneratorBasedBuilder):
     yield from examples
 
 
-def _examples(encoder: _Encoder, batches) -> Iterator[tuple[str, dict]]:
+def _examples(encoder: _Encoder, batches, dtype: type = np.float32) -> Iterator[tuple[str, dict]]:
   """(key, example) of every window of the split on every process (key: its split position), from
   this process's share `batches`."""
   first = batches.first_window
@@ -108,7 +122,9 @@ def _examples(encoder: _Encoder, batches) -> Iterator[tuple[str, dict]]:
     rows = encoder.gather({**{name: batch[name] for name in PASSTHROUGH}, 'window_index': index})
     for i in np.flatnonzero(rows['window_index'] >= 0):
       example = {name: rows[name][i] for name in PASSTHROUGH}
-      example.update(video_features=video_features[i], audio_features=audio_features[i])
+      example.update(
+        video_features=video_features[i].astype(dtype), audio_features=audio_features[i].astype(dtype)
+      )
       yield f'{rows["window_index"][i]:09d}', example
 
 
@@ -121,6 +137,7 @@ def cache_features(config: ml_collections.ConfigDict, *, batch_size: int = 8) ->
   if not config.model.freeze_encoders:
     raise ValueError('Feature caching needs frozen encoders (config.model.freeze_encoders=True).')
   out_dir = os.path.abspath(config.dataset.features_dir)
+  storage_dtype(config)  # a bad setting stops before any work
   source = input_pipeline.get_builder(config.dataset.name, config.dataset.data_dir)
   splits = list(source.info.splits.keys())
   model = build_model(config.model)
@@ -136,8 +153,9 @@ def cache_features(config: ml_collections.ConfigDict, *, batch_size: int = 8) ->
   video_f, audio_f = jax.device_get(
     jax.jit(functools.partial(_encode, model))(variables, first['video'][:1], silent_audio)
   )
-  features = _feature_spec(video_f[0], audio_f[0], source)
-  generators = {s: _examples(encoder, eval_batches(s)) for s in splits}
+  dtype = storage_dtype(config)
+  features = _feature_spec(video_f[0], audio_f[0], source, dtype)
+  generators = {s: _examples(encoder, eval_batches(s), dtype) for s in splits}
   if jax.process_index() > 0:  # the same encoder calls (collectives) as process 0, nothing written
     for generator in generators.values():
       collections.deque(generator, maxlen=0)
