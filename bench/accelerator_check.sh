@@ -9,7 +9,8 @@
 #   bash bench/accelerator_check.sh                 # writes bench/results/accelerator_check_<backend>.json
 #   ACCEL_CHECK_SMOKE=1 bash bench/accelerator_check.sh   # CPU smoke run: tiny batches, 1-2 steps
 #
-# Environment: PYTHON (default .venv/bin/python, else python3), OUT (the JSON file), ACCEL_CHECK_SMOKE.
+# Environment: PYTHON (default .venv/bin/python, else python3), OUT (the JSON file), ACCEL_CHECK_SMOKE,
+# ACCEL_CHECK_RUNS (space-separated case:batch:steps:warmup, instead of the list below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -22,7 +23,9 @@ START=$(date +%s)
 
 # case  batch  steps  warmup   (smoke: tiny batches so that a 2-core CPU finishes in a few minutes;
 # the trainable full model takes ~100 s per sequence there and is left out)
-if [ "$SMOKE" = 1 ]; then
+if [ -n "${ACCEL_CHECK_RUNS:-}" ]; then
+  RUNS=$ACCEL_CHECK_RUNS  # e.g. "fusion:64:30:3 full_frozen:32:10:2"
+elif [ "$SMOKE" = 1 ]; then
   RUNS="fusion:8:2:1 fusion:16:2:1 full_frozen:1:1:1"
 else
   # Trainable encoders need ~3 GiB of temporaries per sequence even in bf16 (docs/PERFORMANCE.md):
