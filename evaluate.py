@@ -9,6 +9,7 @@ Use the same --config and overrides as for training. Results go to --output_dir 
 <workdir>/eval).
 """
 
+import builtins
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -16,7 +17,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from iaca_jax import cli, evaluate_lib, reports  # noqa: E402
+from iaca_jax import cli, distributed, evaluate_lib, reports  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -42,10 +43,12 @@ flags.DEFINE_string('test_split', 'test', 'Split used for --submission.')
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  cli.run_reporting_user_errors(lambda: distributed.initialize(FLAGS.config))  # before any device use
   cli.run_reporting_user_errors(evaluate)
 
 
 def evaluate():
+  print = builtins.print if distributed.is_main_process() else lambda *args: None  # process 0 reports
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval')
   split = FLAGS.split or FLAGS.config.dataset.eval_split
   evaluator = evaluate_lib.Evaluator(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)

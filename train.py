@@ -2,7 +2,8 @@ r"""Trains the IACA model. Thin entry point; the logic is in iaca_jax/train_lib.
 
   python train.py --config configs/synthetic_demo.py --workdir runs/demo [--config.key=value ...]
 
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest checkpoint in --workdir. On several hosts every
+host runs the same command with --config.distributed=True (docs/SCALING.md).
 """
 
 import os
@@ -12,7 +13,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from iaca_jax import cli, train_lib  # noqa: E402
+from iaca_jax import cli, distributed, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training configuration.', lock_config=True)
@@ -24,6 +25,7 @@ flags.DEFINE_string(
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  cli.run_reporting_user_errors(lambda: distributed.initialize(FLAGS.config))  # before any device use
   workdir = cli.run_reporting_user_errors(lambda: cli.check_writable_dir(FLAGS.workdir))
   result = cli.run_reporting_user_errors(lambda: train_lib.train_and_evaluate(FLAGS.config, workdir))
   logging.info('Best validation CCC_v + CCC_a = %.4f at step %d.', result['best_score'], result['best_step'])

@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'validation'
   config.dataset.features_dir = ''  # cached encoder features (python cache_features.py); '' = online encoders
+  config.dataset.features_dtype = 'float32'  # how cache_features.py stores them: float32 or float16 (half)
   config.dataset.jitter = (0.8, 1.2)  # per-clip brightness/contrast factors (raw-input training); ()=off
   config.dataset.shuffle_buffer = 1024
 
@@ -57,7 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 500  # the latest state is also saved after every evaluation
   config.keep_checkpoints = 2  # latest checkpoints kept; the best one is kept apart
-  config.distributed = False  # call jax.distributed.initialize() (multi-host)
+  config.distributed = False  # join a multi-process run (iaca_jax/distributed.py, docs/SCALING.md)
+  config.coordinator_address = ''  # process 0's host:port; '' = $JAX_COORDINATOR_ADDRESS or auto-detect
+  config.num_processes = 0  # 0 = $JAX_NUM_PROCESSES or auto-detect (Cloud TPU, SLURM, ...)
+  config.process_id = -1  # -1 = $JAX_PROCESS_ID or auto-detect
+  config.distributed_timeout_s = 300  # joining, a silent (dead) process, the shutdown barrier
   config.prefetch_batches = 2  # batches staged on the devices ahead of the step
   config.max_steps_in_flight = 2  # dispatched, unfinished steps the host may queue (0: no bound)
   return config

@@ -67,14 +67,10 @@ class DataSource:
     )
 
   def eval_batches(self, split: str) -> Batches:
-    """Every window of `split`, global batches on every host (each feeds its own rows)."""
+    """This process's share of every window of `split` (the same number of batches on every
+    process, padded with invalid windows)."""
     return create_eval_dataset(
-      self.name,
-      self.data_dir,
-      global_batch_size=self.config.batch_size,
-      split=split,
-      process_index=0,
-      process_count=1,
+      self.name, self.data_dir, global_batch_size=self.config.batch_size, split=split
     )
 
   def steps_per_epoch(self) -> int:

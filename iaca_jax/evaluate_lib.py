@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from iaca_jax import data_source, inference, input_pipeline, metrics, reports, train_lib
+from iaca_jax import data_source, distributed, inference, input_pipeline, metrics, reports, train_lib
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.fileio import atomic_write
 from iaca_jax.models import build_model
@@ -56,8 +56,9 @@ class Evaluator:
 def score_split(evaluator: Evaluator, split: str, output_dir: str) -> dict:
   """Split-level CCC (all frames and the clean/corrupted subsets), written as JSON and Markdown."""
   scores = metrics.score_clips(evaluator.predict(split))
-  atomic_write(os.path.join(output_dir, f'metrics_{split}.json'), json.dumps(scores, indent=1))
-  atomic_write(os.path.join(output_dir, f'metrics_{split}.md'), reports.metrics_table(scores))
+  if distributed.is_main_process():
+    atomic_write(os.path.join(output_dir, f'metrics_{split}.json'), json.dumps(scores, indent=1))
+    atomic_write(os.path.join(output_dir, f'metrics_{split}.md'), reports.metrics_table(scores))
   return scores
 
 
@@ -89,9 +90,10 @@ def missing_audio_sweep(
       }
     )
   result = {'label': label, 'split': split, 'rows': rows}
-  atomic_write(os.path.join(output_dir, 'missing_audio.json'), json.dumps(result, indent=1))
-  atomic_write(os.path.join(output_dir, 'missing_audio.md'), reports.missing_audio_table([result]))
-  reports.plot_missing_audio([result], os.path.join(output_dir, 'missing_audio.png'))
+  if distributed.is_main_process():
+    atomic_write(os.path.join(output_dir, 'missing_audio.json'), json.dumps(result, indent=1))
+    atomic_write(os.path.join(output_dir, 'missing_audio.md'), reports.missing_audio_table([result]))
+    reports.plot_missing_audio([result], os.path.join(output_dir, 'missing_audio.png'))
   return result
 
 
@@ -127,9 +129,11 @@ def attention_figure(
 ) -> str:
   """`reports.attention_figure` for the first full window of `video`; returns the PNG's path.
   `clips`: the split's predictions when the caller already has them."""
-  window = find_window(evaluator.config, video, split)
   clips = evaluator.predict(split) if clips is None else clips
-  return reports.attention_figure(window, clips, video, os.path.join(output_dir, f'attention_{video}.png'))
+  path = os.path.join(output_dir, f'attention_{video}.png')
+  if distributed.is_main_process():
+    reports.attention_figure(find_window(evaluator.config, video, split), clips, video, path)
+  return path
 
 
 def submission_lines(video: str, smoothed: np.ndarray) -> list[str]:
@@ -148,5 +152,6 @@ def write_submission(evaluator: Evaluator, split: str, output_dir: str) -> str:
       raise ValueError(f'Video {name}: {int(np.isnan(predictions).any(-1).sum())} frames have no prediction.')
     lines += submission_lines(name, metrics.postprocess(predictions))
   path = os.path.join(output_dir, f'submission_{split}.csv')
-  atomic_write(path, '\n'.join(lines) + '\n')
+  if distributed.is_main_process():
+    atomic_write(path, '\n'.join(lines) + '\n')
   return path

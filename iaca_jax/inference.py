@@ -41,6 +41,49 @@ def silence_audio(
   return batch
 
 
+NAME_BYTES = 256  # video names travel between processes as fixed-width byte rows
+
+
+def _names_to_rows(names: np.ndarray) -> np.ndarray:
+  """(B,) bytes -> (B, NAME_BYTES) uint8."""
+  too_long = [n for n in names if len(n) > NAME_BYTES]
+  if too_long:
+    raise ValueError(f'Video name {too_long[0][:80]!r}... is longer than {NAME_BYTES} bytes')
+  return np.asarray(names, dtype=f'S{NAME_BYTES}').view(np.uint8).reshape(len(names), NAME_BYTES)
+
+
+def _rows_to_names(rows: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(rows).view(f'S{NAME_BYTES}').reshape(-1).astype(object)
+
+
+def window_indices(batch: Mapping[str, np.ndarray], first: int) -> np.ndarray:
+  """(B,) int32 positions in the split of a batch's windows, -1 for padding: the real windows of an
+  evaluation batch come first, numbered from `first` on."""
+  valid = np.asarray(batch['valid_window'], bool)
+  return np.where(valid, first + np.cumsum(valid) - 1, -1).astype(np.int32)
+
+
+class RowGatherer:
+  """This process's rows of host arrays -> the rows of every process, on every process, placed as
+  `shard_batch` places a batch (so they line up with the outputs of a replicated step). One process:
+  the arrays themselves."""
+
+  def __init__(self, data_sharding: Any, replicated: Any):
+    self.data_sharding = data_sharding
+    self._identity = jax.jit(lambda tree: tree, out_shardings=replicated)
+
+  def __call__(self, local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if jax.process_count() == 1:
+      return {k: np.asarray(v) for k, v in local.items()}
+    names = {k for k, v in local.items() if np.asarray(v).dtype == object}
+    arrays = {k: _names_to_rows(v) if k in names else np.asarray(v) for k, v in local.items()}
+    global_arrays = {
+      k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in arrays.items()
+    }
+    gathered = jax.device_get(self._identity(global_arrays))
+    return {k: _rows_to_names(v) if k in names else v for k, v in gathered.items()}
+
+
 def predict_split(
   trainer: Any,
   variables: Mapping[str, Any],
@@ -50,38 +93,47 @@ def predict_split(
   seed: int = 0,
   silent_audio: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-  """Clip-level outputs for every real window of `batches`.
+  """Clip-level outputs for every real window of the split, on every process.
 
   Args:
-    trainer: a `train_lib.Trainer` (its compiled `eval_step` and `shard_batch`).
+    trainer: a `train_lib.Trainer` (its compiled `eval_step`, `shard_batch` and shardings).
     variables: the model variables (`TrainState.variables()`).
-    batches: global evaluation batches: every host reads the whole split and feeds its rows, so
-      that every host ends with all predictions.
-    silence_fraction: share of the valid clips of each batch whose audio is replaced by
-      `silent_audio` (chosen with `seed`).
+    batches: this process's evaluation batches (`create_eval_dataset`: its share of the split, the
+      same number of batches on every process); `batches.first_window` is the split position of
+      its first window. The outputs of every process are gathered to every process.
+    silence_fraction: share of the valid clips of each (per-process) batch whose audio is replaced
+      by `silent_audio` (chosen with `seed` and the process index).
 
   Returns:
-    arrays over the N real windows: `predictions` (N, L, 2), `score_audio` / `score_video` (N, L),
-    `gate_<name>` (N, L, K), `silenced` (N, L), the clip keys and `video_name` (N,).
+    arrays over the N real windows in split order: `predictions` (N, L, 2), `score_audio` /
+    `score_video` (N, L), `gate_<name>` (N, L, K), `silenced` (N, L), the clip keys and
+    `video_name` (N,).
   """
-  rng = np.random.default_rng(seed)
+  process = jax.process_index()
+  rng = np.random.default_rng([seed, process] if process else seed)
+  gather = RowGatherer(trainer.data_sharding, trainer.replicated)
+  first = getattr(batches, 'first_window', 0)
   collected = collections.defaultdict(list)
   for batch in batches:
-    rows_per_host = len(batch['valid_window']) // jax.process_count()
-    local = slice(jax.process_index() * rows_per_host, (jax.process_index() + 1) * rows_per_host)
     clip_valid = batch['end_frame'] > 0
     silenced = choose_silenced_clips(clip_valid, silence_fraction, rng)
     if silence_fraction > 0:
       batch = silence_audio(batch, silenced, silent_audio)
-    rows = {k: v[local] for k, v in batch.items()}
-    predictions, aux = jax.device_get(trainer.eval_step(variables, trainer.shard_batch(rows)))
-    keep = np.asarray(batch['valid_window'], bool)
-    collected['predictions'].append(predictions[keep])
-    collected['silenced'].append(silenced[keep])
-    for key in ('score_audio', 'score_video'):
-      collected[key].append(aux[key][keep])
-    for name, gate in aux['gates'].items():
-      collected[f'gate_{name}'].append(gate[keep])
-    for key in CLIP_KEYS + ('video_name',):
-      collected[key].append(np.asarray(batch[key])[keep])
-  return {k: np.concatenate(v) for k, v in collected.items()}
+    index = window_indices(batch, first)
+    first += int(np.sum(batch['valid_window']))
+    predictions, aux = jax.device_get(trainer.eval_step(variables, trainer.shard_batch(batch)))
+    host = {k: batch[k] for k in CLIP_KEYS + ('video_name',)}
+    rows = gather({**host, 'silenced': silenced, 'window_index': index})
+    outputs = {
+      'predictions': predictions,
+      'score_audio': aux['score_audio'],
+      'score_video': aux['score_video'],
+    }
+    outputs.update({f'gate_{name}': gate for name, gate in aux['gates'].items()})
+    for key, value in {**rows, **outputs}.items():
+      collected[key].append(value)
+  clips = {k: np.concatenate(v) for k, v in collected.items()}
+  index = clips.pop('window_index')
+  order = np.flatnonzero(index >= 0)
+  order = order[np.argsort(index[order], kind='stable')]
+  return {k: v[order] for k, v in clips.items()}

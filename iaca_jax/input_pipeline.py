@@ -24,10 +24,13 @@ Training order is a pure function of (seed, epoch): the shuffles are seeded
 with a seed derived from both and never reshuffle, the jitter uses stateless
 random numbers keyed by the example's position in the epoch, so a run resumed
 with `start_batch=k` sees exactly the batches k, k+1, ... of an uninterrupted
-run. Every process gets the same number of training batches (each reads
-floor(N / process_count) windows, the last batch dropped if partial) and the
-same number of evaluation batches (its slice padded with invalid windows), and
-evaluation visits every window exactly once.
+run. The global training batches do not depend on the number of processes:
+every process reads the same shuffled stream of the whole split (floor(N / B)
+global batches of B, the rest dropped) and decodes only its rows of each
+batch (process p: rows [p B/P, (p+1) B/P)), so P processes train exactly as one
+does. Evaluation reads a contiguous share of the split per process, padded
+with invalid windows to the same number of batches on every process, and
+visits every window exactly once.
 """
 
 from __future__ import annotations
@@ -111,12 +114,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch, 0x1ACA]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def train_slice(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """[start, end) of a process's training windows: floor(N/P) each, the rest unused."""
-  per = num_examples // process_count
-  return process_index * per, (process_index + 1) * per
-
-
 def eval_slice(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
   """[start, end) of a process's evaluation windows: together they cover all N once."""
   return (num_examples * process_index // process_count, num_examples * (process_index + 1) // process_count)
@@ -128,6 +125,7 @@ class Batches:
   Attributes:
     num_batches: batches per iteration (the same on every process).
     num_windows: real windows in them on this process.
+    first_window: split position of the first of them (evaluation: its contiguous share).
     batch_size: per-process batch size.
     element_spec: the tf.data element spec of a batch.
   """
@@ -139,12 +137,14 @@ class Batches:
     num_windows: int,
     batch_size: int,
     source: tuple[Any, str] | None = None,
+    first_window: int = 0,
   ):
     self._make_dataset = make_dataset
     self.num_batches = num_batches
     self.num_windows = num_windows
     self.batch_size = batch_size
     self._source = source  # (builder, split): to name a damaged shard
+    self.first_window = first_window
 
   def __len__(self) -> int:
     return self.num_batches
@@ -187,10 +187,16 @@ def _decoders(builder, features: Sequence[str] | None):
 
 
 def _read(builder, split: str, start: int, end: int, *, shuffle_seed: int | None, decoders):
+  """Windows [start, end) of a split; without a shuffle seed in file order (shards one after the
+  other, not interleaved), so that the slices of the processes put together are the whole split."""
   options = tf.data.Options()
   options.deterministic = True
   read_config = tfds.ReadConfig(
-    shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=False, options=options, try_autocache=False
+    shuffle_seed=shuffle_seed,
+    shuffle_reshuffle_each_iteration=False,
+    options=options,
+    try_autocache=False,
+    **({} if shuffle_seed is not None else {'interleave_cycle_length': 1}),
   )
   return builder.as_dataset(
     split=f'{split}[{start}:{end}]',
@@ -270,9 +276,8 @@ def num_train_batches(
   """Training batches per epoch (the same on every process)."""
   if process_count is None:
     process_count = jax.process_count()
-  pc = process_count
-  n = get_builder(dataset, data_dir).info.splits[split].num_examples
-  return (n // pc) // _local_batch(global_batch_size, pc)
+  _local_batch(global_batch_size, process_count)
+  return get_builder(dataset, data_dir).info.splits[split].num_examples // global_batch_size
 
 
 def create_train_dataset(
@@ -291,12 +296,13 @@ def create_train_dataset(
   process_count: int | None = None,
   prefetch: int = 2,
 ) -> Batches:
-  """One epoch of shuffled training batches for this process.
+  """One epoch of shuffled training batches: this process's rows of each global batch.
 
   Args:
     dataset, data_dir: see `get_builder`.
     global_batch_size: summed over processes; must divide by the process count.
-    seed, epoch: the batch order and the jitter are a pure function of both.
+    seed, epoch: the batch order and the jitter are a pure function of both (and not of the
+      process count: each process gets its rows of the same global batches).
     start_batch: skip the first `start_batch` batches of the epoch (to resume);
       skipped windows are read but not decoded.
     split: a split of the dataset.
@@ -315,21 +321,20 @@ def create_train_dataset(
   local = _local_batch(global_batch_size, pc)
   builder = get_builder(dataset, data_dir)
   n = builder.info.splits[split].num_examples
-  start, end = train_slice(n, pi, pc)
-  num_batches = (end - start) // local
+  num_batches = n // global_batch_size
   if num_batches == 0:
-    raise ValueError(
-      f'{split} of {builder.name} has {n} windows: not one batch of {local} per process over {pc} processes'
-    )
+    raise ValueError(f'{split} of {builder.name} has {n} windows: not one batch of {global_batch_size}')
   if not 0 <= start_batch <= num_batches:
     raise ValueError(f'start_batch {start_batch} not in [0, {num_batches}]')
   decoders = _decoders(builder, features)
   es = epoch_seed(seed, epoch)
 
   def make():
-    ds = _read(builder, split, start, end, shuffle_seed=es, decoders=decoders)
-    ds = ds.shuffle(min(shuffle_buffer, end - start), seed=es, reshuffle_each_iteration=False)
-    ds = ds.take(num_batches * local).enumerate().skip(start_batch * local)
+    ds = _read(builder, split, 0, n, shuffle_seed=es, decoders=decoders)
+    ds = ds.shuffle(min(shuffle_buffer, n), seed=es, reshuffle_each_iteration=False)
+    ds = ds.take(num_batches * global_batch_size).enumerate().skip(start_batch * global_batch_size)
+    if pc > 1:  # this process's rows of each global batch, before any decoding
+      ds = ds.filter(lambda i, ex: (i % global_batch_size) // local == pi)
     ds = ds.map(
       lambda i, ex: _prepare(ex, jitter_seed=tf.stack([tf.constant(es, tf.int64), i]), jitter_range=jitter),
       num_parallel_calls=tf.data.AUTOTUNE,
@@ -380,7 +385,7 @@ def create_eval_dataset(
     ds = ds.batch(local, drop_remainder=True)
     return ds.prefetch(prefetch)
 
-  return Batches(make, num_batches, end - start, local, source=(builder, split))
+  return Batches(make, num_batches, end - start, local, source=(builder, split), first_window=start)
 
 
 _prepare_compiled = tf.function(_prepare)

@@ -24,10 +24,11 @@ import optax
 import tqdm
 from absl import logging
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from iaca_jax import inference, losses, metrics, pretrained
+from iaca_jax import distributed, inference, losses, metrics, pretrained
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.data_source import DataSource
 from iaca_jax.fileio import atomic_write
@@ -191,7 +192,7 @@ class Trainer:
     self.eval_step = jax.jit(functools.partial(eval_step, model=model), out_shardings=self.replicated)
 
   def replicate(self, tree):
-    return jax.device_put(tree, self.replicated)
+    return distributed.replicate(tree, self.replicated)
 
   def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict:
     """Host-local numeric arrays -> global arrays sharded on the batch axis (multi-host ready)."""
@@ -275,8 +276,14 @@ def create_train_state(config, model: IACAModel, data: DataSource, trainer: Trai
 
 
 def evaluate_state(trainer: Trainer, state: TrainState, data: DataSource, split: str) -> dict:
+  """Validation metrics, computed on every process from the predictions of all; checked equal
+  across processes (they decide which checkpoints every process saves)."""
   clips = inference.predict_split(trainer, state.variables(), data.eval_batches(split))
-  return metrics.score_clips(clips)
+  scores = metrics.score_clips(clips)
+  if jax.process_count() > 1:
+    bits = np.array([scores[k] for k in sorted(scores)], np.float64).view(np.uint32)  # exact, no x64
+    multihost_utils.assert_equal(bits, f'validation metrics differ across processes: {scores}')
+  return scores
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -284,8 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the best validation metrics and where the best checkpoint is.
   """
-  if config.distributed:
-    jax.distributed.initialize()
+  distributed.initialize(config)  # the entry points have done it already
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))

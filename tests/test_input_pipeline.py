@@ -325,25 +325,30 @@ def test_train_batches_identical_including_jitter(tiny):
     np.testing.assert_allclose(plain['video'][i], ev[(name.decode(), e)]['video'], atol=1e-6)
 
 
-def test_processes_read_disjoint_parts(tiny):
-  per = [
-    ip.create_train_dataset(
-      DATASET,
-      tiny.data_dir,
-      global_batch_size=4,
-      seed=0,
-      process_index=i,
-      process_count=2,
-      features=['video_name', 'end_frame'],
-    )
-    for i in range(2)
-  ]
-  assert len(per[0]) == len(per[1]) > 0
-  k0, k1 = set(_keys(per[0])), set(_keys(per[1]))
-  assert k0 and k1 and not k0 & k1
+def test_processes_get_their_rows_of_the_one_process_batches(tiny):
+  """P processes train on exactly the global batches of one process: process p gets rows
+  [p B/P, (p+1) B/P) of each, jitter included, so a P-process run equals a 1-process run."""
+  mk = lambda i, count, features: ip.create_train_dataset(
+    DATASET,
+    tiny.data_dir,
+    global_batch_size=4,
+    seed=0,
+    epoch=1,
+    start_batch=1,
+    process_index=i,
+    process_count=count,
+    features=features,
+  )
+  one = list(mk(0, 1, ['video_name', 'end_frame']))
+  per = [list(mk(i, 2, ['video_name', 'end_frame'])) for i in range(2)]
   n = ip.get_builder(DATASET, tiny.data_dir).info.splits['train'].num_examples
-  assert len(per[0]) == (n // 2) // 2
-  assert ip.num_train_batches(DATASET, tiny.data_dir, global_batch_size=4, process_count=2) == len(per[0])
+  assert len(per[0]) == len(per[1]) == len(one) == n // 4 - 1
+  assert ip.num_train_batches(DATASET, tiny.data_dir, global_batch_size=4, process_count=2) == n // 4
+  for b, b0, b1 in zip(one, *per):
+    assert _keys([b]) == _keys([b0]) + _keys([b1])
+  first_one = next(iter(mk(0, 1, None)))
+  first_p1 = next(iter(mk(1, 2, None)))
+  np.testing.assert_array_equal(first_p1['video'], first_one['video'][2:])  # the same jitter
 
 
 @pytest.mark.parametrize('process_count, global_batch', [(1, 5), (3, 6)])
@@ -375,6 +380,22 @@ def test_eval_visits_every_window_once(tiny, process_count, global_batch):
     lengths.append(count)
   assert len(set(lengths)) == 1  # the same number of batches everywhere
   assert len(seen) == len(set(seen)) == n
+  one = ip.create_eval_dataset(
+    DATASET,
+    tiny.data_dir,
+    global_batch_size=4,
+    split=split,
+    process_index=0,
+    process_count=1,
+    features=NO_VIDEO,
+  )
+  in_order = [
+    (name, tuple(e))
+    for b in one
+    for name, e, ok in zip(b['video_name'], b['end_frame'], b['valid_window'])
+    if ok
+  ]
+  assert seen == in_order  # the shares, put together, are the split in one process's order
 
 
 def test_resumed_run_in_a_new_process_sees_the_same_batches(tiny):

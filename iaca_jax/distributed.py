@@ -1,0 +1,93 @@
+"""Joining a multi-process JAX run, before anything touches a device (called first by the entry points).
+
+`config.distributed=True` with nothing else set lets JAX detect the cluster (Cloud TPU, SLURM, Open
+MPI, Kubernetes, ...). Anywhere else give the coordinator (process 0's `host:port`), the number of
+processes and this process's id by config or environment:
+
+    --config.coordinator_address=10.0.0.1:8476 --config.num_processes=2 --config.process_id=0
+    JAX_COORDINATOR_ADDRESS=10.0.0.1:8476 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0
+
+On CPUs the cross-process collectives run over gloo (TCP). A process that stops sending heartbeats for
+`config.distributed_timeout_s` seconds is declared dead and the others end with an error instead of
+waiting in a collective forever; the same bound applies to the shutdown barrier (joining waits at
+least 300 s for every process to start).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
+ENV_PROCESS_ID = 'JAX_PROCESS_ID'
+
+
+def _int_setting(value: int, env: str, unset: int) -> int | None:
+  if value != unset:
+    return value
+  text = os.environ.get(env, '')
+  if not text:
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f'${env}={text!r} is not an integer') from None
+
+
+def initialize(config: ml_collections.ConfigDict) -> None:
+  """Joins the run described by `config` (nothing when `config.distributed` is False); idempotent.
+
+  Afterwards only process 0 logs below ERROR level; it alone writes logs, TensorBoard events,
+  progress bars and result files (checkpoints are written by every process, as Orbax requires).
+  """
+  if not config.get('distributed', False) or jax.distributed.is_initialized():
+    return
+  address = config.get('coordinator_address', '') or None
+  num_processes = _int_setting(config.get('num_processes', 0), ENV_NUM_PROCESSES, 0)
+  process_id = _int_setting(config.get('process_id', -1), ENV_PROCESS_ID, -1)
+  timeout = int(config.get('distributed_timeout_s', 300))
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # the default; None cannot cross hosts
+  try:
+    jax.distributed.initialize(
+      coordinator_address=address,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=max(timeout, 300),  # every process must have started (imports and all)
+      heartbeat_timeout_seconds=timeout,
+      shutdown_timeout_seconds=timeout,
+    )
+  except (RuntimeError, ValueError) as e:  # e.g. no coordinator reachable, no cluster detected
+    raise ConnectionError(
+      f'Could not join the multi-process run ({e}). Set config.coordinator_address, num_processes and '
+      f'process_id (or $JAX_COORDINATOR_ADDRESS, ${ENV_NUM_PROCESSES}, ${ENV_PROCESS_ID}) unless the '
+      'cluster (Cloud TPU, SLURM, ...) is detected.'
+    ) from e
+  if not is_main_process():
+    logging.set_verbosity(logging.ERROR)
+
+
+def is_main_process() -> bool:
+  """True on process 0: the one that logs and writes result files."""
+  return jax.process_index() == 0
+
+
+def _replicate_leaf(x, sharding):
+  if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(
+      _replicate_leaf(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x)
+    )
+  value = np.asarray(x)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def replicate(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """`tree` (the same values on every process) as arrays replicated over `sharding`'s devices, which
+  may span processes (where `jax.device_put` only takes this process's devices)."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: _replicate_leaf(x, sharding), tree)
