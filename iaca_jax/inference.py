@@ -61,7 +61,8 @@ def predict_split(
       `silent_audio` (chosen with `seed`).
 
   Returns:
-    arrays over the N real windows: `predictions` (N, L, 2), `score_audio` / `score_video` (N, L),
+    arrays over the N real windows (model outputs (N, K, L, ...) from a K-replica trainer):
+    `predictions` (N, L, 2), `score_audio` / `score_video` (N, L),
     `gate_<name>` (N, L, K), `silenced` (N, L), the clip keys and `video_name` (N,).
   """
   rng = np.random.default_rng(seed)
@@ -75,6 +76,8 @@ def predict_split(
       batch = silence_audio(batch, silenced, silent_audio)
     rows = {k: v[local] for k, v in batch.items()}
     predictions, aux = jax.device_get(trainer.eval_step(variables, trainer.shard_batch(rows)))
+    if getattr(trainer, 'replicas', 1) > 1:  # (K, B, ...) -> (B, K, ...): rows first, like the clip keys
+      predictions, aux = jax.tree.map(lambda x: np.moveaxis(x, 0, 1), (predictions, aux))
     keep = np.asarray(batch['valid_window'], bool)
     collected['predictions'].append(predictions[keep])
     collected['silenced'].append(silenced[keep])
