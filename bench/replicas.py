@@ -38,10 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from train_step import synthetic_batch  # noqa: E402
 
 from configs import default, synthetic_demo, tiny  # noqa: E402
 from iaca_jax import models, train_lib  # noqa: E402
+from iaca_jax.models import IACAModel  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('case', ['demo', 'fusion'], 'Step cases: demo, fusion.')
@@ -53,6 +53,23 @@ flags.DEFINE_bool('wall', False, 'Also time whole trainings: one K-replica run v
 flags.DEFINE_integer('wall_replicas', 5, 'K of the whole-training comparison.')
 flags.DEFINE_string('data_dir', '', 'Tiny synthetic set for --wall (default: a temporary folder).')
 flags.DEFINE_string('out', '', 'Output JSON (default bench/results/replicas_<backend>.json).')
+
+
+def synthetic_batch(model, batch: int) -> dict:
+  """Random cached-feature inputs of the shapes the model's frozen encoders would cache (as in
+  bench/train_step.py, whose flags cannot be imported alongside these)."""
+  rng = np.random.default_rng(0)
+  raw = {'video': (1, 16, 8, 112, 112, 3), 'audio': (1, 16, 64, 104)}
+  abstract = {k: jax.ShapeDtypeStruct(s, np.float32) for k, s in raw.items()}
+  video, audio = jax.eval_shape(
+    lambda r, x: model.init_with_output(r, x, method=IACAModel.encode)[0], jax.random.key(0), abstract
+  )
+  return {
+    'labels': rng.uniform(-1, 1, (batch, 16, 2)).astype(np.float32),
+    'mask': np.ones((batch, 16), bool),
+    'video_features': rng.standard_normal((batch,) + video.shape[1:], dtype=np.float32),
+    'audio_features': rng.standard_normal((batch,) + audio.shape[1:], dtype=np.float32),
+  }
 
 
 def case_config(case: str, replicas: int):
@@ -68,7 +85,7 @@ def compiled_step(case: str, replicas: int, host_batch: dict | None, vmapped: bo
   model = models.build_model(config.model)
   trainer = train_lib.Trainer(model, train_lib.create_mesh(), replicas)
   if host_batch is None:
-    host_batch = synthetic_batch(case, config, model, FLAGS.batch or (16 if case == 'demo' else 64))
+    host_batch = synthetic_batch(model, FLAGS.batch or (16 if case == 'demo' else 64))
   tx = train_lib.make_optimizer(config, steps_per_epoch=1000)
   if vmapped and replicas == 1:
     step = functools.partial(train_lib.train_step, model=model)
