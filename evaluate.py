@@ -4,6 +4,10 @@ r"""Evaluates a trained IACA model. Thin entry point; the logic is in iaca_jax/e
   python evaluate.py ... --missing_audio          # docs/DESIGN.md §5 sweep: 10-90% of clips silenced, 3 seeds
   python evaluate.py ... --attention_figure=VIDEO # faces, spectrogram and attention heat strips
   python evaluate.py ... --submission             # the challenge file for the test split
+  python evaluate.py ... --protocol=authors       # score as the authors' released code does
+
+A run of K replicas (--config.replicas=K, as trained) is scored replica by replica, with the mean
+and its 95% t-interval over replicas; its submission file holds the replicas' mean prediction.
 
 Use the same --config and overrides as for training. Results go to --output_dir (default
 <workdir>/eval).
@@ -36,6 +40,13 @@ flags.DEFINE_list(
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of the missing-audio sweep.')
 flags.DEFINE_string('label', 'model', 'Name of this model in tables and plots.')
 flags.DEFINE_string('attention_figure', None, 'Draw the attention-score figure for this video.')
+flags.DEFINE_enum(
+  'protocol',
+  'challenge',
+  ['challenge', 'authors'],
+  "Frames scored: the challenge's (labelled frames only) or the authors' released code's (unlabelled "
+  'frames kept as (0, 0) pairs; docs/DESIGN.md §5).',
+)
 flags.DEFINE_bool('submission', False, 'Write the challenge submission file for the test split.')
 flags.DEFINE_string('test_split', 'test', 'Split used for --submission.')
 
@@ -51,14 +62,18 @@ def evaluate():
   print = builtins.print if distributed.is_main_process() else lambda *args: None  # process 0 reports
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval')
   split = FLAGS.split or FLAGS.config.dataset.eval_split
-  evaluator = evaluate_lib.Evaluator(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-  print(f'Restored the {FLAGS.checkpoint} checkpoint (step {evaluator.step}) from {FLAGS.workdir}.')
+  evaluator = evaluate_lib.Evaluator(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.protocol)
+  steps = evaluator.steps if evaluator.replicas > 1 else evaluator.step
+  print(f'Restored the {FLAGS.checkpoint} checkpoint (step {steps}) from {FLAGS.workdir}.')
   scores = evaluate_lib.score_split(evaluator, split, output_dir)
   print(
-    f'{split}: CCC_v={scores["ccc_valence"]:.4f} CCC_a={scores["ccc_arousal"]:.4f} '
-    f'mean={scores["ccc_mean"]:.4f}'
+    f'{split} ({FLAGS.protocol} protocol): CCC_v={scores["ccc_valence"]:.4f} '
+    f'CCC_a={scores["ccc_arousal"]:.4f} mean={scores["ccc_mean"]:.4f}'
   )
-  print(reports.metrics_table(scores))
+  if evaluator.replicas > 1:
+    print(reports.replica_table(scores['replicas']))
+  else:
+    print(reports.metrics_table(scores))
   if FLAGS.missing_audio:
     result = evaluate_lib.missing_audio_sweep(
       evaluator,

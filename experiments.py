@@ -1,7 +1,11 @@
 r"""The whole experiment on the synthetic set, from one command.
 
   python experiments.py --mode=demo --results_dir=results/demo      # what `make demo` runs
-  python experiments.py --mode=ablation --results_dir=results/demo  # {ca,jca,rjca} x {none,iaca}
+  python experiments.py --mode=ablation --results_dir=results/demo  # what `make ablation` runs
+
+Every variant trains `--replicas` seeds in one run (`config.replicas`; demo 3, ablation 5); tables
+give the mean and the 95% t-interval over replicas, comparisons the paired difference over the shared
+seeds, and the headline comparison also a bootstrap over validation videos (`iaca_jax.stats`).
 
 Steps (each skipped when its output already exists, so a rerun resumes): generate the synthetic set
 -> build the TFRecord shards -> cache the frozen encoders' features -> train each variant ->
@@ -18,26 +22,45 @@ from collections.abc import Sequence
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 from configs import synthetic_demo  # noqa: E402
 from data import build  # noqa: E402
 from data.synthetic_av import generate  # noqa: E402
-from iaca_jax import cli, evaluate_lib, feature_cache, reports, train_lib  # noqa: E402
+from iaca_jax import cli, evaluate_lib, feature_cache, metrics, reports, stats, train_lib  # noqa: E402
 from iaca_jax.fileio import atomic_write  # noqa: E402
 
 DEMO_VARIANTS = (
   ('rjca_iaca', dict(cross_attention='rjca', gating='iaca')),
   ('rjca_nogate', dict(cross_attention='rjca', gating='none')),
 )
-ABLATION_VARIANTS = tuple(
-  (f'{ca}_{gate}', dict(cross_attention=ca, gating=gate))
-  for ca in ('ca', 'jca', 'rjca')
-  for gate in ('none', 'iaca')
-) + (
-  ('rjca_stage1', dict(cross_attention='rjca', gating='stage1')),
-  ('rjca_iaca_t2_0.1', dict(cross_attention='rjca', gating='iaca', stage2_temperature=0.1)),
+ABLATION_VARIANTS = (
+  tuple(
+    (f'{ca}_{gate}', dict(cross_attention=ca, gating=gate))
+    for ca in ('ca', 'jca', 'rjca')
+    for gate in ('none', 'stage1', 'iaca')
+  )
+  + tuple(
+    (f'rjca_iaca_{stage2}', dict(cross_attention='rjca', gating='iaca', stage2=stage2))
+    for stage2 in ('sum', 'iteration', 'raw')  # 'modality' is rjca_iaca
+  )
+  + (('rjca_iaca_t2_0.1', dict(cross_attention='rjca', gating='iaca', stage2_temperature=0.1)),)
+)
+DEMO_REPLICAS, ABLATION_REPLICAS = 3, 5
+# (label, variant, baseline): paired differences over the shared seeds; the paper's claims.
+DEMO_COMPARISONS = (('RJCA: IACA - no gate', 'rjca_iaca', 'rjca_nogate'),)
+ABLATION_COMPARISONS = (
+  tuple((f'{ca.upper()}: IACA - no gate', f'{ca}_iaca', f'{ca}_none') for ca in ('ca', 'jca', 'rjca'))
+  + (
+    ('RJCA: IACA - stage 1 only', 'rjca_iaca', 'rjca_stage1'),
+    ('RJCA: stage 1 only - no gate', 'rjca_stage1', 'rjca_none'),
+    ('RJCA + IACA: stage-2 T 1.0 - 0.1', 'rjca_iaca', 'rjca_iaca_t2_0.1'),
+  )
+  + tuple(
+    (f'RJCA + IACA: modality - {s}', 'rjca_iaca', f'rjca_iaca_{s}') for s in ('sum', 'iteration', 'raw')
+  )
 )
 
 
@@ -45,10 +68,11 @@ def log(message: str) -> None:
   print(f'[{time.strftime("%H:%M:%S")}] {message}', flush=True)
 
 
-def demo_config(results_dir: str, **model_overrides) -> ml_collections.ConfigDict:
+def demo_config(results_dir: str, replicas: int = 1, **model_overrides) -> ml_collections.ConfigDict:
   config = synthetic_demo.get_config()
   config.dataset.data_dir = os.path.join(results_dir, 'tfds')
   config.dataset.features_dir = os.path.join(results_dir, 'features')
+  config.replicas = replicas
   config.model.update(model_overrides)
   return config
 
@@ -69,10 +93,16 @@ def prepare_data(results_dir: str, *, size: str = 'default', seed: int = 0) -> m
 
 
 def run_variant(
-  results_dir: str, name: str, overrides: dict, *, missing_audio: bool, seeds: Sequence[int] = (0, 1, 2)
+  results_dir: str,
+  name: str,
+  overrides: dict,
+  *,
+  replicas: int,
+  missing_audio: bool,
+  seeds: Sequence[int] = (0, 1, 2),
 ) -> dict:
-  """Trains (or resumes) one variant and evaluates its best checkpoint."""
-  config = demo_config(results_dir, **overrides)
+  """Trains (or resumes) one variant's replicas and evaluates each one's best checkpoint."""
+  config = demo_config(results_dir, replicas, **overrides)
   workdir = os.path.join(results_dir, 'runs', name)
   log(f'Training {name} in {workdir}')
   train_lib.train_and_evaluate(config, workdir)
@@ -80,7 +110,7 @@ def run_variant(
   output_dir = os.path.join(workdir, 'eval')
   result = {
     'name': name,
-    'step': evaluator.step,
+    'steps': evaluator.steps,
     'validation': evaluate_lib.score_split(evaluator, config.dataset.eval_split, output_dir),
   }
   if missing_audio:
@@ -92,26 +122,122 @@ def run_variant(
   return result
 
 
+def _per_replica(result: dict, key: str) -> list[float]:
+  validation = result['validation']
+  return [r[key] for r in validation.get('replicas', [validation])]
+
+
 def ablation_table(results: Sequence[dict]) -> str:
+  """Mean and 95% t-interval over each variant's replicas of the validation CCC."""
+  columns = (
+    ('CCC_v', 'ccc_valence'),
+    ('CCC_a', 'ccc_arousal'),
+    ('mean', 'ccc_mean'),
+    ('mean, video corrupted', 'corrupt_video/ccc_mean'),
+    ('mean, audio corrupted', 'corrupt_audio/ccc_mean'),
+  )
+  replicas = sorted({len(_per_replica(r, 'ccc_mean')) for r in results})
   lines = [
-    '| variant | CCC_v | CCC_a | mean | mean, video corrupted | mean, audio corrupted |',
-    '|---|---|---|---|---|---|',
+    f'Mean [95% t-interval] over {"/".join(map(str, replicas))} replicas (seeds) per variant.',
+    '',
+    '| variant | ' + ' | '.join(c for c, _ in columns) + ' |',
+    '|---' * (len(columns) + 1) + '|',
   ]
   for r in results:
-    v = r['validation']
+    cells = [
+      stats.format_interval(*stats.t_interval(_per_replica(r, key))) if key in r['validation'] else '-'
+      for _, key in columns
+    ]
+    lines.append(f'| {r["name"]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def paired_comparisons(results: Sequence[dict], comparisons: Sequence[tuple]) -> list[dict]:
+  """Per comparison (label, variant, baseline): the paired difference of the validation mean CCC
+  over the shared seeds, its 95% t-interval, the paired t-test's p and the verdict."""
+  by_name = {r['name']: r for r in results}
+  rows = []
+  for label, variant, baseline in comparisons:
+    if variant in by_name and baseline in by_name:
+      diff = stats.paired_difference(
+        _per_replica(by_name[variant], 'ccc_mean'), _per_replica(by_name[baseline], 'ccc_mean')
+      )
+      rows.append(dict(diff, label=label, verdict=stats.verdict(diff['low'], diff['high'])))
+  return rows
+
+
+def comparison_table(rows: Sequence[dict]) -> str:
+  lines = [
+    'Paired difference of the validation mean CCC over the shared seeds (replica k of both variants '
+    'has the same seed), mean [95% t-interval]; a claim is supported when the interval is above 0.',
+    '',
+    '| comparison | difference | p (paired t) | replicas | at 95% |',
+    '|---|---|---|---|---|',
+  ]
+  for row in rows:
     lines.append(
-      f'| {r["name"]} | {v["ccc_valence"]:.4f} | {v["ccc_arousal"]:.4f} | {v["ccc_mean"]:.4f} | '
-      f'{v.get("corrupt_video/ccc_mean", float("nan")):.4f} | '
-      f'{v.get("corrupt_audio/ccc_mean", float("nan")):.4f} |'
+      f'| {row["label"]} | {stats.format_interval(row["mean"], row["low"], row["high"], signed=True)} | '
+      f'{row["p"]:.3f} | {row["n"]} | {row["verdict"]} |'
     )
   return '\n'.join(lines) + '\n'
 
 
-def run_demo(results_dir: str, size: str = 'default') -> str:
+def bootstrap_headline(variant: dict, baseline: dict, split: str, resamples: int = 2000) -> dict:
+  """Bootstrap over validation videos of (replica-mean CCC of `variant`) - (that of `baseline`):
+  each resample draws videos with replacement and rescores every replica of both on them."""
+  frames = {}
+  for side, result in (('variant', variant), ('baseline', baseline)):
+    per_replica = [metrics.video_frames(c) for c in result['evaluator'].predict_each(split)]
+    frames[side] = per_replica
+  videos = sorted(frames['variant'][0])
+
+  def statistic(idx):
+    chosen = [videos[i] for i in idx]
+    score = {
+      side: np.mean([metrics.pooled_ccc_mean([f[v] for v in chosen]) for f in per_replica])
+      for side, per_replica in frames.items()
+    }
+    return score['variant'] - score['baseline']
+
+  value, low, high = stats.bootstrap_videos(statistic, len(videos), resamples=resamples)
+  return {'mean': value, 'low': low, 'high': high, 'videos': len(videos), 'resamples': resamples}
+
+
+def missing_audio_drop(result: dict) -> list[float]:
+  """Per replica: the validation mean CCC minus its mean over the silenced shares (how much is lost)."""
+  clean = np.array(_per_replica(result, 'ccc_mean'))
+  rows = result['missing_audio']['rows']
+  silenced = np.mean([row.get('ccc_mean_replicas', [row['ccc_mean_mean']]) for row in rows], axis=0)
+  return (clean - silenced).tolist()
+
+
+def missing_audio_comparisons(results: Sequence[dict], comparisons: Sequence[tuple]) -> list[dict]:
+  """'IACA degrades less under missing audio': per comparison, the paired difference over the shared
+  seeds of (baseline's drop - variant's drop), the drop being `missing_audio_drop`."""
+  by_name = {r['name']: r for r in results if 'missing_audio' in r}
+  rows = []
+  for label, variant, baseline in comparisons:
+    if variant in by_name and baseline in by_name:
+      diff = stats.paired_difference(
+        missing_audio_drop(by_name[baseline]), missing_audio_drop(by_name[variant])
+      )
+      rows.append(
+        dict(diff, label=f'{label}: drop avoided', verdict=stats.verdict(diff['low'], diff['high']))
+      )
+  return rows
+
+
+def write_json(path: str, results: Sequence[dict], **extra) -> None:
+  plain = [{k: v for k, v in r.items() if k != 'evaluator'} for r in results]
+  atomic_write(path, json.dumps({'variants': plain, **extra}, indent=1, default=float))
+
+
+def run_demo(results_dir: str, size: str = 'default', replicas: int = DEMO_REPLICAS) -> str:
   start = time.time()
   config = prepare_data(results_dir, size=size)
   results = [
-    run_variant(results_dir, name, overrides, missing_audio=True) for name, overrides in DEMO_VARIANTS
+    run_variant(results_dir, name, overrides, replicas=replicas, missing_audio=True)
+    for name, overrides in DEMO_VARIANTS
   ]
   iaca = results[0]['evaluator']
   clips = iaca.predict(config.dataset.eval_split)
@@ -120,46 +246,83 @@ def run_demo(results_dir: str, size: str = 'default') -> str:
   submission = evaluate_lib.write_submission(iaca, 'test', results_dir)
   sweeps = [r['missing_audio'] for r in results]
   reports.plot_missing_audio(sweeps, os.path.join(results_dir, 'missing_audio.png'))
+  comparisons = paired_comparisons(results, DEMO_COMPARISONS)
+  comparisons += missing_audio_comparisons(results, DEMO_COMPARISONS)
+  log('Bootstrap over validation videos')
+  headline = bootstrap_headline(results[0], results[1], config.dataset.eval_split)
   summary = [
     '# Demo results (synthetic set)',
     '',
-    f'Made by `make demo` in {time.time() - start:.0f} s.',
+    f'Made by `make demo` in {time.time() - start:.0f} s; {replicas} replicas (seeds) per variant.',
     '',
     '## Validation CCC (docs/DESIGN.md §5 protocol)',
     '',
     ablation_table(results),
-    '## What the gates do (RJCA + IACA, mean gate values over validation clips)',
+    '## Paired differences',
+    '',
+    comparison_table(comparisons),
+    'Bootstrap over the validation videos ({videos} videos, {resamples} resamples, percentile 95% '
+    'interval) of the replica-mean CCC difference RJCA + IACA - no gate: {interval}.'.format(
+      interval=stats.format_interval(headline['mean'], headline['low'], headline['high'], signed=True),
+      **headline,
+    ),
+    '',
+    '## What the gates do (RJCA + IACA replica 0, mean gate values over validation clips)',
     '',
     reports.gate_table(clips),
-    '## Missing audio (share of validation clips silenced; 3 seeds)',
+    '## Missing audio (share of validation clips silenced; 3 silencing seeds)',
     '',
     reports.missing_audio_table(sweeps),
     '![missing audio](missing_audio.png)',
     '',
-    f'## Attention scores ({video})',
+    f'## Attention scores ({video}, replica 0)',
     '',
     f'![attention]({os.path.basename(figure)})',
     '',
-    f'Challenge-format predictions for the test split: `{os.path.basename(submission)}`.',
+    f'Challenge-format predictions for the test split (mean of the replicas): `{os.path.basename(submission)}`.',
     '',
   ]
   path = os.path.join(results_dir, 'RESULTS.md')
   atomic_write(path, '\n'.join(summary))
-  atomic_write(
-    os.path.join(results_dir, 'results.json'),
-    json.dumps([{k: v for k, v in r.items() if k != 'evaluator'} for r in results], indent=1, default=float),
+  write_json(
+    os.path.join(results_dir, 'results.json'), results, comparisons=comparisons, bootstrap_headline=headline
   )
   log(f'Done in {time.time() - start:.0f} s: see {path}')
   return path
 
 
-def run_ablation(results_dir: str, size: str = 'default') -> str:
+def run_ablation(results_dir: str, size: str = 'default', replicas: int = ABLATION_REPLICAS) -> str:
+  start = time.time()
   prepare_data(results_dir, size=size)
   results = [
-    run_variant(results_dir, name, overrides, missing_audio=False) for name, overrides in ABLATION_VARIANTS
+    run_variant(
+      results_dir,
+      name,
+      overrides,
+      replicas=replicas,
+      missing_audio=overrides.get('gating') in ('none', 'iaca') and len(overrides) == 2,
+      seeds=(0,),
+    )
+    for name, overrides in ABLATION_VARIANTS
   ]
+  comparisons = paired_comparisons(results, ABLATION_COMPARISONS)
+  comparisons += missing_audio_comparisons(results, ABLATION_COMPARISONS[:3])
   path = os.path.join(results_dir, 'ablation.md')
-  atomic_write(path, '# Ablation on the synthetic set (validation)\n\n' + ablation_table(results))
+  body = [
+    '# Ablation on the synthetic set (validation)',
+    '',
+    f'Made by `make ablation` in {time.time() - start:.0f} s; {replicas} replicas (seeds) per variant.',
+    '',
+    ablation_table(results),
+    '## Paired differences',
+    '',
+    comparison_table(comparisons),
+    '## Missing audio (1 silencing seed)',
+    '',
+    reports.missing_audio_table([r['missing_audio'] for r in results if 'missing_audio' in r]),
+  ]
+  atomic_write(path, '\n'.join(body))
+  write_json(os.path.join(results_dir, 'ablation.json'), results, comparisons=comparisons)
   log(f'Ablation table: {path}')
   return path
 
@@ -169,11 +332,13 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   f = flags.FLAGS
   run = run_demo if f.mode == 'demo' else run_ablation
-  cli.run_reporting_user_errors(lambda: run(f.results_dir, f.size))
+  replicas = f.replicas or (DEMO_REPLICAS if f.mode == 'demo' else ABLATION_REPLICAS)
+  cli.run_reporting_user_errors(lambda: run(f.results_dir, f.size, replicas))
 
 
 if __name__ == '__main__':
   flags.DEFINE_enum('mode', 'demo', ['demo', 'ablation'], 'What to run.')
   flags.DEFINE_string('results_dir', 'results/demo', 'Where data, runs, tables and figures go.')
   flags.DEFINE_enum('size', 'default', ['default', 'tiny'], 'Size of the generated synthetic set.')
+  flags.DEFINE_integer('replicas', 0, 'Seeds per variant, trained in one run (0: demo 3, ablation 5).')
   app.run(main, flags_parser=cli.parse_flags)

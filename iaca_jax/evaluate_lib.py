@@ -1,5 +1,8 @@
 """What evaluate.py does: restore a checkpoint's model (no optimizer), score a split, the
-missing-audio sweep, the attention-score figure and the challenge submission file."""
+missing-audio sweep, the attention-score figure and the challenge submission file.
+
+A run of K replicas (`config.replicas`) is scored replica by replica from one pass over the data;
+tables give each replica and the mean with its 95% t-interval over replicas (`iaca_jax.stats`)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from iaca_jax import data_source, distributed, inference, input_pipeline, metrics, reports, train_lib
+from iaca_jax import (
+  data_source,
+  distributed,
+  inference,
+  input_pipeline,
+  metrics,
+  replicas,
+  reports,
+  stats,
+  train_lib,
+)
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.fileio import atomic_write
 from iaca_jax.models import build_model
@@ -25,10 +38,12 @@ class Evaluator:
   Only the parameters and BatchNorm statistics are restored (no optimizer state is built or read).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, which: str = 'best'):
-    self.config = config
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: str, which: str = 'best', protocol: str = 'challenge'
+  ):
+    self.config, self.protocol, self.replicas = config, protocol, config.replicas
     self.model = build_model(config.model)
-    self.trainer = train_lib.Trainer(self.model, train_lib.create_mesh())
+    self.trainer = train_lib.Trainer(self.model, train_lib.create_mesh(), config.replicas)
     self.data = data_source.DataSource(config)
     missing = FileNotFoundError(
       f'No {which} checkpoint under {workdir}/checkpoints: train first (python train.py --workdir {workdir} ...).'
@@ -43,22 +58,62 @@ class Evaluator:
       raise missing
     parts, self.meta = restored
     self.variables = train_lib.model_variables(parts['params'], parts['frozen_params'], parts['batch_stats'])
-    self.step = int(jax.device_get(parts['step']))
+    self.steps = np.atleast_1d(jax.device_get(parts['step'])).astype(int).tolist()  # one per replica
+    self.step = max(self.steps)
 
-  def predict(self, split: str, **kwargs) -> dict:
-    """`inference.predict_split` over `split` (kwargs: silence_fraction, seed)."""
+  def predict_all(self, split: str, **kwargs) -> dict:
+    """`inference.predict_split` over `split` (kwargs: silence_fraction, seed); replica models give
+    (N, K, ...) model outputs."""
     batches = self.data.eval_batches(split)
     if kwargs.get('silence_fraction', 0) > 0:
       kwargs.setdefault('silent_audio', self.data.silent_audio())
     return inference.predict_split(self.trainer, self.variables, batches, **kwargs)
 
+  def predict_each(self, split: str, **kwargs) -> list[dict]:
+    """One clip dict per replica (one pass over the data)."""
+    clips = self.predict_all(split, **kwargs)
+    if self.replicas == 1:
+      return [clips]
+    return [replicas.replica_clips(clips, k) for k in range(self.replicas)]
+
+  def predict(self, split: str, **kwargs) -> dict:
+    """One model's clip outputs: the model, or of K replicas the ensemble (mean prediction; the
+    attention scores and gates of replica 0)."""
+    clips = self.predict_all(split, **kwargs)
+    if self.replicas == 1:
+      return clips
+    return dict(replicas.replica_clips(clips, 0), predictions=clips['predictions'].mean(1))
+
+  def score_each(self, split: str, **kwargs) -> list[dict]:
+    """`metrics.score_clips` of every replica (a list of one for a plain run)."""
+    return [metrics.score_clips(c, self.protocol) for c in self.predict_each(split, **kwargs)]
+
+
+def summarize(per_replica: list[dict]) -> dict:
+  """Scores of K replicas -> the mean of each score, `<key>_low` / `<key>_high` (95% t-interval over
+  replicas; NaN for one replica) and the list under 'replicas'. A plain run: its scores unchanged."""
+  if len(per_replica) == 1:
+    return dict(per_replica[0])
+  out = {}
+  for key in per_replica[0]:
+    mean, low, high = stats.t_interval([s[key] for s in per_replica])
+    out[key] = mean
+    if not key.endswith('n_frames'):
+      out[f'{key}_low'], out[f'{key}_high'] = low, high
+  out['replicas'] = per_replica
+  return out
+
 
 def score_split(evaluator: Evaluator, split: str, output_dir: str) -> dict:
-  """Split-level CCC (all frames and the clean/corrupted subsets), written as JSON and Markdown."""
-  scores = metrics.score_clips(evaluator.predict(split))
+  """Split-level CCC (all frames and the clean/corrupted subsets), written as JSON and Markdown; for
+  replicas each replica's scores and their mean with its 95% t-interval."""
+  per_replica = evaluator.score_each(split)
+  scores = summarize(per_replica)
+  scores['protocol'] = evaluator.protocol
   if distributed.is_main_process():
     atomic_write(os.path.join(output_dir, f'metrics_{split}.json'), json.dumps(scores, indent=1))
-    atomic_write(os.path.join(output_dir, f'metrics_{split}.md'), reports.metrics_table(scores))
+    table = reports.metrics_table(scores) if len(per_replica) == 1 else reports.replica_table(per_replica)
+    atomic_write(os.path.join(output_dir, f'metrics_{split}.md'), table)
   return scores
 
 
@@ -70,25 +125,30 @@ def missing_audio_sweep(
   seeds: Sequence[int] = (0, 1, 2),
   label: str = 'model',
 ) -> dict:
-  """CCC with the audio of a random share of the clips silenced (the paper's Fig. 3)."""
+  """CCC with the audio of a random share of the clips silenced (the paper's Fig. 3).
+
+  Per fraction: `<key>_mean` and `<key>_std` over the silencing seeds (and replicas); for K > 1
+  replicas also `<key>_low` / `<key>_high`, the 95% t-interval over replicas of each replica's mean
+  over the silencing seeds, and `<key>_replicas` those K means."""
   rows = []
+  keys = ('ccc_valence', 'ccc_arousal', 'ccc_mean')
   for fraction in fractions:
-    runs = []
+    runs = []  # [seed][replica] scores
+    shares = []
     for seed in seeds:
-      clips = evaluator.predict(split, silence_fraction=fraction, seed=seed)
-      runs.append(metrics.score_clips(clips))
-      runs[-1]['silenced_share'] = float(clips['silenced'][clips['end_frame'] > 0].mean())
-    rows.append(
-      {
-        'fraction': fraction,
-        'seeds': list(seeds),
-        **{
-          f'{k}_{stat}': float(fn([r[k] for r in runs]))
-          for k in ('ccc_valence', 'ccc_arousal', 'ccc_mean', 'silenced_share')
-          for stat, fn in (('mean', np.mean), ('std', np.std))
-        },
-      }
-    )
+      each = evaluator.predict_each(split, silence_fraction=fraction, seed=seed)
+      runs.append([metrics.score_clips(c, evaluator.protocol) for c in each])
+      shares.append(float(each[0]['silenced'][each[0]['end_frame'] > 0].mean()))
+    row = {'fraction': fraction, 'seeds': list(seeds)}
+    row['silenced_share_mean'], row['silenced_share_std'] = float(np.mean(shares)), float(np.std(shares))
+    for k in keys:
+      values = np.array([[r[k] for r in per_seed] for per_seed in runs])  # (seeds, replicas)
+      row[f'{k}_mean'], row[f'{k}_std'] = float(values.mean()), float(values.std())
+      if values.shape[1] > 1:
+        per_replica = values.mean(0)
+        _, row[f'{k}_low'], row[f'{k}_high'] = stats.t_interval(per_replica)
+        row[f'{k}_replicas'] = per_replica.tolist()
+    rows.append(row)
   result = {'label': label, 'split': split, 'rows': rows}
   if distributed.is_main_process():
     atomic_write(os.path.join(output_dir, 'missing_audio.json'), json.dumps(result, indent=1))

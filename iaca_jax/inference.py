@@ -105,9 +105,9 @@ def predict_split(
       by `silent_audio` (chosen with `seed` and the process index).
 
   Returns:
-    arrays over the N real windows in split order: `predictions` (N, L, 2), `score_audio` /
-    `score_video` (N, L), `gate_<name>` (N, L, K), `silenced` (N, L), the clip keys and
-    `video_name` (N,).
+    arrays over the N real windows (model outputs (N, K, L, ...) from a K-replica trainer):
+    `predictions` (N, L, 2), `score_audio` / `score_video` (N, L),
+    `gate_<name>` (N, L, K), `silenced` (N, L), the clip keys and `video_name` (N,).
   """
   process = jax.process_index()
   rng = np.random.default_rng([seed, process] if process else seed)
@@ -122,6 +122,8 @@ def predict_split(
     index = window_indices(batch, first)
     first += int(np.sum(batch['valid_window']))
     predictions, aux = jax.device_get(trainer.eval_step(variables, trainer.shard_batch(batch)))
+    if getattr(trainer, 'replicas', 1) > 1:  # (K, B, ...) -> (B, K, ...): rows first, like the clip keys
+      predictions, aux = jax.tree.map(lambda x: np.moveaxis(x, 0, 1), (predictions, aux))
     host = {k: batch[k] for k in CLIP_KEYS + ('video_name',)}
     rows = gather({**host, 'silenced': silenced, 'window_index': index})
     outputs = {

@@ -8,6 +8,12 @@ The split-level protocol:
 3. `frame_ccc`: CCC over the concatenation of all validly labelled frames of all videos.
 
 `score_clips` runs the three on the output of `inference.predict_split`.
+
+Protocols (`protocol=`): 'challenge' (default, the ABAW challenge's) scores only the frames whose
+valence and arousal are both labelled. 'authors' follows the authors' released evaluation code, for
+numbers set beside the paper's: a frame whose valence label is INVALID_LABEL (arousal is not
+checked) stays in the video's arrays as the pair (prediction 0, label 0) in both dimensions, is
+smoothed together with the real predictions, and counts in the CCC.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import scipy.ndimage
 
 INVALID_LABEL = -5.0
 """Label value of an invalid (unannotated) frame, in either dimension."""
+
+PROTOCOLS = ('challenge', 'authors')
 
 DIMENSIONS = ('valence', 'arousal')
 DEFAULT_WINDOWS = (20, 50)
@@ -125,12 +133,34 @@ def _ccc_dict(pred: np.ndarray, label: np.ndarray, prefix: str = '') -> dict[str
   return out
 
 
+def scored_frames(
+  prediction: np.ndarray,
+  label: np.ndarray,
+  windows: Sequence[int] = DEFAULT_WINDOWS,
+  protocol: str = 'challenge',
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One video's scored frames: (post-processed predictions (n, 2), labels (n, 2), which of its N
+  frames they are (N,) bool), from (N, 2) raw predictions (NaN: no prediction) and labels."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'Unknown evaluation protocol {protocol!r}; choose one of {PROTOCOLS}.')
+  dense = np.nan_to_num(np.asarray(prediction, np.float64))
+  label = np.asarray(label, np.float64)
+  if protocol == 'authors':
+    unlabelled = (label[:, 0] == INVALID_LABEL)[:, None]
+    dense, label = np.where(unlabelled, 0.0, dense), np.where(unlabelled, 0.0, label)
+    chosen = np.ones(label.shape[0], bool)
+  else:
+    chosen = np.all((label != INVALID_LABEL) & np.isfinite(label), axis=-1)
+  return postprocess(dense, windows)[chosen], label[chosen], chosen
+
+
 def frame_ccc(
   predictions: Mapping[str, np.ndarray],
   labels: Mapping[str, np.ndarray],
   *,
   subsets: Mapping[str, Mapping[str, np.ndarray]] | None = None,
   windows: Sequence[int] = DEFAULT_WINDOWS,
+  protocol: str = 'challenge',
 ) -> dict[str, float]:
   """Split-level CCC: post-process each video, then CCC over all validly labelled frames.
 
@@ -142,6 +172,7 @@ def frame_ccc(
     subsets: optional {name: {video: (N,) bool}} frame subsets (e.g. corrupted frames); a video
       absent from a subset contributes no frame to it.
     windows: moving-average lengths for (valence, arousal).
+    protocol: 'challenge' or 'authors' (module docstring).
 
   Returns:
     `ccc_valence`, `ccc_arousal`, `ccc_mean`, `n_frames`, and per subset the same keys prefixed by
@@ -164,11 +195,12 @@ def frame_ccc(
         f'frame_ccc: video {video!r}: no finite prediction for {int(missing.sum())} labelled '
         f'frame(s), first {int(np.flatnonzero(missing)[0]) + 1}'
       )
-    preds.append(postprocess(np.nan_to_num(dense), windows)[valid])
-    labs.append(label[valid])
+    pred, lab, chosen = scored_frames(dense, label, windows, protocol)
+    preds.append(pred)
+    labs.append(lab)
     for name, subset in subsets.items():
-      chosen = np.asarray(subset.get(video, np.zeros(label.shape[0], bool)), bool)
-      subs[name].append(chosen[valid])
+      in_subset = np.asarray(subset.get(video, np.zeros(label.shape[0], bool)), bool)
+      subs[name].append(in_subset[chosen])
   if not preds:
     raise ValueError('frame_ccc: no video to score')
   pred, lab = np.concatenate(preds), np.concatenate(labs)
@@ -183,7 +215,7 @@ def _subset_name(flag: str) -> str:
   return 'not_silenced' if flag == 'silenced' else f'clean_{flag.split("_")[1]}'
 
 
-def score_clips(clips: Mapping[str, np.ndarray]) -> dict[str, float]:
+def score_clips(clips: Mapping[str, np.ndarray], protocol: str = 'challenge') -> dict[str, float]:
   """Split-level CCC_v, CCC_a and their mean from per-clip predictions (see `clips_to_frames`), also
   over the frames with and without each flag that is set anywhere (e.g. `corrupt_video/ccc_mean`,
   `clean_video/ccc_mean`)."""
@@ -197,4 +229,21 @@ def score_clips(clips: Mapping[str, np.ndarray]) -> dict[str, float]:
     {n: v['predictions'] for n, v in videos.items()},
     {n: v['labels'] for n, v in videos.items()},
     subsets=subsets,
+    protocol=protocol,
   )
+
+
+def video_frames(clips: Mapping[str, np.ndarray], protocol: str = 'challenge') -> dict[str, tuple]:
+  """{video: (post-processed predictions (n, 2), labels (n, 2))}: each video's scored frames, the
+  units of a bootstrap over videos (`iaca_jax.stats.bootstrap_videos`)."""
+  videos = clips_to_frames(clips)
+  return {
+    name: scored_frames(v['predictions'], v['labels'], protocol=protocol)[:2] for name, v in videos.items()
+  }
+
+
+def pooled_ccc_mean(frames: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+  """The split-level ccc_mean of a list of `video_frames` values (their frames pooled)."""
+  pred = np.concatenate([p for p, _ in frames])
+  label = np.concatenate([lab for _, lab in frames])
+  return _ccc_dict(pred, label)['ccc_mean']

@@ -11,6 +11,7 @@ matplotlib.use('Agg')  # files only, never a screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iaca_jax import stats  # noqa: E402
 from iaca_jax.fileio import atomic_savefig  # noqa: E402
 from iaca_jax.input_pipeline import KINETICS_MEAN, KINETICS_STD  # noqa: E402
 
@@ -30,15 +31,48 @@ def metrics_table(scores: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def replica_table(per_replica: Sequence[dict]) -> str:
+  """Each replica's CCC (all frames and the corrupted subsets) and a last row with the mean and its
+  95% t-interval over the K replicas."""
+  columns = [('CCC_v', 'ccc_valence'), ('CCC_a', 'ccc_arousal'), ('mean', 'ccc_mean')] + [
+    (f'mean, {name.replace("_", " ")}', f'{name}/ccc_mean')
+    for name in ('corrupt_video', 'corrupt_audio')
+    if f'{name}/ccc_mean' in per_replica[0]
+  ]
+  lines = [
+    f'Mean and 95% t-interval over {len(per_replica)} replicas (seeds) in the last row.',
+    '',
+    '| replica | ' + ' | '.join(c for c, _ in columns) + ' |',
+    '|---' * (len(columns) + 1) + '|',
+  ]
+  for k, scores in enumerate(per_replica):
+    lines.append(f'| {k} | ' + ' | '.join(f'{scores[key]:.4f}' for _, key in columns) + ' |')
+  summary = [stats.format_interval(*stats.t_interval([s[key] for s in per_replica])) for _, key in columns]
+  lines.append('| mean [95% CI] | ' + ' | '.join(summary) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
 def missing_audio_table(results: Sequence[dict]) -> str:
+  """One row per model and share of silenced clips: mean ± std over the silencing seeds, or with
+  replicas the mean and its 95% t-interval over replicas."""
+  with_replicas = any('ccc_mean_low' in row for result in results for row in result['rows'])
   lines = ['| model | silenced clips | CCC_v | CCC_a | mean |', '|---|---|---|---|---|']
+  if with_replicas:
+    lines.insert(0, "Mean [95% t-interval over replicas] of each replica's mean over the silencing seeds.\n")
   for result in results:
     for row in result['rows']:
-      lines.append(
-        f'| {result["label"]} | {100 * row["fraction"]:.0f}% | '
-        f'{row["ccc_valence_mean"]:.4f} ± {row["ccc_valence_std"]:.4f} | '
-        f'{row["ccc_arousal_mean"]:.4f} ± {row["ccc_arousal_std"]:.4f} | {row["ccc_mean_mean"]:.4f} |'
-      )
+      if with_replicas:
+        cells = [
+          stats.format_interval(row[f'{k}_mean'], row.get(f'{k}_low', np.nan), row.get(f'{k}_high', np.nan))
+          for k in ('ccc_valence', 'ccc_arousal', 'ccc_mean')
+        ]
+      else:
+        cells = [
+          f'{row["ccc_valence_mean"]:.4f} ± {row["ccc_valence_std"]:.4f}',
+          f'{row["ccc_arousal_mean"]:.4f} ± {row["ccc_arousal_std"]:.4f}',
+          f'{row["ccc_mean_mean"]:.4f}',
+        ]
+      lines.append(f'| {result["label"]} | {100 * row["fraction"]:.0f}% | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 

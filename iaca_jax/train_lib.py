@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,34 +28,27 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from iaca_jax import distributed, inference, losses, metrics, pretrained
+from iaca_jax import replicas as replicas_lib
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.data_source import DataSource
 from iaca_jax.fileio import atomic_write
 from iaca_jax.input_pipeline import DEVICE_KEYS, MODEL_INPUT_KEYS
-from iaca_jax.models import IACAModel, build_model, init_variables
+from iaca_jax.models import IACAModel, build_model
+from iaca_jax.train_state import (  # noqa: F401 (part of this module's interface)
+  TrainState,
+  dropout_keys,
+  fresh_model_state,
+  fresh_state,
+  init_keys,
+  init_model_state,
+  init_replica_model_state,
+  init_replica_state,
+  init_state,
+  model_variables,
+)
 from iaca_jax.writers import create_metric_writer
 
 RUN_CONFIG_FILE = 'config.json'  # the run's config, in its workdir: what predict.py builds the model from
-
-
-class TrainState(flax.struct.PyTreeNode):
-  step: jnp.ndarray
-  params: Any  # optimised parameters
-  frozen_params: Any  # frozen encoder parameters ({} when none)
-  batch_stats: Any  # BatchNorm running statistics ({} when none)
-  opt_state: Any
-  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-
-  def variables(self) -> dict:
-    return model_variables(self.params, self.frozen_params, self.batch_stats)
-
-
-def model_variables(params: Mapping, frozen_params: Mapping, batch_stats: Mapping) -> dict:
-  """The `model.apply` variables of a state's parts."""
-  variables = {'params': {**params, **frozen_params}}
-  if batch_stats:
-    variables['batch_stats'] = batch_stats
-  return variables
 
 
 def create_mesh(devices=None) -> Mesh:
@@ -79,42 +71,6 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
   return optax.adamw(learning_rate_schedule(config, steps_per_epoch), weight_decay=config.weight_decay)
-
-
-def _split_frozen(params: dict, frozen: bool) -> tuple[dict, dict]:
-  if frozen and 'encoders' in params:
-    return {k: v for k, v in params.items() if k != 'encoders'}, {'encoders': params['encoders']}
-  return dict(params), {}
-
-
-def init_model_state(
-  model: IACAModel, shapes: Mapping[str, Any], rng: jax.Array, converted: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-  """{'step', 'params', 'frozen_params', 'batch_stats'} of a fresh model for inputs shaped like
-  `shapes` (a batch or its element spec; only the model inputs count); `converted` weights (see
-  `iaca_jax.pretrained`) replace matching variables. Everything of a state but the optimizer."""
-  variables = init_variables(model, {k: shapes[k] for k in MODEL_INPUT_KEYS if k in shapes}, rng)
-  if converted:
-    variables = pretrained.merge_pretrained(variables, converted)
-  params, frozen = _split_frozen(variables['params'], model.freeze_encoders)
-  return {
-    'step': jnp.zeros((), jnp.int32),
-    'params': params,
-    'frozen_params': frozen,
-    'batch_stats': variables.get('batch_stats', {}),
-  }
-
-
-def init_state(
-  model: IACAModel,
-  shapes: Mapping[str, Any],
-  rng: jax.Array,
-  tx: optax.GradientTransformation,
-  converted: Mapping[str, Any] | None = None,
-) -> TrainState:
-  """A fresh train state (see `init_model_state`) with `tx`'s initial optimizer state."""
-  parts = init_model_state(model, shapes, rng, converted)
-  return TrainState(**parts, opt_state=tx.init(parts['params']), tx=tx)
 
 
 def _model_inputs(batch: Mapping[str, jnp.ndarray]) -> dict:
@@ -158,7 +114,14 @@ def train_step(
     & jnp.isfinite(_global_norm(new_state.params))
     & inputs_finite
   )
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  # Only the fields a step changes: the shared ones (frozen encoders) must stay unbatched under vmap.
+  keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = new_state.replace(
+    step=keep(new_state.step, state.step),
+    params=keep(new_state.params, state.params),
+    opt_state=keep(new_state.opt_state, state.opt_state),
+    batch_stats=keep(new_state.batch_stats, state.batch_stats) if mutable else state.batch_stats,
+  )
   metrics_ = {
     'loss': loss,
     'ccc_valence': aux['ccc_valence'],
@@ -178,18 +141,15 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jnp.ndarray], *,
 
 
 class Trainer:
-  """Compiled, sharded steps for one model and mesh."""
+  """Compiled, sharded steps for one model and mesh; with `replicas` > 1 the steps run K models at
+  once (`iaca_jax.replicas`): states and variables with a leading (K,) axis, outputs (K, ...)."""
 
-  def __init__(self, model: IACAModel, mesh: Mesh):
-    self.model, self.mesh = model, mesh
+  def __init__(self, model: IACAModel, mesh: Mesh, replicas: int = 1):
+    self.model, self.mesh, self.replicas = model, mesh, replicas
     self.data_sharding = NamedSharding(mesh, P('data'))
     self.replicated = NamedSharding(mesh, P())
-    self.train_step = jax.jit(
-      functools.partial(train_step, model=model),
-      donate_argnums=(0,),
-      out_shardings=(self.replicated, self.replicated),
-    )
-    self.eval_step = jax.jit(functools.partial(eval_step, model=model), out_shardings=self.replicated)
+    key = (model, tuple(mesh.devices.flat), mesh.devices.shape, mesh.axis_names, replicas)
+    self.train_step, self.eval_step, self.select_replicas = _jitted_steps(key, self.replicated)
 
   def replicate(self, tree):
     return distributed.replicate(tree, self.replicated)
@@ -201,6 +161,28 @@ class Trainer:
       for k, v in local_batch.items()
       if k in DEVICE_KEYS
     }
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_steps(key: tuple, replicated: NamedSharding) -> tuple[Callable, Callable, Callable | None]:
+  """The jitted steps of (model, mesh devices, replicas): one per process, so that every Trainer of
+  the same model (a resumed run, the evaluator after training) reuses the compiled executables."""
+  model, replicas = key[0], key[-1]
+  step = functools.partial(train_step, model=model)
+  evaluate = functools.partial(eval_step, model=model)
+  select = None
+  if replicas > 1:
+    step = replicas_lib.vmap_train_step(step, stats_per_replica=not model.freeze_encoders)
+    evaluate = replicas_lib.vmap_eval_step(evaluate, frozen_encoders=model.freeze_encoders)
+    select = jax.jit(
+      functools.partial(replicas_lib.select_replicas, stats_per_replica=not model.freeze_encoders),
+      out_shardings=replicated,
+    )
+  return (
+    jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated)),
+    jax.jit(evaluate, out_shardings=replicated),
+    select,
+  )
 
 
 def prefetch_to_devices(
@@ -233,20 +215,24 @@ def wait_for_steps_in_flight(in_flight: collections.deque, newest: jax.Array, li
 
 
 def device_get_metrics(step_metrics: dict) -> dict:
-  return {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  """Step metrics on the host: floats, or (K,) float arrays from a replica step."""
+  host = jax.device_get(step_metrics)
+  return {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64) for k, v in host.items()}
 
 
 def check_finite(step_metrics: dict, step: int) -> None:
   """Raises FloatingPointError naming what was not finite when a step was rejected (state unchanged)."""
-  if step_metrics.get('finite', 1.0) and np.isfinite(step_metrics['loss']):
+  finite = np.asarray(step_metrics.get('finite', 1.0), bool) & np.isfinite(step_metrics['loss'])
+  if finite.all():
     return
-  if not step_metrics.get('inputs_finite', 1.0):
+  if not np.all(step_metrics.get('inputs_finite', 1.0)):
     cause = 'a NaN or infinite value in the input batch (check the shards or the cached features)'
   else:
     cause = 'a non-finite loss, gradient, update or parameter (lower the learning rate)'
   norms = ', '.join(f'{k}={step_metrics.get(k)}' for k in ('loss', 'grad_norm', 'update_norm'))
+  where = f' in replica(s) {np.flatnonzero(~finite).tolist()}' if finite.ndim else ''
   raise FloatingPointError(
-    f'Non-finite step {step}: {cause} ({norms}). Training stopped; the last good checkpoint is intact.'
+    f'Non-finite step {step}{where}: {cause} ({norms}). Training stopped; the last good checkpoint is intact.'
   )
 
 
@@ -257,33 +243,68 @@ def abstract_like(tree, sharding: NamedSharding):
 def abstract_train_state(config, model: IACAModel, data: DataSource, trainer: Trainer, tx) -> TrainState:
   """The state's shapes, dtypes and shardings (nothing is computed): the target of a restore."""
   shapes = data.input_shapes()
-  state = jax.eval_shape(lambda rng: init_state(model, shapes, rng, tx), jax.random.key(config.seed))
-  return abstract_like(state, trainer.replicated)
+  return abstract_like(jax.eval_shape(lambda: fresh_state(config, model, shapes, tx)), trainer.replicated)
 
 
 def abstract_model_state(config, model: IACAModel, data: DataSource, trainer: Trainer) -> dict[str, Any]:
   """`init_model_state`'s shapes, dtypes and shardings: what evaluation restores (no optimizer)."""
   shapes = data.input_shapes()
-  parts = jax.eval_shape(lambda rng: init_model_state(model, shapes, rng), jax.random.key(config.seed))
-  return abstract_like(parts, trainer.replicated)
+  return abstract_like(jax.eval_shape(lambda: fresh_model_state(config, model, shapes)), trainer.replicated)
 
 
 def create_train_state(config, model: IACAModel, data: DataSource, trainer: Trainer, tx) -> TrainState:
   """A fresh, replicated state; converted weights from `config.pretrained` put in place."""
   converted = pretrained.load_for_model(config.pretrained, config.model) if config.pretrained else None
-  state = init_state(model, data.input_shapes(), jax.random.key(config.seed), tx, converted)
-  return trainer.replicate(state)
+  return trainer.replicate(fresh_state(config, model, data.input_shapes(), tx, converted))
 
 
-def evaluate_state(trainer: Trainer, state: TrainState, data: DataSource, split: str) -> dict:
-  """Validation metrics, computed on every process from the predictions of all; checked equal
-  across processes (they decide which checkpoints every process saves)."""
+def evaluate_state(trainer: Trainer, state: TrainState, data: DataSource, split: str) -> dict | list[dict]:
+  """`metrics.score_clips` of the state on `split` (one dict per replica for a replica state), computed
+  on every process from the predictions of all; checked equal across processes (they decide which
+  checkpoints every process saves)."""
   clips = inference.predict_split(trainer, state.variables(), data.eval_batches(split))
-  scores = metrics.score_clips(clips)
+  if trainer.replicas == 1:
+    scores = metrics.score_clips(clips)
+  else:
+    scores = [metrics.score_clips(replicas_lib.replica_clips(clips, k)) for k in range(trainer.replicas)]
   if jax.process_count() > 1:
-    bits = np.array([scores[k] for k in sorted(scores)], np.float64).view(np.uint32)  # exact, no x64
+    flat = [s[k] for s in ([scores] if isinstance(scores, dict) else scores) for k in sorted(s)]
+    bits = np.array(flat, np.float64).view(np.uint32)  # exact, no x64
     multihost_utils.assert_equal(bits, f'validation metrics differ across processes: {scores}')
   return scores
+
+
+def validation_scalars(scores: dict | list[dict]) -> dict[str, float]:
+  """What a validation writes: the scores, or for replicas their mean and each replica's ccc_mean."""
+  if isinstance(scores, dict):
+    return {f'validation/{k}': v for k, v in scores.items()}
+  out = {f'validation/{k}': float(np.mean([s[k] for s in scores])) for k in scores[0]}
+  out.update({f'validation/replica_{k}/ccc_mean': s['ccc_mean'] for k, s in enumerate(scores)})
+  return out
+
+
+def initial_meta(replicas: int) -> dict:
+  if replicas == 1:
+    return {'best_score': -np.inf, 'best_step': -1, 'best_metrics': {}}
+  return {'best_score': [-np.inf] * replicas, 'best_step': [-1] * replicas, 'best_metrics': [{}] * replicas}
+
+
+def improved_replicas(meta: dict, scores: dict | list[dict], step: int) -> np.ndarray:
+  """Which replicas beat their best validation score (CCC_v + CCC_a); `meta` updated for them.
+  Returns (K,) bool, or a (1,) array for a plain run."""
+  plain = isinstance(scores, dict)
+  scores = [scores] if plain else scores
+  improved = np.zeros(len(scores), bool)
+  for k, s in enumerate(scores):
+    score = s['ccc_valence'] + s['ccc_arousal']
+    best = meta['best_score'] if plain else meta['best_score'][k]
+    if np.isfinite(score) and score > best:
+      improved[k] = True
+      if plain:
+        meta.update(best_score=float(score), best_step=step, best_metrics=s)
+      else:
+        meta['best_score'][k], meta['best_step'][k], meta['best_metrics'][k] = float(score), step, s
+  return improved
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -296,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
   model = build_model(config.model)
-  trainer = Trainer(model, create_mesh())
+  trainer = Trainer(model, create_mesh(), config.replicas)
   data = DataSource(config)
   steps_per_epoch = data.steps_per_epoch()
   total_steps = config.num_epochs * steps_per_epoch
@@ -304,19 +325,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = min(total_steps, config.max_steps)
   tx = make_optimizer(config, steps_per_epoch)
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-  meta = {'best_score': -np.inf, 'best_step': -1, 'best_metrics': {}}
-  restored = None
+  meta = initial_meta(config.replicas)
+  restored = best_state = None  # best_state: each replica at its best validation (replicas only)
   if checkpoints.latest_step() is not None:
-    restored = checkpoints.restore(abstract_train_state(config, model, data, trainer, tx))
+    abstract = abstract_train_state(config, model, data, trainer, tx)
+    restored = checkpoints.restore(abstract)
+    if config.replicas > 1 and checkpoints.latest_step(best=True) is not None:
+      best_state = checkpoints.restore(abstract, best=True)[0]
   if restored is not None:
     state, meta = restored
-    logging.warning('Resumed from step %d in %s.', int(state.step), workdir)
+    logging.warning('Resumed from step %d in %s.', int(np.max(state.step)), workdir)
   else:
     state = create_train_state(config, model, data, trainer, tx)
   writer = create_metric_writer(workdir)
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  step = int(jax.device_get(state.step))
-  base_rng = trainer.replicate(jax.random.key(config.seed + 1))
+  step = int(np.max(jax.device_get(state.step)))
+  base_rng = trainer.replicate(dropout_keys(config))
   in_flight = collections.deque()  # losses of the steps dispatched and maybe not yet done
   report_progress = periodic_actions.ReportProgress(
     num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps, every_secs=None
@@ -333,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     host = [device_get_metrics(m) for m in pending]
     for i, m in enumerate(host):
       check_finite(m, step_now - len(host) + i + 1)
-    scalars = {
+    scalars = {  # mean over the steps (and the replicas)
       f'train/{k}': float(np.mean([m[k] for m in host]))
       for k in host[0]
       if k not in ('finite', 'inputs_finite')
@@ -348,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if checkpoints.latest_step(best=best) == step_now:
       return
     flush(step_now)  # never checkpoint a state that went through a non-finite step
-    checkpoints.save(step_now, state, meta, best=best)
+    checkpoints.save(step_now, best_state if best and best_state is not None else state, meta, best=best)
 
   try:
     while step < total_steps:
@@ -372,11 +396,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if epoch_done or step >= total_steps:
         flush(step)
         scores = evaluate_state(trainer, state, data, config.dataset.eval_split)
-        writer.write_scalars(step, {f'validation/{k}': v for k, v in scores.items()})
+        writer.write_scalars(step, validation_scalars(scores))
         writer.flush()
-        score = scores['ccc_valence'] + scores['ccc_arousal']
-        if np.isfinite(score) and score > meta['best_score']:
-          meta.update(best_score=float(score), best_step=step, best_metrics=scores)
+        improved = improved_replicas(meta, scores, step)
+        if improved.any():
+          if config.replicas > 1:
+            old = state if best_state is None else best_state
+            best_state = trainer.select_replicas(improved, state, old)
           save(step, best=True)
         save(step)
   finally:  # also when a step fails: a save in flight completes (its state passed the check)
@@ -384,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints.wait()
     checkpoints.close()
     writer.close()
-  result = dict(meta, steps=step, workdir=workdir)
+  result = dict(meta, steps=step, workdir=workdir, replicas=config.replicas)
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, 'train_result.json'), json.dumps(result, indent=1, default=float))
   return result

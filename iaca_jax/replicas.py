@@ -1,0 +1,100 @@
+"""K independent seeds trained in one compiled step (`config.replicas = K`).
+
+A replica state carries a leading replica axis (K, ...) on its step, trainable parameters, optimizer
+state and, when the encoders train, their BatchNorm statistics; frozen encoder weights and the batch
+are shared. The per-replica step is the plain step under `jax.vmap`, so replica k of a K-run computes
+exactly what a one-model run with replica k's seeds computes.
+
+Seeds: replica r (r = `config.first_replica` + k) initialises from `seed + 2 r` and draws its dropout
+from `seed + 2 r + 1`; replica 0 is therefore the plain run (init `seed`, dropout `seed + 1`). The data
+order follows `config.seed` alone and is shared. With random (not pretrained) frozen encoders, every
+replica uses replica 0's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def replica_seeds(seed: int, first: int, count: int) -> list[tuple[int, int]]:
+  """(init seed, dropout seed) of replicas first .. first + count - 1."""
+  return [(seed + 2 * r, seed + 2 * r + 1) for r in range(first, first + count)]
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """Per-replica trees -> one tree with a leading replica axis (K, ...)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: Any, k: int) -> Any:
+  """Replica k's slice of a tree with a leading replica axis."""
+  return jax.tree.map(lambda x: x[k], tree)
+
+
+def state_axes(state: Any, stats_per_replica: bool) -> Any:
+  """The vmap axes of a replica TrainState: 0 on per-replica fields, None on the shared ones."""
+  return state.replace(
+    step=0, params=0, frozen_params=None, batch_stats=0 if stats_per_replica else None, opt_state=0
+  )
+
+
+def variables_axes(variables: dict, frozen_encoders: bool) -> dict:
+  """The vmap axes of replica model variables (`model_variables` of a replica state)."""
+  axes = {'params': {k: None if (k == 'encoders' and frozen_encoders) else 0 for k in variables['params']}}
+  if 'batch_stats' in variables:
+    axes['batch_stats'] = None if frozen_encoders else 0
+  return axes
+
+
+def vmap_train_step(step: Callable, stats_per_replica: bool) -> Callable:
+  """`step(state, batch, rng)` -> the same over replicas: state and rngs (K,) mapped, batch shared;
+  every metric gains a leading (K,) axis."""
+
+  def replica_step(state, batch, rngs):
+    axes = state_axes(state, stats_per_replica)
+    return jax.vmap(step, in_axes=(axes, None, 0), out_axes=(axes, 0))(state, batch, rngs)
+
+  return replica_step
+
+
+def vmap_eval_step(step: Callable, frozen_encoders: bool) -> Callable:
+  """`step(variables, batch)` -> the same over replica variables; outputs gain a leading (K,) axis."""
+
+  def replica_eval(variables, batch):
+    axes = variables_axes(variables, frozen_encoders)
+    return jax.vmap(step, in_axes=(axes, None))(variables, batch)
+
+  return replica_eval
+
+
+def _select(mask: jax.Array, new: Any, old: Any) -> Any:
+  def pick(n, o):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
+
+  return jax.tree.map(pick, new, old)
+
+
+def select_replicas(mask: jax.Array, new: Any, old: Any, stats_per_replica: bool) -> Any:
+  """A replica TrainState taking replica k from `new` where mask[k], else from `old` (the
+  best-on-validation state of each replica). Shared fields come from `new`."""
+  return new.replace(
+    step=_select(mask, new.step, old.step),
+    params=_select(mask, new.params, old.params),
+    opt_state=_select(mask, new.opt_state, old.opt_state),
+    batch_stats=_select(mask, new.batch_stats, old.batch_stats) if stats_per_replica else new.batch_stats,
+  )
+
+
+def replica_clips(clips: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+  """Replica k's clip arrays from `inference.predict_split` over a replica model, whose model outputs
+  are (N, K, L, ...) (predictions, attention scores, gates); the clip keys are shared."""
+  per_replica = ('predictions', 'score_audio', 'score_video')
+  return {
+    key: value[:, k] if key in per_replica or key.startswith('gate_') else value
+    for key, value in clips.items()
+  }
