@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from iaca_jax import faces, feature_cache, input_pipeline, metrics, pretrained, train_lib
+from iaca_jax import faces, feature_cache, input_pipeline, metrics, pretrained, replicas, train_lib
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.inference import predict_split
 from iaca_jax.models import IACAModel, build_model
@@ -80,7 +80,7 @@ def _restore_run(config: ml_collections.ConfigDict, workdir: str, which: str) ->
   """A training run: encoders as the run had them (restored, or for a cached-feature run the seeded
   initialisation and `config.pretrained` that `feature_cache` used), the rest from the checkpoint."""
   model = build_model(config.model)
-  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  trainer = train_lib.Trainer(model, train_lib.create_mesh(), config.get('replicas', 1))
   sample_rate = model_sample_rate(config)
   raw = raw_inputs(sample_rate)
   variables, shapes = {}, raw
@@ -88,9 +88,7 @@ def _restore_run(config: ml_collections.ConfigDict, workdir: str, which: str) ->
     variables = feature_cache.encoder_variables(config, model, raw)
     video_f, audio_f = jax.eval_shape(lambda v: model.apply(v, raw, method=IACAModel.encode), variables)
     shapes = {'video_features': video_f, 'audio_features': audio_f}
-  abstract = jax.eval_shape(
-    lambda r: train_lib.init_model_state(model, shapes, r), jax.random.key(config.seed)
-  )
+  abstract = jax.eval_shape(lambda: train_lib.fresh_model_state(config, model, shapes))
   abstract = train_lib.abstract_like(abstract, trainer.replicated)
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
   restored = checkpoints.restore_part(abstract, best=which == 'best')
@@ -100,7 +98,7 @@ def _restore_run(config: ml_collections.ConfigDict, workdir: str, which: str) ->
   parts = jax.device_get(restored[0])
   trained = train_lib.model_variables(parts['params'], parts['frozen_params'], parts['batch_stats'])
   variables = trainer.replicate(_overlay(variables, trained))
-  step = int(parts['step'])
+  step = int(np.max(parts['step']))  # replicas: one step each
   return LoadedModel(config, trainer, variables, sample_rate, f'{workdir} ({which} checkpoint, step {step})')
 
 
@@ -335,6 +333,8 @@ def predict_video(
     windows_iter = examples.video_examples(item, settings, train=False, stats=stats)
     batches = _batches(windows_iter, name, batch_size, bar)
     outputs = predict_split(model.trainer, model.variables, batches)
+  if model.trainer.replicas > 1:  # the replicas' mean prediction, as evaluate.py's submission
+    outputs = dict(replicas.replica_clips(outputs, 0), predictions=outputs['predictions'].mean(1))
   frames = metrics.clips_to_frames(outputs)[name]['predictions']
   if frames.shape[0] != video.num_frames or np.isnan(frames).any():
     raise RuntimeError(f'{path}: the windows did not predict every frame once')  # a bug, not bad input

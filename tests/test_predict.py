@@ -30,6 +30,7 @@ from iaca_jax import (
   predict_lib,
   predict_outputs,
   pretrained,
+  replicas,
   train_lib,
 )
 from iaca_jax.checkpoints import Checkpoints
@@ -42,15 +43,16 @@ BLANK = (40, 56)  # frames without a face
 PAUSE = (66, 81)  # frames without voice
 
 
-def make_run(workdir: str, config, shapes=None) -> str:
-  """A workdir as train.py leaves it: config.json and a best checkpoint (here the initial state for
-  inputs shaped like `shapes`, default raw faces and log-mels)."""
+def make_run(workdir: str, config, shapes=None, state=None) -> str:
+  """A workdir as train.py leaves it: config.json and a best checkpoint (`state`, default the initial
+  state for inputs shaped like `shapes`, default raw faces and log-mels)."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, train_lib.RUN_CONFIG_FILE), 'w') as f:
     f.write(config.to_json())
   model = build_model(config.model)
   shapes = shapes or predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
-  state = train_lib.init_state(model, shapes, jax.random.key(config.seed + 1), optax.adamw(1e-3))
+  if state is None:
+    state = train_lib.init_state(model, shapes, jax.random.key(config.seed + 1), optax.adamw(1e-3))
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
   checkpoints.save(1, state, {'best_score': 0.0}, best=True)
   checkpoints.wait()
@@ -296,3 +298,24 @@ def test_bad_videos_are_one_clear_error_naming_the_file(face_video, run_dir, tmp
     result.stderr.strip().splitlines()[-1] == f'error: {short} has 10 frames, fewer than one clip (32 frames)'
   )
   assert 'Traceback' not in result.stderr and not output_dir.exists()
+
+
+def test_a_replica_run_predicts_the_mean_of_its_replicas(face_video, tmp_path):
+  config = run_config()
+  config.replicas = 2
+  model = build_model(config.model)
+  shapes = predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
+  state = train_lib.init_replica_state(model, shapes, train_lib.init_keys(config), optax.sgd(0.1))
+  predict = lambda run: (
+    predict_lib.predict_video(
+      predict_lib.load_model(run), face_video[0], detect_every=1, show_progress=False
+    ).raw
+  )
+  together = predict(make_run(str(tmp_path / 'replicas'), config, state=state))
+  each = []
+  for k in range(2):  # replica k alone, as a plain run
+    params = replicas.unstack(state.params, k)
+    plain = state.replace(step=state.step[k], params=params, opt_state=optax.sgd(0.1).init(params))
+    each.append(predict(make_run(str(tmp_path / f'replica{k}'), run_config(), state=plain)))
+  assert not np.allclose(each[0], each[1], atol=1e-3)  # two different models
+  np.testing.assert_allclose(together, np.mean(each, axis=0), atol=1e-5)
