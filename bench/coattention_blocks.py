@@ -60,9 +60,12 @@ def main(argv):
 
   variants = {'dense': step(dense)}
   for spec in FLAGS.blocks.split(','):
-    rows, cols = (int(v) for v in spec.split('x'))
+    save = spec.endswith('+mask')  # e.g. 4x128+mask: the mask bits kept for the backward pass
+    rows, cols = (int(v) for v in spec.removesuffix('+mask').split('x'))
     variants[spec] = step(
-      lambda k, j, v, r, block=(rows, cols): coattend(k, j, v, rate=RATE, rng=r, block=block)
+      lambda k, j, v, r, block=(rows, cols), save=save: coattend(
+        k, j, v, rate=RATE, rng=r, block=block, save_mask=save
+      )
     )
   for fn in variants.values():
     jax.block_until_ready(fn(inputs))

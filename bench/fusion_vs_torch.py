@@ -48,7 +48,13 @@ flags.DEFINE_integer('rounds', 3, 'Rounds; each runs both cases once, the order 
 flags.DEFINE_integer('steps', 5, 'Timed steps per case and round.')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after building (and compiling) the step.')
 flags.DEFINE_integer('batch', 64, 'Sequences of 16 clips per step.')
-flags.DEFINE_string('cases', 'torch,jax', 'Comma-separated cases among torch, jax.')
+flags.DEFINE_string('cases', 'torch,jax', 'Comma-separated cases among torch, jax (and jax_baseline).')
+flags.DEFINE_string(
+  'baseline_root',
+  '',
+  'A checkout of other code (e.g. `git archive <commit> | tar -x -C DIR`): adds the case jax_baseline, '
+  'the same JAX step with that tree first on sys.path (its own dispatch setting).',
+)
 flags.DEFINE_string('out', '', 'JSON result file; default bench/results/fusion_vs_torch.json.')
 flags.DEFINE_string('child', '', 'Internal: run this case and write its result to --child_out.')
 flags.DEFINE_string('child_out', '', 'Internal.')
@@ -166,9 +172,12 @@ def run_torch(batch: int) -> dict:
 
 
 def run_jax(batch: int) -> dict:
+  if FLAGS.child == 'jax_baseline':
+    sys.path.insert(0, FLAGS.baseline_root)
   from iaca_jax import cli
 
-  cli.run_cpu_steps_inline()  # as train.py does (IACA_CPU_ASYNC_DISPATCH=1 turns it off)
+  if hasattr(cli, 'run_cpu_steps_inline'):
+    cli.run_cpu_steps_inline()  # as train.py does (IACA_CPU_ASYNC_DISPATCH=1 turns it off)
   import common
   import jax
 
@@ -212,6 +221,7 @@ def run_jax(batch: int) -> dict:
     jax=jax.__version__,
     temp_bytes=common.memory(compiled).get('temp'),
     cpu_async_dispatch=bool(jax.config.jax_cpu_enable_async_dispatch),
+    code=os.path.dirname(os.path.dirname(os.path.abspath(models.__file__))),
   )
 
 
@@ -234,7 +244,7 @@ def run_child(case: str) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get('TF_CPP_MIN_LOG_LEVEL', '2'))
     env.setdefault('GLIBC_TUNABLES', makefile_host_malloc())  # what `make` gives
     argv = [sys.executable, os.path.abspath(__file__), f'--child={case}', f'--child_out={out}']
-    argv += [f'--{name}={getattr(FLAGS, name)}' for name in ('steps', 'warmup', 'batch')]
+    argv += [f'--{name}={getattr(FLAGS, name)}' for name in ('steps', 'warmup', 'batch', 'baseline_root')]
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, cwd=ROOT)
     if proc.returncode != 0 or not os.path.exists(out):
@@ -262,7 +272,7 @@ def child_main() -> None:
   # No `common` here: it imports JAX, which the torch case should not load.
   load = lambda: [round(x, 2) for x in os.getloadavg()]
   load_before = load()
-  run = {'torch': run_torch, 'jax': run_jax}[FLAGS.child]
+  run = {'torch': run_torch, 'jax': run_jax, 'jax_baseline': run_jax}[FLAGS.child]
   result = dict(run(FLAGS.batch), case=FLAGS.child, batch=FLAGS.batch, load_before=load_before)
   result.update(load_after=load(), max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
   result['host_allocator'] = os.environ.get('GLIBC_TUNABLES', 'glibc defaults')
@@ -277,8 +287,12 @@ def main(argv):
   import common
 
   cases = [c.strip() for c in FLAGS.cases.split(',') if c.strip()]
-  if not cases or any(c not in ('torch', 'jax') for c in cases):
-    raise app.UsageError(f'--cases: some of torch, jax; got {FLAGS.cases!r}')
+  if FLAGS.baseline_root and 'jax_baseline' not in cases:
+    cases.append('jax_baseline')
+  if not cases or any(c not in ('torch', 'jax', 'jax_baseline') for c in cases):
+    raise app.UsageError(f'--cases: some of torch, jax, jax_baseline; got {FLAGS.cases!r}')
+  if 'jax_baseline' in cases and not os.path.isdir(os.path.join(FLAGS.baseline_root, 'iaca_jax')):
+    raise app.UsageError(f'--baseline_root={FLAGS.baseline_root!r} holds no iaca_jax/')
   started = time.perf_counter()
   rounds = []
   for index in range(FLAGS.rounds):
@@ -303,11 +317,20 @@ def main(argv):
         f'{r["minor_faults_per_step"]:,.0f} faults/step, load {r["load_before"][0]}->{r["load_after"][0]}',
         flush=True,
       )
-    ok = all('error' not in results.get(c, {'error': 1}) for c in ('torch', 'jax'))
-    ratio = results['torch']['step_median_s'] / results['jax']['step_median_s'] if ok else None
-    rounds.append(dict(round=index + 1, order=order, results=results, torch_over_jax=ratio))
+    step = lambda c, results=results: results.get(c, {}).get('step_median_s')
+    ratio = step('torch') / step('jax') if step('torch') and step('jax') else None
+    baseline = step('jax_baseline') / step('jax') if step('jax_baseline') and step('jax') else None
+    rounds.append(
+      dict(round=index + 1, order=order, results=results, torch_over_jax=ratio, baseline_over_jax=baseline)
+    )
     if ratio:
       print(f'    round {index + 1}: torch / jax step time = {ratio:.2f}', flush=True)
+    if baseline:
+      print(f'    round {index + 1}: jax_baseline / jax step time = {baseline:.2f}', flush=True)
+
+  def step_ratio(r, res):  # torch's step over this case's
+    torch_step = r['results'].get('torch', {}).get('step_median_s')
+    return torch_step / res['step_median_s'] if torch_step and res['case'] != 'torch' else None
 
   rows = []
   for r in rounds:
@@ -326,7 +349,7 @@ def main(argv):
           peak=res['peak_flops_per_s'] / 1e9,
           share=100 * res.get('matmul_share_of_peak', 0),
           faults=res['minor_faults_per_step'],
-          ratio=r['torch_over_jax'] if case == 'jax' else None,
+          ratio=step_ratio(r, res),
           load=f'{res["load_before"][0]:.1f}->{res["load_after"][0]:.1f}',
         )
       )
@@ -348,7 +371,7 @@ def main(argv):
         ('peak', 'peak GFLOP/s', '.0f'),
         ('share', '% of peak', '.1f'),
         ('faults', 'faults/step', ',.0f'),
-        ('ratio', 'torch/jax', '.2f'),
+        ('ratio', 'torch/this', '.2f'),
         ('load', 'load', 's'),
       ],
     )
@@ -361,6 +384,7 @@ def main(argv):
       machine=dict(machine, host_allocator=os.environ.get('GLIBC_TUNABLES', makefile_host_malloc())),
       rounds=rounds,
       torch_over_jax=[r['torch_over_jax'] for r in rounds],
+      baseline_over_jax=[r['baseline_over_jax'] for r in rounds],
       total_s=time.perf_counter() - started,
     ),
   )
