@@ -220,7 +220,7 @@ def run_jax(batch: int) -> dict:
     compile_s=compile_s,
     jax=jax.__version__,
     temp_bytes=common.memory(compiled).get('temp'),
-    cpu_async_dispatch=bool(jax.config.jax_cpu_enable_async_dispatch),
+    cpu_async_dispatch=bool(jax.config.values.get('jax_cpu_enable_async_dispatch', True)),
     code=os.path.dirname(os.path.dirname(os.path.abspath(models.__file__))),
   )
 
