@@ -1,6 +1,6 @@
 r"""The paper-size fusion train step against the PyTorch implementation, side by side.
 
-    .venv/bin/python bench/fusion_vs_torch.py                 # 3 rounds, ~2 min a round on 2 cores
+    .venv/bin/python bench/fusion_vs_torch.py                 # 3 rounds (a round: ~2 min on 2 quiet cores)
     .venv/bin/python bench/fusion_vs_torch.py --rounds=2 --steps=5 --out=bench/results/x.json
 
 Both sides train the same fusion model on cached features of the paper's shapes, fp32, batch 64
