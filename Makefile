@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= results/demo
 # glibc malloc keeps freed memory in the process (no mmap, no trimming), so that XLA:CPU does not
-# page-fault every step's temporaries in again (docs/PERFORMANCE.md, "Host allocator"). Append
-# :glibc.malloc.arena_max=1 for paper-size training on a CPU; HOST_MALLOC= leaves glibc alone.
+# page-fault every step's temporaries in again (docs/PERFORMANCE.md, "Host allocator"; the entry
+# points run CPU steps in the main thread, whose arena keeps even the paper-size step's block: "Fusion
+# step vs PyTorch"). HOST_MALLOC= leaves glibc alone.
 HOST_MALLOC ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615
 export GLIBC_TUNABLES = $(HOST_MALLOC)
 

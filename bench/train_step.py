@@ -60,7 +60,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default, synthetic_demo  # noqa: E402
-from iaca_jax import data_source, input_pipeline, models, train_lib  # noqa: E402
+from iaca_jax import cli, data_source, input_pipeline, models, train_lib  # noqa: E402
 from iaca_jax.models import IACAModel  # noqa: E402
 
 CASES = ('fusion', 'demo', 'full_frozen', 'full_trainable')
@@ -297,13 +297,16 @@ def run_input_check() -> dict:
 
 def child_main() -> None:
   case, dtype = os.environ['IACA_BENCH_CASE'], os.environ['IACA_BENCH_DTYPE']
+  cli.run_cpu_steps_inline()  # as the entry points do (IACA_CPU_ASYNC_DISPATCH=1: asynchronous)
 
   if case == 'input':
     result = run_input_check()
   else:
     result = run_case(case, dtype)
   result['machine'] = dict(
-    common.machine(), host_allocator=os.environ.get('GLIBC_TUNABLES', 'glibc defaults')
+    common.machine(),
+    host_allocator=os.environ.get('GLIBC_TUNABLES', 'glibc defaults'),
+    cpu_async_dispatch=bool(jax.config.values.get('jax_cpu_enable_async_dispatch', True)),
   )
   common.write_json(FLAGS.child_out, result)
 

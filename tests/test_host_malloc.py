@@ -19,6 +19,10 @@ ONE_ARENA = 'glibc.malloc.arena_max=1'
 _PROBE = r"""
 import json, resource, sys
 rows = int(sys.argv[1])
+if sys.argv[2] == 'entry_point':  # as train.py and the other entry points set JAX up
+  sys.path.insert(0, sys.argv[3])
+  from iaca_jax import cli
+  cli.parse_flags(['probe'])  # every entry point parses its flags with it
 import jax, jax.numpy as jnp
 a = jnp.linspace(-1.0, 1.0, rows * 4096, dtype=jnp.float32).reshape(rows, 4096)
 f = jax.jit(lambda a: (jnp.flip(a * 2.0, 0) @ jnp.ones((4096, 1)))[0, 0])
@@ -41,15 +45,15 @@ def makefile_host_malloc() -> str:
   return match.group(1)
 
 
-def _faults(tunables: str | None, megabytes: int) -> int:
+def _faults(tunables: str | None, megabytes: int, setup: str = 'plain') -> int:
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  for name in ('XLA_FLAGS', 'LD_PRELOAD', 'GLIBC_TUNABLES'):
+  for name in ('XLA_FLAGS', 'LD_PRELOAD', 'GLIBC_TUNABLES', 'IACA_CPU_ASYNC_DISPATCH'):
     env.pop(name, None)
   if tunables:
     env['GLIBC_TUNABLES'] = tunables
   rows = megabytes * 2**20 // (4 * 4096)
   out = subprocess.run(
-    [sys.executable, '-c', _PROBE, str(rows)],
+    [sys.executable, '-c', _PROBE, str(rows), setup, ROOT],
     env=env,
     capture_output=True,
     text=True,
@@ -78,3 +82,13 @@ def test_one_arena_also_keeps_blocks_too_big_for_a_thread_arena():
   one_arena = _faults(f'{makefile_host_malloc()}:{ONE_ARENA}', 128)
   assert kept > 128 * 256 // 2, kept
   assert one_arena < kept / 20, (kept, one_arena)
+
+
+@glibc_only
+def test_entry_points_keep_blocks_too_big_for_a_thread_arena():
+  # Asynchronous dispatch runs a step on a worker thread, whose arena cannot keep a 128 MiB block;
+  # the entry points run single-device CPU steps inline, in the main thread's arena, which can.
+  kept = _faults(makefile_host_malloc(), 128)
+  inline = _faults(makefile_host_malloc(), 128, setup='entry_point')
+  assert kept > 128 * 256 // 2, kept
+  assert inline < kept / 20, (kept, inline)

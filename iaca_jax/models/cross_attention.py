@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iaca_jax.models.dropout import FusedDropout
+from iaca_jax.models.coattention_blocks import coattend
+from iaca_jax.models.dropout import FusedDropout, bernoulli, is_fusable_threefry
 
 Dtype = Any
 CROSS_ATTENTION_TYPES = ('none', 'ca', 'jca', 'rjca')
@@ -86,15 +87,36 @@ class JointCrossAttention(nn.Module):
     return outputs['audio'], outputs['video'], aux
 
 
+class _DropoutKey(nn.Module):
+  """The key `nn.Dropout` draws, when named as that dropout would be (same scope, same stream)."""
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.make_rng('dropout')
+
+
+def _dropout(x: jnp.ndarray, rate: float, rng: jax.Array, *, fused: bool) -> jnp.ndarray:
+  """`nn.Dropout(rate)(x)` drawing from `rng` (mask from `dropout.bernoulli` when `fused`)."""
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  keep = 1.0 - rate
+  mask = (bernoulli if fused else jax.random.bernoulli)(rng, keep, x.shape)
+  return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
 class DenseCoAttentionLayer(nn.Module):
   """One iteration of the authors' dense co-attention (docs/DESIGN.md §A, `coattn.dcn_layers.N`).
 
   Works on (x1, x2) = (video, audio), video first as in their code. (B, L, d) x 2 -> (B, L, d) x 2.
+  With `blocked` (and the fused dropout's keys) the (B, d, 2d) affinities are computed block by
+  block (`coattention_blocks.coattend`): the same result, without writing them to memory.
   """
 
   dropout: float = 0.6
   dtype: Dtype = jnp.float32
   fused_dropout: bool = True  # FusedDropout (bit-identical to nn.Dropout, faster on a CPU)
+  blocked: bool = True
+  block: tuple[int, int] | None = None  # (batch rows, columns) per block; None: the backend's default
 
   @nn.compact
   def __call__(self, x1, x2, *, train: bool):
@@ -106,12 +128,24 @@ class DenseCoAttentionLayer(nn.Module):
     drop = lambda y, n: dropout_cls(self.dropout, deterministic=not train, name=f'Dropout_{n}')(y)
     joint = dense(joint_dim, 'query_linear')(jnp.concatenate([x1, x2], axis=-1))  # (B, L, 2d)
     outputs, scores = [], []
+    affinity_shape = (x1.shape[0], d, joint_dim)
     for i, x in ((1, x1), (2, x2)):
       keys = dense(length, f'key{i}_linear')(jnp.swapaxes(x, 1, 2))  # (B, d, L)
       values = dense(d, f'value{i}_linear')(x)  # (B, L, d)
-      affinity = jnp.einsum('bdl,blj->bdj', keys, joint) / math.sqrt(joint_dim)
-      affinity = drop(jnp.tanh(affinity.astype(jnp.float32)).astype(self.dtype), 2 * i - 2)  # (B, d, 2d)
-      hidden = nn.relu(jnp.tanh(jnp.einsum('bld,bdj->blj', values, affinity)))  # (B, L, 2d)
+      dropping = train and self.dropout > 0.0
+      rng = _DropoutKey(name=f'Dropout_{2 * i - 2}')() if dropping else None
+      if (
+        self.blocked
+        and self.fused_dropout
+        and (not dropping or (self.dropout < 1.0 and is_fusable_threefry(rng, affinity_shape)))
+      ):
+        hidden = coattend(keys, joint, values, rate=self.dropout, rng=rng, dtype=self.dtype, block=self.block)
+      else:  # the affinity (B, d, 2d) written whole; the reference for the blocked path
+        affinity = jnp.einsum('bdl,blj->bdj', keys, joint) / math.sqrt(joint_dim)
+        affinity = jnp.tanh(affinity.astype(jnp.float32)).astype(self.dtype)
+        if dropping:
+          affinity = _dropout(affinity, self.dropout, rng, fused=self.fused_dropout)
+        hidden = nn.relu(jnp.tanh(jnp.einsum('bld,bdj->blj', values, affinity)))  # (B, L, 2d)
       outputs.append(x + drop(nn.relu(dense(d, f'output{i}_linear')(hidden)), 2 * i - 1))
       scores.append(jnp.mean(hidden.astype(jnp.float32), axis=-1))
     return outputs[0], outputs[1], scores[0], scores[1]
@@ -124,12 +158,15 @@ class RecursiveJointCrossAttention(nn.Module):
   dropout: float = 0.6
   dtype: Dtype = jnp.float32
   fused_dropout: bool = True
+  blocked: bool = True
 
   @nn.compact
   def __call__(self, audio, video, *, train: bool):
     steps = []
     for i in range(self.iterations):
-      layer = DenseCoAttentionLayer(self.dropout, self.dtype, self.fused_dropout, name=f'layer_{i}')
+      layer = DenseCoAttentionLayer(
+        self.dropout, self.dtype, self.fused_dropout, self.blocked, name=f'layer_{i}'
+      )
       video, audio, score_v, score_a = layer(video, audio, train=train)
       steps.append((audio, video))
     aux = {'score_audio': score_a, 'score_video': score_v, 'iterations': steps}
@@ -143,6 +180,7 @@ def make_cross_attention(
   dropout: float = 0.6,
   dtype: Dtype = jnp.float32,
   fused_dropout: bool = True,
+  blocked_coattention: bool = True,
   name: str = 'cross_attention',
 ) -> nn.Module:
   if kind == 'none':
@@ -152,5 +190,7 @@ def make_cross_attention(
   if kind == 'jca':
     return JointCrossAttention(dtype=dtype, name=name)
   if kind == 'rjca':
-    return RecursiveJointCrossAttention(iterations, dropout, dtype, fused_dropout, name=name)
+    return RecursiveJointCrossAttention(
+      iterations, dropout, dtype, fused_dropout, blocked_coattention, name=name
+    )
   raise ValueError(f'Unknown cross_attention {kind!r}; expected one of {CROSS_ATTENTION_TYPES}.')

@@ -34,7 +34,8 @@ def _threefry2x32(k1, k2, x1, x2):
   return x1, x2
 
 
-def _is_fusable_threefry(key, shape) -> bool:
+def is_fusable_threefry(key, shape) -> bool:
+  """Whether `bernoulli` writes out the hash for this key and shape (else jax.random.bernoulli)."""
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     impl = str(jax.random.key_impl(key))
   else:
@@ -53,15 +54,30 @@ def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...]) -> jnp.ndarray:
   Falls back to `jax.random.bernoulli` for other PRNG implementations, the non-partitionable
   threefry mode, or arrays of 2**32 elements or more.
   """
-  if not _is_fusable_threefry(key, shape):
+  if not is_fusable_threefry(key, shape):
     return jax.random.bernoulli(key, p, shape)
+  return bernoulli_block(key, p, shape, (0,) * len(shape), shape)
+
+
+def bernoulli_block(
+  key: jax.Array, p: float, shape: tuple[int, ...], start: tuple, block_shape: tuple[int, ...]
+) -> jnp.ndarray:
+  """The block `[start : start + block_shape]` of `bernoulli(key, p, shape)`, computed on its own.
+
+  `start` may hold traced integers (e.g. a loop counter times the block size). Only for keys where
+  `is_fusable_threefry(key, shape)` holds: the mask bits hash each element's row-major index in the
+  whole `shape`, so a block needs no other element's bits.
+  """
+  if not is_fusable_threefry(key, shape):
+    raise ValueError(f'bernoulli_block needs a partitionable threefry key and < 2**32 elements; got {key}')
   k1, k2 = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   # Partitionable threefry hashes the (hi, lo) 32-bit halves of each element's row-major index.
-  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  index, stride = jnp.zeros(block_shape, jnp.uint32), 1
   for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+    offset = jnp.asarray(start[axis]).astype(jnp.uint32)
+    index = index + (jax.lax.broadcasted_iota(jnp.uint32, block_shape, axis) + offset) * np.uint32(stride)
     stride *= shape[axis]
-  bits1, bits2 = _threefry2x32(k1, k2, jnp.zeros(shape, jnp.uint32), index)
+  bits1, bits2 = _threefry2x32(k1, k2, jnp.zeros(block_shape, jnp.uint32), index)
   bits = bits1 ^ bits2
   # jax.random.uniform: 23 mantissa bits -> [1, 2) -> [0, 1); then bernoulli's `u < p`.
   float_bits = jax.lax.shift_right_logical(bits, np.uint32(32 - 23)) | np.uint32(0x3F800000)

@@ -111,6 +111,7 @@ class IACAModel(nn.Module):
   head_dropout: float = 0.6
   torch_layout: bool = False
   fused_dropout: bool = True  # the co-attention's dropout as one fused op (same bits as nn.Dropout)
+  blocked_coattention: bool = True  # RJCA's affinities block by block (same result, less memory traffic)
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -128,6 +129,7 @@ class IACAModel(nn.Module):
       dropout=self.cross_attention_dropout,
       dtype=self.dtype,
       fused_dropout=self.fused_dropout,
+      blocked_coattention=self.blocked_coattention,
     )
     self.gate = FusionGate(
       self.gating, self.stage2, self.gate_temperature, self.stage2_temperature or None, self.dtype

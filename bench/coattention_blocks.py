@@ -1,0 +1,108 @@
+r"""Block shapes of the dense co-attention (`iaca_jax.models.coattention_blocks.coattend`), timed at the
+paper's size: one affinity (64, 512, 1024) in fp32, forward + backward, dropout on, against the
+affinity written whole. The variants alternate within each repetition; the median and minimum wall
+time and the process CPU time per call are reported.
+
+    .venv/bin/python bench/coattention_blocks.py
+    .venv/bin/python bench/coattention_blocks.py --blocks=1x1024,4x256,8x128 --reps=7
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from iaca_jax.models.coattention_blocks import coattend  # noqa: E402
+from iaca_jax.models.dropout import bernoulli  # noqa: E402
+
+flags.DEFINE_string('blocks', '1x1024,1x256,2x512,4x256,4x128,8x128,16x64', 'Block shapes rows x columns.')
+flags.DEFINE_integer('reps', 5, 'Repetitions of each variant (alternated).')
+flags.DEFINE_integer('batch', 64, 'Batch.')
+flags.DEFINE_string('out', '', 'JSON result file (default: none).')
+FLAGS = flags.FLAGS
+
+D, L, RATE = 512, 16, 0.6
+
+
+def dense(keys, joint, values, rng):
+  affinity = jnp.tanh(jnp.einsum('bdl,blj->bdj', keys, joint) / math.sqrt(joint.shape[-1]))
+  mask = bernoulli(rng, 1.0 - RATE, affinity.shape)
+  affinity = jax.lax.select(mask, affinity / (1.0 - RATE), jnp.zeros_like(affinity))
+  return jax.nn.relu(jnp.tanh(jnp.einsum('bld,bdj->blj', values, affinity)))
+
+
+def main(argv):
+  del argv
+  keys_ = jax.random.split(jax.random.key(0), 4)
+  b = FLAGS.batch
+  inputs = (
+    jax.random.normal(keys_[0], (b, D, L)),
+    jax.random.normal(keys_[1], (b, L, 2 * D)),
+    jax.random.normal(keys_[2], (b, L, D)),
+  )
+  cotangent = jax.random.normal(keys_[3], (b, L, 2 * D))
+  rng = jax.random.key(5)
+
+  def step(fn):
+    return jax.jit(jax.grad(lambda args: jnp.sum(fn(*args, rng) * cotangent)))
+
+  variants = {'dense': step(dense)}
+  for spec in FLAGS.blocks.split(','):
+    save = spec.endswith('+mask')  # e.g. 4x128+mask: the mask bits kept for the backward pass
+    rows, cols = (int(v) for v in spec.removesuffix('+mask').split('x'))
+    variants[spec] = step(
+      lambda k, j, v, r, block=(rows, cols), save=save: coattend(
+        k, j, v, rate=RATE, rng=r, block=block, save_mask=save
+      )
+    )
+  for fn in variants.values():
+    jax.block_until_ready(fn(inputs))
+  times = {name: [] for name in variants}
+  cpus = {name: [] for name in variants}
+  for _ in range(FLAGS.reps):
+    for name, fn in variants.items():
+      start, cpu = time.perf_counter(), common.cpu_seconds()
+      jax.block_until_ready(fn(inputs))
+      times[name].append(time.perf_counter() - start)
+      cpus[name].append(common.cpu_seconds() - cpu)
+  rows = [
+    dict(
+      variant=name,
+      median_ms=1e3 * float(np.median(t)),
+      min_ms=1e3 * min(t),
+      cpu_ms=1e3 * float(np.median(cpus[name])),
+      vs_dense=float(np.median(t) / np.median(times['dense'])),
+    )
+    for name, t in times.items()
+  ]
+  print(f'load {common.load_average()}')
+  print(
+    common.table(
+      rows,
+      [
+        ('variant', 'block', 's'),
+        ('median_ms', 'median ms', '.0f'),
+        ('min_ms', 'min ms', '.0f'),
+        ('cpu_ms', 'CPU ms', '.0f'),
+        ('vs_dense', 'vs dense', '.2f'),
+      ],
+    )
+  )
+  if FLAGS.out:
+    common.write_json(FLAGS.out, dict(command=' '.join(['python'] + sys.argv), rows=rows, times=times))
+
+
+if __name__ == '__main__':
+  app.run(main)

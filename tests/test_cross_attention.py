@@ -1,0 +1,91 @@
+"""The block-by-block dense co-attention against the affinity written whole, dropout on."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iaca_jax.models import IACAModel, coattention_blocks, init_variables
+from iaca_jax.models.coattention_blocks import coattend
+from iaca_jax.models.dropout import bernoulli_block
+
+B, D, L = 6, 8, 5  # batch, features d, clips; the affinity is (B, d, 2d)
+RATE = 0.6
+
+
+def dense_coattention(keys, joint, values, rate, rng):
+  """The authors' formulation with the whole (B, d, 2d) affinity and `jax.random.bernoulli`'s mask."""
+  affinity = jnp.tanh(jnp.einsum('bdl,blj->bdj', keys, joint) / math.sqrt(joint.shape[-1]))
+  if rng is not None:
+    mask = jax.random.bernoulli(rng, 1.0 - rate, affinity.shape)
+    affinity = jnp.where(mask, affinity / (1.0 - rate), 0.0)
+  return jax.nn.relu(jnp.tanh(jnp.einsum('bld,bdj->blj', values, affinity)))
+
+
+def _inputs():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  return (
+    jax.random.normal(k1, (B, D, L)),
+    jax.random.normal(k2, (B, L, 2 * D)),
+    jax.random.normal(k3, (B, L, D)),
+  )
+
+
+def test_bernoulli_block_is_the_slice_of_the_whole_mask():
+  shape, key = (3, 4, 10), jax.random.key(7)
+  whole = np.asarray(jax.random.bernoulli(key, 0.4, shape))
+  block = jax.jit(lambda row, col: bernoulli_block(key, 0.4, shape, (row, 0, col), (2, 4, 5)))
+  np.testing.assert_array_equal(np.asarray(block(1, 5)), whole[1:3, :, 5:10])
+  np.testing.assert_array_equal(np.asarray(block(0, 0)), whole[:2, :, :5])
+
+
+# (1, 4): 6 x 4 blocks; (5, 6): rounded down to divisors (3, 4); (6, 16): one block, no loop.
+@pytest.mark.parametrize('block,dropout', [((1, 4), True), ((5, 6), True), ((6, 16), True), ((2, 8), False)])
+def test_blocks_equal_the_whole_affinity(block, dropout):
+  inputs = _inputs()
+  rng = jax.random.key(3) if dropout else None
+  cotangent = jax.random.normal(jax.random.key(1), (B, L, 2 * D))
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda args: jnp.sum(fn(*args) * cotangent)))
+
+  want, want_grads = loss(lambda *a: dense_coattention(*a, RATE, rng))(inputs)
+  got, got_grads = loss(lambda *a: coattend(*a, rate=RATE, rng=rng, block=block))(inputs)
+  hidden = jax.jit(lambda *a: coattend(*a, rate=RATE, rng=rng, block=block))(*inputs)
+  np.testing.assert_allclose(np.asarray(hidden), np.asarray(dense_coattention(*inputs, RATE, rng)), atol=1e-5)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
+  if dropout:  # the mask matters: another key changes the result
+    other = coattend(*inputs, rate=RATE, rng=jax.random.key(4), block=block)
+    assert not np.allclose(np.asarray(other), np.asarray(hidden))
+
+
+def test_model_outputs_and_gradients_equal_the_dense_formulation(monkeypatch):
+  monkeypatch.setattr(coattention_blocks, 'CPU_BLOCK', (2, 8))  # 2 x 4 blocks here (on a CPU)
+  settings = dict(features=16, lstm_hidden=8, head_hidden=8, cross_attention='rjca', gating='iaca')
+  batch = {
+    'video_features': jax.random.normal(jax.random.key(0), (4, 8, 3, 3, 16)),
+    'audio_features': jax.random.normal(jax.random.key(1), (4, 8, 16)),
+  }
+  blocked, dense = IACAModel(**settings), IACAModel(**settings, blocked_coattention=False)
+  variables = init_variables(dense, batch, jax.random.key(2))
+
+  def run(model):
+    def loss(params, key):
+      out = model.apply({'params': params}, batch, train=True, rngs={'dropout': key})[0]
+      return jnp.sum(jnp.sin(out)), out
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+  key = jax.random.key(4)
+  (_, out_b), grads_b = run(blocked)(variables['params'], key)
+  (_, out_d), grads_d = run(dense)(variables['params'], key)
+  np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_d), atol=1e-5)
+  jax.tree.map(
+    lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5),
+    grads_b,
+    grads_d,
+  )
