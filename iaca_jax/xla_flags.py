@@ -1,15 +1,16 @@
 """The XLA flag the project needs before JAX starts its backends: non-finite values stay non-finite.
 
-On CPU, jaxlib 0.10.2's XLA hands reductions fused with elementwise ops to YNNPACK, whose `max` and
-`min` drop NaN operands. Under `jax.jit`, `jnp.sum(jnp.maximum(x, 0), axis=(1, 2))` (a ReLU before
-a global average pool) then turns a NaN into a number: the audio ResNet-18 mapped a NaN log-mel to
-finite features from 16 clips a batch on, and a NaN in the data trained on silently. With YNNPACK
-fusions off, the ops propagate NaN as they do unfused; the step time on the demo and fusion models
-is unchanged within noise (docs/PERFORMANCE.md, "YNNPACK fusions off").
+On CPU, jaxlib 0.10.2's XLA hands reductions fused with elementwise ops to YNNPACK (the fusion kind
+`reduce`, on by default beside `individual_dot` and `individual_convolution`), whose `max` and `min`
+drop NaN operands. Under `jax.jit`, `jnp.sum(jnp.maximum(x, 0), axis=(1, 2))` (a ReLU before a global
+average pool) then turns a NaN into a number: the audio ResNet-18 mapped a NaN log-mel to finite
+features from 16 clips a batch on, and a NaN in the data trained on silently. The flag keeps the
+default's YNNPACK dots and convolutions and leaves reductions to XLA's own emitter, which propagates
+NaN; this costs about 14% CPU on the fusion step (docs/PERFORMANCE.md, "YNNPACK reductions off").
 
 XLA reads XLA_FLAGS once, when JAX starts its backends; importing `iaca_jax` adds the flag unless
-XLA_FLAGS already sets it (a user's choice stands). A process that started JAX's backends before
-importing `iaca_jax` gets a warning.
+XLA_FLAGS already sets the option (a user's choice stands). A process that started JAX's backends
+before importing `iaca_jax` gets a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import warnings
 
 NAME = 'xla_cpu_experimental_ynn_fusion_type'
-FLAG = f'--{NAME}='  # the empty set of YNNPACK fusion kinds
+FLAG = f'--{NAME}=individual_dot,individual_convolution'  # the default kinds less `reduce`
 
 
 def keep_nan_through_fusions() -> None:
