@@ -82,7 +82,7 @@ class Evaluator:
     clips = self.predict_all(split, **kwargs)
     if self.replicas == 1:
       return clips
-    return dict(replicas.replica_clips(clips, 0), predictions=clips['predictions'].mean(1))
+    return replicas.ensemble_clips(clips)
 
   def score_each(self, split: str, **kwargs) -> list[dict]:
     """`metrics.score_clips` of every replica (a list of one for a plain run)."""

@@ -80,7 +80,7 @@ def _restore_run(config: ml_collections.ConfigDict, workdir: str, which: str) ->
   """A training run: encoders as the run had them (restored, or for a cached-feature run the seeded
   initialisation and `config.pretrained` that `feature_cache` used), the rest from the checkpoint."""
   model = build_model(config.model)
-  trainer = train_lib.Trainer(model, train_lib.create_mesh(), config.get('replicas', 1))
+  trainer = train_lib.Trainer(model, train_lib.create_mesh(), config.replicas)
   sample_rate = model_sample_rate(config)
   raw = raw_inputs(sample_rate)
   variables, shapes = {}, raw
@@ -334,7 +334,7 @@ def predict_video(
     batches = _batches(windows_iter, name, batch_size, bar)
     outputs = predict_split(model.trainer, model.variables, batches)
   if model.trainer.replicas > 1:  # the replicas' mean prediction, as evaluate.py's submission
-    outputs = dict(replicas.replica_clips(outputs, 0), predictions=outputs['predictions'].mean(1))
+    outputs = replicas.ensemble_clips(outputs)
   frames = metrics.clips_to_frames(outputs)[name]['predictions']
   if frames.shape[0] != video.num_frames or np.isnan(frames).any():
     raise RuntimeError(f'{path}: the windows did not predict every frame once')  # a bug, not bad input

@@ -98,3 +98,9 @@ def replica_clips(clips: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]
     key: value[:, k] if key in per_replica or key.startswith('gate_') else value
     for key, value in clips.items()
   }
+
+
+def ensemble_clips(clips: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """One model's clip arrays from a replica model's (N, K, L, ...) outputs: the replicas' mean
+  prediction, with replica 0's attention scores and gates."""
+  return dict(replica_clips(clips, 0), predictions=clips['predictions'].mean(1))
