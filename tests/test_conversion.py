@@ -36,6 +36,9 @@ B, L, D, P = 2, 16, 512, 49  # the paper's fusion sizes
 ATOL = 1e-4
 ENCODER_RTOL = 1e-3
 
+# Its module-scoped fixtures are built once: the module runs on one xdist worker (--dist=loadgroup).
+pytestmark = pytest.mark.xdist_group('conversion')
+
 
 def _t(x):
   return torch.from_numpy(np.ascontiguousarray(x))

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from iaca_jax import evaluate_lib, train_lib
+from iaca_jax import evaluate_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,11 +27,9 @@ def run_evaluate(workdir: str, *args: str) -> subprocess.CompletedProcess:
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_evaluate_end_to_end_with_missing_audio_and_submission(cached, tiny, tmp_path):
-  config = cached
-  config.num_epochs = 1
-  workdir = str(tmp_path / 'run')
-  train_lib.train_and_evaluate(config, workdir)
+@pytest.mark.heavy
+def test_evaluate_end_to_end_with_missing_audio_and_submission(one_epoch_run, tiny, tmp_path):
+  config, workdir = one_epoch_run.config, one_epoch_run.workdir
   evaluator = evaluate_lib.Evaluator(config, workdir)
   clips = evaluator.predict('validation', silence_fraction=0.5, seed=3)
   real = clips['end_frame'] > 0

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from iaca_jax import input_pipeline, train_lib
+from iaca_jax import input_pipeline
 from iaca_jax.checkpoints import Checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,13 +91,11 @@ def final_params(workdir):
   return step, jax.tree.map(np.asarray, params['params'])
 
 
-def test_two_processes_train_as_one_and_resume_after_a_kill(cached, tmp_path):
-  overrides = {'num_epochs': 1, 'checkpoint_every_steps': 3, 'log_every_steps': 3}
-  config = cached
-  for key, value in overrides.items():
-    config[key] = value
-  one = str(tmp_path / 'one')
-  reference = train_lib.train_and_evaluate(config, one)  # 1 process, 8 devices
+@pytest.mark.heavy
+def test_two_processes_train_as_one_and_resume_after_a_kill(one_epoch_run, tmp_path):
+  config, one, reference = one_epoch_run.config, one_epoch_run.workdir, one_epoch_run.result  # 1 process
+  assert jax.device_count() == 8
+  overrides = {k: config[k] for k in ('num_epochs', 'checkpoint_every_steps', 'log_every_steps')}
   total = reference['steps']
   assert total > 3
 
@@ -160,6 +158,7 @@ def windows(features_dir, split):
   return out
 
 
+@pytest.mark.heavy
 def test_two_processes_cache_the_same_features_as_one(tiny, cached, tmp_path):
   out = str(tmp_path / 'features')
   args = ['cache_features.py', '--config', 'configs/tiny.py', f'--config.dataset.data_dir={tiny.data_dir}']

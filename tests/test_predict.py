@@ -42,6 +42,9 @@ NUM_FRAMES = 96
 BLANK = (40, 56)  # frames without a face
 PAUSE = (66, 81)  # frames without voice
 
+# Its module-scoped fixtures are built once: the module runs on one xdist worker (--dist=loadgroup).
+pytestmark = pytest.mark.xdist_group('predict')
+
 
 def make_run(workdir: str, config, shapes=None, state=None) -> str:
   """A workdir as train.py leaves it: config.json and a best checkpoint (`state`, default the initial
@@ -300,6 +303,7 @@ def test_bad_videos_are_one_clear_error_naming_the_file(face_video, run_dir, tmp
   assert 'Traceback' not in result.stderr and not output_dir.exists()
 
 
+@pytest.mark.heavy
 def test_a_replica_run_predicts_the_mean_of_its_replicas(face_video, tmp_path):
   config = run_config()
   config.replicas = 2

@@ -41,6 +41,7 @@ def one_device_replicas(batches):
   return train_replicas(jax.devices()[:1], batches)
 
 
+@pytest.mark.xdist_group('one_device_replicas')  # one fixture build
 def test_replica_k_equals_a_plain_run_with_its_seeds(batches, one_device_replicas):
   replicas, replica_metrics = one_device_replicas
   config = tiny.get_config()
@@ -61,6 +62,7 @@ def test_replica_k_equals_a_plain_run_with_its_seeds(batches, one_device_replica
   assert np.abs(first[0] - first[1]).max() > 1e-3  # the replicas are different models
 
 
+@pytest.mark.xdist_group('one_device_replicas')  # one fixture build
 def test_eight_devices_match_one_device_with_replicas(batches, one_device_replicas):
   assert jax.device_count() == 8, 'tests/conftest.py sets 8 fake CPU devices'
   one, metrics_one = one_device_replicas
@@ -83,8 +85,9 @@ def latest_states(workdir):
   return latest, jax.tree.map(np.asarray, best['state']['params']), best['meta']
 
 
+@pytest.mark.heavy
 def test_replica_run_resumes_exactly_keeps_each_best_and_is_scored_per_replica(cached, tmp_path):
-  config = cached.copy_and_resolve_references()  # the fixture is shared
+  config = cached
   config.replicas, config.num_epochs, config.keep_checkpoints = 2, 2, 20
   config.checkpoint_every_steps, config.log_every_steps = 5, 5
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')

@@ -20,6 +20,9 @@ MICRO = generate.Settings(
 )
 SILENCE = (-100 + 14.8) / 19.895
 
+# Its module-scoped fixtures are built once: the module runs on one xdist worker (--dist=loadgroup).
+pytestmark = pytest.mark.xdist_group('tfds_builder')
+
 
 @pytest.fixture(scope='module')
 def micro(tmp_path_factory):

@@ -156,11 +156,11 @@ def final_params(workdir):
   return step, jax.tree.map(np.asarray, restored['state']['params'])
 
 
-def test_resumed_run_equals_uninterrupted_run(cached, tmp_path):
-  config = cached
-  config.num_epochs, config.checkpoint_every_steps, config.log_every_steps = 1, 5, 5
-  straight = str(tmp_path / 'straight')
-  train_lib.train_and_evaluate(config, straight)
+@pytest.mark.heavy
+def test_resumed_run_equals_uninterrupted_run(one_epoch_run, tmp_path):
+  config = one_epoch_run.config.copy_and_resolve_references()
+  config.checkpoint_every_steps = 5  # the checkpoints of the two runs need not be at the same steps
+  straight = one_epoch_run.workdir
   resumed = str(tmp_path / 'resumed')
   config.max_steps = 5  # mid-epoch: the resumed run must skip the batches already seen
   train_lib.train_and_evaluate(config, resumed)
@@ -235,6 +235,7 @@ train_lib.train_and_evaluate(config, workdir)  # raises at step 3, its process t
 """
 
 
+@pytest.mark.heavy
 def test_a_run_stopped_by_a_bad_step_keeps_the_checkpoint_saved_before_it(cached, tmp_path):
   # The save of step 2 is still in flight when step 3 fails and the interpreter shuts down.
   workdir = str(tmp_path / 'run')
