@@ -23,11 +23,10 @@ import optax
 import tqdm
 from absl import logging
 from clu import periodic_actions
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from iaca_jax import distributed, inference, losses, metrics, pretrained
+from iaca_jax import distributed, losses, pretrained, validation
 from iaca_jax import replicas as replicas_lib
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.data_source import DataSource
@@ -258,55 +257,6 @@ def create_train_state(config, model: IACAModel, data: DataSource, trainer: Trai
   return trainer.replicate(fresh_state(config, model, data.input_shapes(), tx, converted))
 
 
-def evaluate_state(trainer: Trainer, state: TrainState, data: DataSource, split: str) -> dict | list[dict]:
-  """`metrics.score_clips` of the state on `split` (one dict per replica for a replica state), computed
-  on every process from the predictions of all; checked equal across processes (they decide which
-  checkpoints every process saves)."""
-  clips = inference.predict_split(trainer, state.variables(), data.eval_batches(split))
-  if trainer.replicas == 1:
-    scores = metrics.score_clips(clips)
-  else:
-    scores = [metrics.score_clips(replicas_lib.replica_clips(clips, k)) for k in range(trainer.replicas)]
-  if jax.process_count() > 1:
-    flat = [s[k] for s in ([scores] if isinstance(scores, dict) else scores) for k in sorted(s)]
-    bits = np.array(flat, np.float64).view(np.uint32)  # exact, no x64
-    multihost_utils.assert_equal(bits, f'validation metrics differ across processes: {scores}')
-  return scores
-
-
-def validation_scalars(scores: dict | list[dict]) -> dict[str, float]:
-  """What a validation writes: the scores, or for replicas their mean and each replica's ccc_mean."""
-  if isinstance(scores, dict):
-    return {f'validation/{k}': v for k, v in scores.items()}
-  out = {f'validation/{k}': float(np.mean([s[k] for s in scores])) for k in scores[0]}
-  out.update({f'validation/replica_{k}/ccc_mean': s['ccc_mean'] for k, s in enumerate(scores)})
-  return out
-
-
-def initial_meta(replicas: int) -> dict:
-  if replicas == 1:
-    return {'best_score': -np.inf, 'best_step': -1, 'best_metrics': {}}
-  return {'best_score': [-np.inf] * replicas, 'best_step': [-1] * replicas, 'best_metrics': [{}] * replicas}
-
-
-def improved_replicas(meta: dict, scores: dict | list[dict], step: int) -> np.ndarray:
-  """Which replicas beat their best validation score (CCC_v + CCC_a); `meta` updated for them.
-  Returns (K,) bool, or a (1,) array for a plain run."""
-  plain = isinstance(scores, dict)
-  scores = [scores] if plain else scores
-  improved = np.zeros(len(scores), bool)
-  for k, s in enumerate(scores):
-    score = s['ccc_valence'] + s['ccc_arousal']
-    best = meta['best_score'] if plain else meta['best_score'][k]
-    if np.isfinite(score) and score > best:
-      improved[k] = True
-      if plain:
-        meta.update(best_score=float(score), best_step=step, best_metrics=s)
-      else:
-        meta['best_score'][k], meta['best_step'][k], meta['best_metrics'][k] = float(score), step, s
-  return improved
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains with periodic validation and checkpoints; resumes from `workdir` if it holds a run.
 
@@ -325,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = min(total_steps, config.max_steps)
   tx = make_optimizer(config, steps_per_epoch)
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-  meta = initial_meta(config.replicas)
+  meta = validation.initial_meta(config.replicas)
   restored = best_state = None  # best_state: each replica at its best validation (replicas only)
   if checkpoints.latest_step() is not None:
     abstract = abstract_train_state(config, model, data, trainer, tx)
@@ -395,10 +345,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.eval_every_epochs == 0
       if epoch_done or step >= total_steps:
         flush(step)
-        scores = evaluate_state(trainer, state, data, config.dataset.eval_split)
-        writer.write_scalars(step, validation_scalars(scores))
+        scores = validation.evaluate_state(trainer, state, data, config.dataset.eval_split)
+        writer.write_scalars(step, validation.scalars(scores))
         writer.flush()
-        improved = improved_replicas(meta, scores, step)
+        improved = validation.improved_replicas(meta, scores, step)
         if improved.any():
           if config.replicas > 1:
             old = state if best_state is None else best_state
