@@ -14,6 +14,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0  # data order; replica r's init and dropout seeds are seed + 2r, seed + 2r + 1
   config.replicas = 1  # K independent models in one step (iaca_jax/replicas.py)
   config.first_replica = 0  # index r of the first replica (K runs of 1 replica equal one run of K)
+  # Replicas over devices: gcd(K, devices) device groups, each with its own replicas and the whole batch
+  # (mesh ('replica', 'data'); one process). False: every device holds every replica, the batch sharded.
+  config.shard_replicas = False
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'aff_wild2'  # tfds name of the shards (synthetic_av or aff_wild2)

@@ -50,9 +50,13 @@ from iaca_jax.writers import create_metric_writer
 RUN_CONFIG_FILE = 'config.json'  # the run's config, in its workdir: what predict.py builds the model from
 
 
-def create_mesh(devices=None) -> Mesh:
+def create_mesh(devices=None, replica_groups: int = 1) -> Mesh:
+  """The ('data',) mesh over `devices` (default all), or with `replica_groups` > 1 the
+  ('replica', 'data') mesh of that many device groups, each holding its share of the replicas."""
   devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices, ('data',))
+  if replica_groups == 1:
+    return Mesh(devices, ('data',))
+  return Mesh(devices.reshape(replica_groups, -1), ('replica', 'data'))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -147,11 +151,27 @@ class Trainer:
     self.model, self.mesh, self.replicas = model, mesh, replicas
     self.data_sharding = NamedSharding(mesh, P('data'))
     self.replicated = NamedSharding(mesh, P())
+    groups = mesh.shape.get('replica', 1)
+    if replicas % groups:
+      raise ValueError(f'{replicas} replicas cannot be split over {groups} device groups.')
+    per_replica = NamedSharding(mesh, P('replica')) if groups > 1 else self.replicated
+    self.layout = replicas_lib.Layout(per_replica, self.replicated)
     key = (model, tuple(mesh.devices.flat), mesh.devices.shape, mesh.axis_names, replicas)
-    self.train_step, self.eval_step, self.select_replicas = _jitted_steps(key, self.replicated)
+    self.train_step, self.eval_step, self.select_replicas = _jitted_steps(key, self.layout)
 
   def replicate(self, tree):
     return distributed.replicate(tree, self.replicated)
+
+  def place_state(self, state: TrainState) -> TrainState:
+    """A host state on the devices: replicated, or each replica on its device group."""
+    if not self.layout.sharded:
+      return self.replicate(state)
+    return jax.device_put(state, self.state_shardings(state))
+
+  def state_shardings(self, state: TrainState) -> TrainState:
+    """The sharding of every leaf of a (replica) state under this trainer's layout."""
+    axes = replicas_lib.state_axes(state, not self.model.freeze_encoders)
+    return replicas_lib.shardings(state, axes, self.layout.per_replica, self.replicated)
 
   def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict:
     """Host-local numeric arrays -> global arrays sharded on the batch axis (multi-host ready)."""
@@ -163,20 +183,25 @@ class Trainer:
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_steps(key: tuple, replicated: NamedSharding) -> tuple[Callable, Callable, Callable | None]:
+def _jitted_steps(key: tuple, layout: replicas_lib.Layout) -> tuple[Callable, Callable, Callable | None]:
   """The jitted steps of (model, mesh devices, replicas): one per process, so that every Trainer of
   the same model (a resumed run, the evaluator after training) reuses the compiled executables."""
   model, replicas = key[0], key[-1]
+  replicated = layout.shared
   step = functools.partial(train_step, model=model)
   evaluate = functools.partial(eval_step, model=model)
   select = None
   if replicas > 1:
-    step = replicas_lib.vmap_train_step(step, stats_per_replica=not model.freeze_encoders)
-    evaluate = replicas_lib.vmap_eval_step(evaluate, frozen_encoders=model.freeze_encoders)
-    select = jax.jit(
-      functools.partial(replicas_lib.select_replicas, stats_per_replica=not model.freeze_encoders),
-      out_shardings=replicated,
+    stats_per_replica = not model.freeze_encoders
+    sharded = layout if layout.sharded else None
+    step = replicas_lib.vmap_train_step(step, stats_per_replica, sharded)
+    evaluate = replicas_lib.vmap_eval_step(evaluate, model.freeze_encoders, sharded)
+    select = functools.partial(
+      replicas_lib.select_replicas, stats_per_replica=stats_per_replica, layout=sharded
     )
+    select = jax.jit(select) if sharded else jax.jit(select, out_shardings=replicated)
+  if layout.sharded:  # the step's constraints place its outputs (the state stays sharded)
+    return jax.jit(step, donate_argnums=(0,)), jax.jit(evaluate, out_shardings=replicated), select
   return (
     jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated)),
     jax.jit(evaluate, out_shardings=replicated),
@@ -242,7 +267,12 @@ def abstract_like(tree, sharding: NamedSharding):
 def abstract_train_state(config, model: IACAModel, data: DataSource, trainer: Trainer, tx) -> TrainState:
   """The state's shapes, dtypes and shardings (nothing is computed): the target of a restore."""
   shapes = data.input_shapes()
-  return abstract_like(jax.eval_shape(lambda: fresh_state(config, model, shapes, tx)), trainer.replicated)
+  abstract = jax.eval_shape(lambda: fresh_state(config, model, shapes, tx))
+  return jax.tree.map(
+    lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+    abstract,
+    trainer.state_shardings(abstract),
+  )
 
 
 def abstract_model_state(config, model: IACAModel, data: DataSource, trainer: Trainer) -> dict[str, Any]:
@@ -252,9 +282,9 @@ def abstract_model_state(config, model: IACAModel, data: DataSource, trainer: Tr
 
 
 def create_train_state(config, model: IACAModel, data: DataSource, trainer: Trainer, tx) -> TrainState:
-  """A fresh, replicated state; converted weights from `config.pretrained` put in place."""
+  """A fresh state on the devices; converted weights from `config.pretrained` put in place."""
   converted = pretrained.load_for_model(config.pretrained, config.model) if config.pretrained else None
-  return trainer.replicate(fresh_state(config, model, data.input_shapes(), tx, converted))
+  return trainer.place_state(fresh_state(config, model, data.input_shapes(), tx, converted))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -267,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
   model = build_model(config.model)
-  trainer = Trainer(model, create_mesh(), config.replicas)
+  trainer = Trainer(model, create_mesh(replica_groups=replicas_lib.device_groups(config)), config.replicas)
   data = DataSource(config)
   steps_per_epoch = data.steps_per_epoch()
   total_steps = config.num_epochs * steps_per_epoch

@@ -11,23 +11,28 @@ import pytest
 
 from configs import tiny
 from iaca_jax import evaluate_lib, inference, metrics, models, train_lib
+from iaca_jax import replicas as replicas_lib
 from iaca_jax.checkpoints import Checkpoints
 from tests.test_train_lib import random_batch
 
 K, STEPS = 3, 5
 
 
-def train_replicas(devices, batches, replicas=K):
-  """`replicas` replicas (seeds 0, 1, ...) over `batches` with plain SGD on `devices`."""
+def train_replicas(devices, batches, replicas=K, shard_replicas=False, on_device=None):
+  """`replicas` replicas (seeds 0, 1, ...) over `batches` with plain SGD on `devices`;
+  `on_device(state)` sees the last state before it leaves the devices."""
   config = tiny.get_config()
-  config.replicas = replicas
+  config.replicas, config.shard_replicas = replicas, shard_replicas
   model = models.build_model(config.model)
-  trainer = train_lib.Trainer(model, train_lib.create_mesh(devices), replicas)
+  mesh = train_lib.create_mesh(devices, replicas_lib.device_groups(config, len(devices)))
+  trainer = train_lib.Trainer(model, mesh, replicas)
   # Plain SGD: Adam would blow up rounding noise on near-zero gradients to a whole step.
-  state = trainer.replicate(train_lib.fresh_state(config, model, batches[0], optax.sgd(0.1)))
+  state = trainer.place_state(train_lib.fresh_state(config, model, batches[0], optax.sgd(0.1)))
   rngs = trainer.replicate(train_lib.dropout_keys(config))
   for batch in batches:
     state, step_metrics = trainer.train_step(state, trainer.shard_batch(batch), rngs)
+  if on_device:
+    on_device(state)
   return jax.device_get(state), train_lib.device_get_metrics(step_metrics)
 
 
@@ -69,6 +74,25 @@ def test_eight_devices_match_one_device_with_replicas(batches, one_device_replic
   eight, metrics_eight = train_replicas(jax.devices(), batches)
   np.testing.assert_allclose(metrics_one['loss'], metrics_eight['loss'], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.xdist_group('one_device_replicas')  # one fixture build
+def test_replicas_sharded_over_device_groups_match_one_device(batches, one_device_replicas):
+  """K = 3 on 6 devices with config.shard_replicas: 3 groups of 2 devices, each group training one
+  replica on the batch split in two; the same parameters as all replicas on one device."""
+  one, metrics_one = one_device_replicas
+
+  def one_replica_per_group(state):
+    params = jax.tree.leaves(state.params)[0]
+    assert params.sharding.spec[0] == 'replica'
+    assert {shard.data.shape[0] for shard in params.addressable_shards} == {1}
+
+  sharded, metrics_sharded = train_replicas(
+    jax.devices()[:6], batches, shard_replicas=True, on_device=one_replica_per_group
+  )
+  np.testing.assert_allclose(metrics_one['loss'], metrics_sharded['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(sharded.params), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -119,3 +143,23 @@ def test_replica_run_resumes_exactly_keeps_each_best_and_is_scored_per_replica(c
   assert scores['ccc_mean'] == pytest.approx(np.mean([s['ccc_mean'] for s in scores['replicas']]))
   table = open(tmp_path / 'eval' / 'metrics_validation.md').read()
   assert '95% t-interval over 2 replicas' in table and table.count('\n| ') == 4
+
+
+def test_a_run_with_replicas_sharded_over_devices_resumes_and_validates_as_the_default_layout(
+  cached, tmp_path
+):
+  """The loop with config.shard_replicas (2 replicas, 8 devices: 2 groups of 4): it restores a
+  checkpoint into the sharded layout and resumes, and its validation during training gives each
+  replica the scores the default-layout evaluator gives the saved best state."""
+  config = cached
+  config.replicas, config.shard_replicas, config.max_steps = 2, True, 2
+  config.checkpoint_every_steps, config.eval_every_epochs = 2, 1
+  workdir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(config, workdir)
+  config.max_steps = 4
+  result = train_lib.train_and_evaluate(config, workdir)
+  assert result['steps'] == 4 and len(result['best_step']) == 2
+  evaluator = evaluate_lib.Evaluator(config, workdir)  # the default layout: every replica everywhere
+  assert 'replica' not in evaluator.trainer.mesh.axis_names
+  for k, scores in enumerate(evaluator.score_each('validation')):
+    assert result['best_metrics'][k]['ccc_mean'] == pytest.approx(scores['ccc_mean'], abs=1e-5)
