@@ -37,7 +37,6 @@ from absl import app, flags, logging  # noqa: E402
 
 from configs import default, synthetic_demo  # noqa: E402
 from iaca_jax import faces, predict_lib, train_lib  # noqa: E402
-from iaca_jax.checkpoints import Checkpoints  # noqa: E402
 from iaca_jax.inference import predict_split  # noqa: E402
 from iaca_jax.models import IACAModel, build_model  # noqa: E402
 from iaca_jax.preprocessing import examples, windows  # noqa: E402
@@ -52,9 +51,6 @@ FLAGS = flags.FLAGS
 
 def make_run(workdir: str, config) -> str:
   """config.json and an initial state as the best checkpoint, for the inputs the run would train on."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, train_lib.RUN_CONFIG_FILE), 'w') as f:
-    f.write(config.to_json())
   model = build_model(config.model)
   shapes = predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
   if config.dataset.features_dir:
@@ -62,11 +58,7 @@ def make_run(workdir: str, config) -> str:
     video_f, audio_f = jax.eval_shape(lambda v: model.apply(v, shapes, method=IACAModel.encode), variables)
     shapes = {'video_features': video_f, 'audio_features': audio_f}
   state = train_lib.init_state(model, shapes, jax.random.key(config.seed + 1), optax.adamw(1e-3))
-  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
-  checkpoints.save(1, state, {'best_score': 0.0}, best=True)
-  checkpoints.wait()
-  checkpoints.close()
-  return workdir
+  return predict_lib.write_run(workdir, config, state)
 
 
 class DetectorTimer:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from iaca_jax import faces, feature_cache, input_pipeline, metrics, pretrained, replicas, train_lib
 from iaca_jax.checkpoints import Checkpoints
+from iaca_jax.fileio import atomic_write
 from iaca_jax.inference import predict_split
 from iaca_jax.models import IACAModel, build_model
 from iaca_jax.preprocessing import audio as audio_lib
@@ -112,6 +113,18 @@ def _load_converted(path: str, base: ml_collections.ConfigDict) -> LoadedModel:
   sample_rate = model_sample_rate(config)
   variables = feature_cache.encoder_variables(config, model, raw_inputs(sample_rate))
   return LoadedModel(config, trainer, trainer.replicate(variables), sample_rate, f'converted weights {path}')
+
+
+def write_run(workdir: str, config: ml_collections.ConfigDict, state: train_lib.TrainState) -> str:
+  """A workdir as train.py leaves it for `load_model` and evaluate.py: the config and `state` as the
+  best checkpoint (e.g. a state trained in a notebook, to predict with). Returns `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  atomic_write(os.path.join(workdir, train_lib.RUN_CONFIG_FILE), config.to_json(indent=1))
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  checkpoints.save(int(np.max(jax.device_get(state.step))), state, {'best_score': 0.0}, best=True)
+  checkpoints.wait()
+  checkpoints.close()
+  return workdir
 
 
 def load_model(

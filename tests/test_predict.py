@@ -33,7 +33,6 @@ from iaca_jax import (
   replicas,
   train_lib,
 )
-from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.models import IACAModel, build_model
 from iaca_jax.preprocessing import audio as audio_lib
 
@@ -49,18 +48,11 @@ pytestmark = pytest.mark.xdist_group('predict')
 def make_run(workdir: str, config, shapes=None, state=None) -> str:
   """A workdir as train.py leaves it: config.json and a best checkpoint (`state`, default the initial
   state for inputs shaped like `shapes`, default raw faces and log-mels)."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, train_lib.RUN_CONFIG_FILE), 'w') as f:
-    f.write(config.to_json())
-  model = build_model(config.model)
-  shapes = shapes or predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
   if state is None:
+    shapes = shapes or predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
+    model = build_model(config.model)
     state = train_lib.init_state(model, shapes, jax.random.key(config.seed + 1), optax.adamw(1e-3))
-  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
-  checkpoints.save(1, state, {'best_score': 0.0}, best=True)
-  checkpoints.wait()
-  checkpoints.close()
-  return workdir
+  return predict_lib.write_run(workdir, config, state)
 
 
 def run_config():
