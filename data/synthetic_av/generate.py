@@ -238,7 +238,7 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
       dict(
         name=name,
         rng=prng,
-        ident=render.random_identity(prng),
+        ident=render.random_identity(prng, settings.cross_cues),
         valence=valence,
         arousal=arousal,
         face=face,

@@ -58,9 +58,26 @@ class Identity:
   mouth_w: float  # mouth half-width, fraction of rx
 
 
-def random_identity(rng: np.random.Generator) -> Identity:
+def random_identity(rng: np.random.Generator, tight: bool = False) -> Identity:
+  """A random person. `tight`: a tightly cropped face (it fills most of the crop, as in aligned
+  face crops) before a muted background, so that the expression, not the identity's colours,
+  dominates the image."""
   tone = rng.uniform(0.25, 1.0)
   skin = tuple(int(c) for c in np.array([235, 195, 165]) * tone + np.array([20, 15, 10]) * (1 - tone))
+  if tight:
+    grey = rng.uniform(90, 160)
+    return Identity(
+      skin=skin,
+      background=tuple(int(grey + c) for c in rng.uniform(-15, 15, 3)),
+      hair=tuple(int(c) for c in rng.integers(10, 90, 3)),
+      lips=(int(rng.integers(110, 180)), int(rng.integers(30, 70)), int(rng.integers(40, 80))),
+      cx=56 + rng.uniform(-3, 3),
+      cy=56 + rng.uniform(-3, 3),
+      rx=rng.uniform(41, 46),
+      ry=rng.uniform(49, 54),
+      eye_dx=rng.uniform(0.33, 0.42),
+      mouth_w=rng.uniform(0.38, 0.5),
+    )
   return Identity(
     skin=skin,
     background=tuple(int(c) for c in rng.integers(20, 235, 3)),
@@ -116,10 +133,11 @@ def draw_face(
     _ellipse(d, ex, eye_y, eye_w, eye_h, (250, 250, 250), outline=(40, 30, 30))
     _ellipse(d, ex, eye_y, 0.45 * eye_w, min(eye_h, 0.45 * eye_w), (40, 30, 20))
     by = eye_y - eye_h - 0.07 * ry - (0.16 if cross_cues else 0.08) * ry * a01
+    inner = by + (0.12 * ry * max(-valence, 0.0) if cross_cues else 0.0)  # frowning brows
     d.line(
-      [fx(cx + side * (ident.eye_dx - 0.16) * rx), by, fx(cx + side * (ident.eye_dx + 0.14) * rx), by],
+      [fx(cx + side * (ident.eye_dx - 0.16) * rx), inner, fx(cx + side * (ident.eye_dx + 0.14) * rx), by],
       fill=ident.hair,
-      width=3,
+      width=4 if cross_cues else 3,
     )
   # Nose.
   d.line(
@@ -134,12 +152,20 @@ def draw_face(
   # Mouth: corners up for positive valence (strong cue); opening grows with arousal (weak cue).
   my = cy + 0.5 * ry
   mw = ident.mouth_w * rx
-  bend = valence * 0.22 * ry  # > 0: smile
-  opening = (1.0 + 8.0 * a01) if cross_cues else (1.0 + 5.0 * max(arousal, 0.0) * 0.6)
+  bend = valence * (0.3 if cross_cues else 0.22) * ry  # > 0: smile
+  if cross_cues:  # opens with arousal and with a smile (showing teeth)
+    opening = 2.0 + 6.0 * a01 + 8.0 * max(valence, 0.0)
+  else:
+    opening = 1.0 + 5.0 * max(arousal, 0.0) * 0.6
   xs = np.linspace(-1.0, 1.0, 15)
   upper = [(fx(cx + x * mw), my + 0.5 * bend - bend * x * x) for x in xs]
   lower = [(fx(cx + x * mw), my + 0.5 * bend - bend * x * x + opening * (1 - x * x) + 1.0) for x in xs[::-1]]
   d.polygon(upper + lower, fill=ident.lips)
+  if cross_cues and valence > 0:
+    teeth = [
+      (x, y + 1.0 + 0.75 * opening * (1 - ((x - fx(cx)) / (mw * squeeze)) ** 2)) for x, y in upper[::-1]
+    ]
+    d.polygon(upper + teeth, fill=(250, 250, 245))
   d.line(upper, fill=(70, 20, 30), width=2)
   return im
 
