@@ -1,7 +1,7 @@
 r"""Generates the synthetic audio-visual emotion set in the Aff-Wild2 layout (docs/DESIGN.md §6-7).
 
     python -m data.synthetic_av.generate --out_dir=/tmp/synthetic_av_raw [--seed=0] \
-        [--size=default|tiny] [--num_train_videos=12 ...] [--num_workers=2]
+        [--size=default|tiny] [--num_train_videos=36 ...] [--num_workers=2]
 
 Writes, deterministically from the seed:
     cropped_aligned/<video>/<%05d>.jpg                       112x112 faces
@@ -88,10 +88,10 @@ class Settings:
 SIZES = {
   # Since issue 12 (docs/DATA.md, "The synthetic set"): many short videos (many identities, a
   # validation split large enough for a bootstrap over videos), both modalities carrying both
-  # dimensions, more corrupted frames and an 'inconsistent' kind in each modality.
+  # dimensions, more corrupted frames and an 'inconsistent' kind for voices.
   'default': Settings(
-    num_train_videos=24,
-    num_validation_videos=10,
+    num_train_videos=36,
+    num_validation_videos=12,
     num_test_videos=1,
     min_frames=400,
     max_frames=512,
