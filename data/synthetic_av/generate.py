@@ -1,7 +1,7 @@
 r"""Generates the synthetic audio-visual emotion set in the Aff-Wild2 layout (docs/DESIGN.md §6-7).
 
     python -m data.synthetic_av.generate --out_dir=/tmp/synthetic_av_raw [--seed=0] \
-        [--size=default|tiny] [--num_train_videos=12 ...] [--num_workers=2]
+        [--size=default|tiny] [--num_train_videos=36 ...] [--num_workers=2]
 
 Writes, deterministically from the seed:
     cropped_aligned/<video>/<%05d>.jpg                       112x112 faces
@@ -56,6 +56,14 @@ class Settings:
     sample_rate: audio rate written into the AAC track.
     jpeg_quality: of the face crops.
     raw_size: width and height of the (tiny) video stream of the raw videos.
+    corrupt_every: one corrupted interval per modality per this many frames
+      (at least one per video and modality).
+    corrupt_frames: shortest and longest corrupted interval (frames).
+    face_kinds, face_kind_probs: the face corruptions drawn, with their
+      probabilities (None: uniform).
+    audio_kinds, audio_kind_probs: the same for the audio.
+    cross_cues: both modalities carry both dimensions strongly (render.py);
+      False: valence mainly in the face, arousal mainly in the voice.
   """
 
   num_train_videos: int = 12
@@ -68,11 +76,33 @@ class Settings:
   sample_rate: int = 44_100
   jpeg_quality: int = 90
   raw_size: int = 32
+  corrupt_every: int = 350
+  corrupt_frames: tuple[int, int] = (40, 130)
+  face_kinds: tuple[str, ...] = ('blur', 'occlusion', 'pose', 'missing')
+  face_kind_probs: tuple[float, ...] | None = None
+  audio_kinds: tuple[str, ...] = ('noise', 'silence')
+  audio_kind_probs: tuple[float, ...] | None = (0.6, 0.4)
+  cross_cues: bool = False
 
 
 SIZES = {
-  'default': Settings(),
-  # For tests: 3 train (the pair + 1), 2 validation (one at 24 fps), 1 test.
+  # Since issue 12 (docs/DATA.md, "The synthetic set"): many short videos (many identities, a
+  # validation split large enough for a bootstrap over videos), both modalities carrying both
+  # dimensions, more corrupted frames and an 'inconsistent' kind for voices.
+  'default': Settings(
+    num_train_videos=36,
+    num_validation_videos=12,
+    num_test_videos=1,
+    min_frames=400,
+    max_frames=512,
+    corrupt_every=220,
+    corrupt_frames=(40, 110),
+    face_kind_probs=(0.25, 0.25, 0.25, 0.25),
+    audio_kinds=('noise', 'silence', 'inconsistent'),
+    audio_kind_probs=(0.3, 0.3, 0.4),
+    cross_cues=True,
+  ),
+  # For tests: 3 train (the pair + 1), 2 validation (one at 24 fps), 1 test; the pre-issue-12 content.
   'tiny': Settings(
     num_train_videos=3, num_validation_videos=2, num_test_videos=1, min_frames=300, max_frames=360
   ),
@@ -136,6 +166,26 @@ def _intervals(rng, n, count, min_len, max_len, avoid=()):
   return sorted(out)
 
 
+def distractor_curves(seed: int, rec_index: int, person: int, num_frames: int, fps: int):
+  """The (valence, arousal) curves an 'inconsistent' interval of this person follows, (num_frames,) each.
+
+  Drawn like the true curves from a stream of their own, so that other draws do not move.
+  """
+  rng = np.random.default_rng([seed, 4, rec_index, person])
+  valence = np.round(render.smooth_curve(rng, num_frames, fps), 4)
+  return valence, np.round(render.smooth_curve(rng, num_frames, fps), 4)
+
+
+def _draw_kinds(rng, intervals, kinds, probs):
+  if probs is None:
+    return [(s, e, str(rng.choice(kinds))) for s, e in intervals]
+  return [(s, e, str(rng.choice(kinds, p=list(probs)))) for s, e in intervals]
+
+
+def _mix(voices, turn):
+  return voices[0] if len(voices) == 1 else (1 - turn) * voices[0] + turn * voices[1]
+
+
 def _write_mp4(path, frames, audio, fps, sample_rate):
   with av.open(path, 'w') as c:
     vs = c.add_stream('mpeg4', rate=fps)
@@ -176,16 +226,19 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
     prng = np.random.default_rng([seed, 2, rec.index, p])
     valence = np.round(render.smooth_curve(prng, n, fps), 4)
     arousal = np.round(render.smooth_curve(prng, n, fps), 4)
-    n_corrupt = max(1, int(round(n / 350)))
-    face = [
-      (s, e, str(prng.choice(corruptions_lib.FACE_KINDS))) for s, e in _intervals(prng, n, n_corrupt, 40, 130)
-    ]
+    n_corrupt = max(1, int(round(n / settings.corrupt_every)))
+    face = _draw_kinds(
+      prng,
+      _intervals(prng, n, n_corrupt, *settings.corrupt_frames),
+      settings.face_kinds,
+      settings.face_kind_probs,
+    )
     invalid = _intervals(prng, n, int(prng.integers(1, 3)), 5, 40)
     people.append(
       dict(
         name=name,
         rng=prng,
-        ident=render.random_identity(prng),
+        ident=render.random_identity(prng, settings.cross_cues),
         valence=valence,
         arousal=arousal,
         face=face,
@@ -195,12 +248,14 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
         f0=float(prng.uniform(110, 230)),
       )
     )
+  tilt = 1.0 if settings.cross_cues else 0.5
+  for p_idx, p in enumerate(people):
+    p['distractor'] = distractor_curves(seed, rec.index, p_idx, n, fps)
   # Audio: one voice per person (turn-taking for the pair), background noise, corruptions.
   num_samples = int(round(n / fps * sr))
-  voices = [render.voice(p['rng'], p['valence'], p['arousal'], fps, sr, p['f0']) for p in people]
-  if len(voices) == 1:
-    audio = voices[0]
-  else:
+  voices = [render.voice(p['rng'], p['valence'], p['arousal'], fps, sr, p['f0'], tilt) for p in people]
+  turn = None
+  if len(voices) > 1:
     turn = np.zeros(num_samples, np.float32)
     pos, who = 0, 0
     while pos < num_samples:
@@ -208,17 +263,33 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
       turn[pos : pos + length] = who
       pos, who = pos + length, 1 - who
     turn = np.convolve(turn, np.ones(2205, np.float32) / 2205, mode='same')
-    audio = (1 - turn) * voices[0] + turn * voices[1]
-  audio = audio + 10 ** (-52 / 20) * rng.standard_normal(num_samples).astype(np.float32)
+  background = 10 ** (-52 / 20) * rng.standard_normal(num_samples).astype(np.float32)
+  audio = _mix(voices, turn) + background
   busy = [(s, e) for p in people for s, e, _ in p['face']]
-  n_corrupt = max(1, int(round(n / 350)))
-  audio_iv = [
-    (s, e, str(rng.choice(corruptions_lib.AUDIO_KINDS, p=[0.6, 0.4])))
-    for s, e in _intervals(rng, n, n_corrupt, 40, 130, avoid=busy)
-  ]
+  n_corrupt = max(1, int(round(n / settings.corrupt_every)))
+  audio_iv = _draw_kinds(
+    rng,
+    _intervals(rng, n, n_corrupt, *settings.corrupt_frames, avoid=busy),
+    settings.audio_kinds,
+    settings.audio_kind_probs,
+  )
+  other_audio = None
+  if any(kind == 'inconsistent' for _, _, kind in audio_iv):
+    # The same voices (pitch, phrasing) following the distractor curves: plausible speech that
+    # disagrees with the face.
+    other = [
+      render.voice(np.random.default_rng([seed, 5, rec.index, i]), *p['distractor'], fps, sr, p['f0'], tilt)
+      for i, p in enumerate(people)
+    ]
+    other_audio = _mix(other, turn) + background
   for s, e, kind in audio_iv:
     a0, a1 = int(round((s - 1) / fps * sr)), min(int(round(e / fps * sr)), num_samples)
-    audio[a0:a1] = 0.0 if kind == 'silence' else render.noise_burst(rng, a1 - a0, sr)
+    if kind == 'silence':
+      audio[a0:a1] = 0.0
+    elif kind == 'inconsistent':
+      audio[a0:a1] = other_audio[a0:a1]
+    else:
+      audio[a0:a1] = render.noise_burst(rng, a1 - a0, sr)
   audio = np.clip(audio, -0.99, 0.99).astype(np.float32)
 
   # Faces.
@@ -238,13 +309,15 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
       yaw = 0.08 * np.sin(2 * np.pi * f / (fps * 7.0) + p_idx)
       if kind == 'pose':
         yaw = 0.9 if iv_at[f] % 2 == 0 else -0.9
+      valence, arousal = p['distractor'] if kind == 'inconsistent' else (p['valence'], p['arousal'])
       im = render.draw_face(
         ident,
-        float(p['valence'][f - 1]),
-        float(p['arousal'][f - 1]),
+        float(valence[f - 1]),
+        float(arousal[f - 1]),
         float(p['drift_x'][f - 1]),
         float(p['drift_y'][f - 1]),
         yaw,
+        settings.cross_cues,
       )
       if kind in ('blur', 'occlusion', 'pose'):
         # The same corruption parameters throughout one interval.
@@ -281,7 +354,7 @@ def make_recording(rec: Recording, settings: Settings, seed: int, out_dir: str) 
 
 def generate(
   out_dir: str,
-  settings: Settings = Settings(),
+  settings: Settings = SIZES['default'],
   seed: int = 0,
   *,
   num_workers: int = 1,

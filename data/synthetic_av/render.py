@@ -1,8 +1,12 @@
 """Procedural faces and speech-like audio for the synthetic set (docs/DESIGN.md §7).
 
-Valence lives mainly in the face (mouth curvature) and weakly in the voice
-(spectral tilt); arousal lives mainly in the voice (loudness, pitch, syllable
-rate) and weakly in the face (eye and brow opening, mouth opening).
+By default valence lives mainly in the face (mouth curvature) and weakly in the
+voice (spectral tilt); arousal lives mainly in the voice (loudness, pitch,
+syllable rate) and weakly in the face (eye and brow opening, mouth opening).
+With `cross_cues` (the 'default' preset since issue 12) each modality carries
+both: the face adds strong arousal cues (eye and brow opening, mouth opening,
+cheek flush) and the voice a strong valence cue (spectral tilt), so that either
+modality alone can carry both dimensions while the other is corrupted.
 """
 
 from __future__ import annotations
@@ -54,9 +58,26 @@ class Identity:
   mouth_w: float  # mouth half-width, fraction of rx
 
 
-def random_identity(rng: np.random.Generator) -> Identity:
+def random_identity(rng: np.random.Generator, tight: bool = False) -> Identity:
+  """A random person. `tight`: a tightly cropped face (it fills most of the crop, as in aligned
+  face crops) before a muted background, so that the expression, not the identity's colours,
+  dominates the image."""
   tone = rng.uniform(0.25, 1.0)
   skin = tuple(int(c) for c in np.array([235, 195, 165]) * tone + np.array([20, 15, 10]) * (1 - tone))
+  if tight:
+    grey = rng.uniform(90, 160)
+    return Identity(
+      skin=skin,
+      background=tuple(int(grey + c) for c in rng.uniform(-15, 15, 3)),
+      hair=tuple(int(c) for c in rng.integers(10, 90, 3)),
+      lips=(int(rng.integers(110, 180)), int(rng.integers(30, 70)), int(rng.integers(40, 80))),
+      cx=56 + rng.uniform(-3, 3),
+      cy=56 + rng.uniform(-3, 3),
+      rx=rng.uniform(41, 46),
+      ry=rng.uniform(49, 54),
+      eye_dx=rng.uniform(0.33, 0.42),
+      mouth_w=rng.uniform(0.38, 0.5),
+    )
   return Identity(
     skin=skin,
     background=tuple(int(c) for c in rng.integers(20, 235, 3)),
@@ -76,7 +97,13 @@ def _ellipse(draw, cx, cy, rx, ry, fill, outline=None, width=1):
 
 
 def draw_face(
-  ident: Identity, valence: float, arousal: float, dx: float = 0.0, dy: float = 0.0, yaw: float = 0.0
+  ident: Identity,
+  valence: float,
+  arousal: float,
+  dx: float = 0.0,
+  dy: float = 0.0,
+  yaw: float = 0.0,
+  cross_cues: bool = False,
 ) -> Image.Image:
   """A 112x112 face: mouth curvature follows valence, eye/brow opening follows arousal.
 
@@ -85,6 +112,8 @@ def draw_face(
     valence, arousal: in [-1, 1].
     dx, dy: head offset (pixels).
     yaw: -1..1; large values squeeze the features to one side (extreme pose).
+    cross_cues: strong arousal cues too (wider eye and brow range, a mouth
+      opening over the whole arousal range, cheeks that flush with arousal).
   """
   im = Image.new('RGB', (SIZE, SIZE), ident.background)
   d = ImageDraw.Draw(im)
@@ -98,16 +127,17 @@ def draw_face(
   # Eyes (open more with arousal: weak cue) and brows (raised with arousal).
   eye_y = cy - 0.22 * ry
   eye_w = 0.2 * rx * squeeze
-  eye_h = 0.05 * ry + 0.07 * ry * a01
+  eye_h = (0.025 * ry + 0.13 * ry * a01) if cross_cues else (0.05 * ry + 0.07 * ry * a01)
   for side in (-1, 1):
     ex = fx(cx + side * ident.eye_dx * rx)
     _ellipse(d, ex, eye_y, eye_w, eye_h, (250, 250, 250), outline=(40, 30, 30))
     _ellipse(d, ex, eye_y, 0.45 * eye_w, min(eye_h, 0.45 * eye_w), (40, 30, 20))
-    by = eye_y - eye_h - 0.07 * ry - 0.08 * ry * a01
+    by = eye_y - eye_h - 0.07 * ry - (0.16 if cross_cues else 0.08) * ry * a01
+    inner = by + (0.12 * ry * max(-valence, 0.0) if cross_cues else 0.0)  # frowning brows
     d.line(
-      [fx(cx + side * (ident.eye_dx - 0.16) * rx), by, fx(cx + side * (ident.eye_dx + 0.14) * rx), by],
+      [fx(cx + side * (ident.eye_dx - 0.16) * rx), inner, fx(cx + side * (ident.eye_dx + 0.14) * rx), by],
       fill=ident.hair,
-      width=3,
+      width=4 if cross_cues else 3,
     )
   # Nose.
   d.line(
@@ -115,15 +145,27 @@ def draw_face(
     fill=tuple(int(c * 0.75) for c in ident.skin),
     width=2,
   )
+  if cross_cues:  # cheeks flush (red) with arousal, dull (grey-blue) when calm
+    flush = (int(120 + 120 * a01), int(150 - 90 * a01), int(170 - 110 * a01))
+    for side in (-1, 1):
+      _ellipse(d, fx(cx + side * 0.55 * rx), cy + 0.18 * ry, 0.2 * rx * squeeze, 0.13 * ry, flush)
   # Mouth: corners up for positive valence (strong cue); opening grows with arousal (weak cue).
   my = cy + 0.5 * ry
   mw = ident.mouth_w * rx
-  bend = valence * 0.22 * ry  # > 0: smile
-  opening = 1.0 + 5.0 * max(arousal, 0.0) * 0.6
+  bend = valence * (0.3 if cross_cues else 0.22) * ry  # > 0: smile
+  if cross_cues:  # opens with arousal and with a smile (showing teeth)
+    opening = 2.0 + 6.0 * a01 + 8.0 * max(valence, 0.0)
+  else:
+    opening = 1.0 + 5.0 * max(arousal, 0.0) * 0.6
   xs = np.linspace(-1.0, 1.0, 15)
   upper = [(fx(cx + x * mw), my + 0.5 * bend - bend * x * x) for x in xs]
   lower = [(fx(cx + x * mw), my + 0.5 * bend - bend * x * x + opening * (1 - x * x) + 1.0) for x in xs[::-1]]
   d.polygon(upper + lower, fill=ident.lips)
+  if cross_cues and valence > 0:
+    teeth = [
+      (x, y + 1.0 + 0.75 * opening * (1 - ((x - fx(cx)) / (mw * squeeze)) ** 2)) for x, y in upper[::-1]
+    ]
+    d.polygon(upper + teeth, fill=(250, 250, 245))
   d.line(upper, fill=(70, 20, 30), width=2)
   return im
 
@@ -154,12 +196,14 @@ def voice(
   fps: float,
   sample_rate: int,
   f0_base: float,
+  valence_tilt: float = 0.5,
 ) -> np.ndarray:
   """A voiced, speech-like signal following the per-frame curves.
 
   Loudness (-40..-8 dB), pitch (x0.65..x1.35) and syllable rate (2..5.5 Hz)
-  follow arousal strongly; the spectral tilt (brighter when positive) follows
-  valence weakly.
+  follow arousal strongly; the spectral tilt (brighter when positive:
+  harmonic h has amplitude h^-(1.5 - valence_tilt * valence)) follows valence,
+  weakly at the default 0.5, strongly at 1.0 (the 'default' preset).
   """
   n = int(round(len(arousal) / fps * sample_rate))
   frame_pos = (np.arange(n) / sample_rate) * fps - 0.5  # in frame indices
@@ -178,7 +222,7 @@ def voice(
   gate = np.convolve(gate, np.ones(441, np.float32) / 441, mode='same')
   f0 = f0_base * (1.0 + 0.35 * a) * (1.0 + 0.06 * np.cos(syl)).astype(np.float32)
   phase = 2 * np.pi * np.cumsum(f0, dtype=np.float64) / sample_rate
-  tilt = 1.5 - 0.5 * v
+  tilt = 1.5 - valence_tilt * v
   src = np.zeros(n, np.float32)
   for h in range(1, 31):
     amp = np.exp(-tilt * np.log(h)).astype(np.float32) * (h * f0 < 7000)

@@ -8,8 +8,10 @@
                             "invalid_labels": [{"start": 10, "end": 25}, ...]}}}
 
 Frames are 1-based and intervals inclusive. Face kinds: blur, occlusion, pose,
-missing (no crop written); audio kinds: noise, silence. Labels go on through
-every corruption; `invalid_labels` lists the frames written as -5.
+missing (no crop written), inconsistent (a clean face whose expression follows
+another emotion curve); audio kinds: noise, silence, inconsistent (a clean voice
+following another emotion curve). Labels go on through every corruption (they
+follow the true curves); `invalid_labels` lists the frames written as -5.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from iaca_jax.preprocessing.errors import DataError
 
 FILENAME = 'corruptions.json'
 FORMAT = 'synthetic_av_corruptions/1'
-FACE_KINDS = ('blur', 'occlusion', 'pose', 'missing')
-AUDIO_KINDS = ('noise', 'silence')
+FACE_KINDS = ('blur', 'occlusion', 'pose', 'missing', 'inconsistent')
+AUDIO_KINDS = ('noise', 'silence', 'inconsistent')
 # [decision] A clip counts as corrupted in a modality when at least this
 # fraction of its 32 frames lies in a corrupted interval of that modality.
 CLIP_CORRUPT_FRACTION = 0.5
