@@ -3,6 +3,7 @@ r"""Cost of K replicas in one step (`config.replicas`), against one plain step m
     .venv/bin/python bench/replicas.py                          # demo + fusion, K = 1, 2, 4, 8 (CPU)
     .venv/bin/python bench/replicas.py --case=demo --replicas=1,8 --steps=10
     .venv/bin/python bench/replicas.py --wall --wall_replicas=5   # + whole trainings: K-replica run vs K runs
+    .venv/bin/python bench/replicas.py --case= --wall --wall_results_dir=results/demo   # only those, on the demo
     python bench/replicas.py --case=fusion --batch=64             # on a GPU
 
 Step cases (random inputs of the real shapes, AdamW, the state donated as in training):
@@ -13,9 +14,9 @@ in turns (plain, K1, K2, ... repeated `--rounds` times, the median of each) so t
 machine's load hits every variant alike; the ratios `replica step / plain step` and
 `replica step / (K x plain step)` (the per-replica cost; < 1 means replicas are cheaper than runs).
 
-`--wall`: `train_lib.train_and_evaluate` on the tiny synthetic set (generated into --data_dir when
-absent), once with K replicas and K times with one replica (`first_replica` = k), wall seconds of
-each, same process (compile caches are per run).
+`--wall`: whole trainings, each `train.py` in its own process as a user runs them: one with K
+replicas, then K with one replica each (`first_replica` = r), wall seconds of each; on the demo's
+set with `--wall_results_dir=results/demo` (after `make demo`), else on the tiny set.
 
 Writes bench/results/replicas_<backend>.json (or --out).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +41,7 @@ import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import default, synthetic_demo, tiny  # noqa: E402
+from configs import default, synthetic_demo  # noqa: E402
 from iaca_jax import models, train_lib  # noqa: E402
 from iaca_jax.models import IACAModel  # noqa: E402
 
@@ -52,6 +54,7 @@ flags.DEFINE_integer('batch', 0, 'Global batch (0: 16 for demo, 64 for fusion).'
 flags.DEFINE_bool('wall', False, 'Also time whole trainings: one K-replica run vs K one-replica runs.')
 flags.DEFINE_integer('wall_replicas', 5, 'K of the whole-training comparison.')
 flags.DEFINE_string('data_dir', '', 'Tiny synthetic set for --wall (default: a temporary folder).')
+flags.DEFINE_string('wall_results_dir', '', '--wall on the demo: the results_dir of a finished make demo.')
 flags.DEFINE_string('out', '', 'Output JSON (default bench/results/replicas_<backend>.json).')
 
 
@@ -136,30 +139,52 @@ def run_case(case: str) -> dict:
   return dict(case=case, batch=int(next(iter(variants.values()))['batch']['labels'].shape[0]), rows=rows)
 
 
-def wall_times(k: int) -> dict:
-  """Whole tiny trainings: one K-replica run against K one-replica runs one after another."""
-  from data import build  # noqa: PLC0415 - only --wall needs the data tools
-  from data.synthetic_av import generate  # noqa: PLC0415
+def _train_process(args: list[str], workdir: str) -> float:
+  """Wall seconds of one `train.py` process, as a user starts it (its own compile and input)."""
+  start = time.perf_counter()
+  subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'train.py'), '--workdir', workdir, *args],
+    cwd=ROOT,
+    check=True,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  return time.perf_counter() - start
 
-  root = FLAGS.data_dir or os.path.join(tempfile.gettempdir(), 'iaca_bench_replicas')
-  if not os.path.isdir(os.path.join(root, 'tfds')):
-    generate.generate(os.path.join(root, 'raw'), generate.SIZES['tiny'], seed=0)
-    build.build('synthetic_av', os.path.join(root, 'raw'), os.path.join(root, 'tfds'), num_shards=3)
-  config = tiny.get_config()
-  config.dataset.data_dir = os.path.join(root, 'tfds')
-  config.num_epochs, config.checkpoint_every_steps, config.log_every_steps = 2, 1000, 1000
+
+def wall_times(k: int) -> dict:
+  """Whole trainings, each `train.py` in its own process: one K-replica run against K one-replica
+  runs one after another (`first_replica` = r), on the demo's data (`--wall_results_dir`, from
+  `make demo`) or on the tiny set (generated into --data_dir when absent)."""
+  if FLAGS.wall_results_dir:
+    results = os.path.abspath(FLAGS.wall_results_dir)
+    args = ['--config', 'configs/synthetic_demo.py', f'--config.dataset.data_dir={results}/tfds']
+    args.append(f'--config.dataset.features_dir={results}/features')
+    described = 'configs/synthetic_demo.py on the make demo set (cached features)'
+  else:
+    from data import build  # noqa: PLC0415 - only --wall needs the data tools
+    from data.synthetic_av import generate  # noqa: PLC0415
+
+    root = FLAGS.data_dir or os.path.join(tempfile.gettempdir(), 'iaca_bench_replicas')
+    if not os.path.isdir(os.path.join(root, 'tfds')):
+      generate.generate(os.path.join(root, 'raw'), generate.SIZES['tiny'], seed=0)
+      build.build('synthetic_av', os.path.join(root, 'raw'), os.path.join(root, 'tfds'), num_shards=3)
+    args = ['--config', 'configs/tiny.py', f'--config.dataset.data_dir={root}/tfds', '--config.num_epochs=2']
+    described = 'configs/tiny.py (raw inputs, 2 epochs)'
   with tempfile.TemporaryDirectory() as work:
-    start = time.perf_counter()
-    config.replicas = k
-    train_lib.train_and_evaluate(config, os.path.join(work, 'together'))
-    together = time.perf_counter() - start
-    config.replicas = 1
-    start = time.perf_counter()
-    for r in range(k):
-      config.first_replica = r
-      train_lib.train_and_evaluate(config, os.path.join(work, f'alone{r}'))
-    apart = time.perf_counter() - start
-  return dict(replicas=k, config='configs/tiny.py (raw inputs, 2 epochs)', together_s=together, apart_s=apart)
+    together = _train_process([*args, f'--config.replicas={k}'], os.path.join(work, 'together'))
+    alone = [
+      _train_process([*args, f'--config.first_replica={r}'], os.path.join(work, f'alone{r}'))
+      for r in range(k)
+    ]
+  return dict(
+    replicas=k,
+    config=described,
+    together_s=together,
+    apart_s=sum(alone),
+    each_apart_s=alone,
+    apart_over_together=sum(alone) / together,
+  )
 
 
 def main(argv):
