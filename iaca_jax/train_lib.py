@@ -192,14 +192,14 @@ def _jitted_steps(key: tuple, layout: replicas_lib.Layout) -> tuple[Callable, Ca
   evaluate = functools.partial(eval_step, model=model)
   select = None
   if replicas > 1:
+    # The layout's constraints are no-ops unless the replicas are sharded over device groups.
     stats_per_replica = not model.freeze_encoders
-    sharded = layout if layout.sharded else None
-    step = replicas_lib.vmap_train_step(step, stats_per_replica, sharded)
-    evaluate = replicas_lib.vmap_eval_step(evaluate, model.freeze_encoders, sharded)
+    step = replicas_lib.vmap_train_step(step, stats_per_replica, layout)
+    evaluate = replicas_lib.vmap_eval_step(evaluate, model.freeze_encoders, layout)
     select = functools.partial(
-      replicas_lib.select_replicas, stats_per_replica=stats_per_replica, layout=sharded
+      replicas_lib.select_replicas, stats_per_replica=stats_per_replica, layout=layout
     )
-    select = jax.jit(select) if sharded else jax.jit(select, out_shardings=replicated)
+    select = jax.jit(select) if layout.sharded else jax.jit(select, out_shardings=replicated)
   if layout.sharded:  # the step's constraints place its outputs (the state stays sharded)
     return jax.jit(step, donate_argnums=(0,)), jax.jit(evaluate, out_shardings=replicated), select
   return (

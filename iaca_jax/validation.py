@@ -3,8 +3,6 @@ validation writes, and the best-so-far bookkeeping that picks the best checkpoin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -14,14 +12,12 @@ from iaca_jax import replicas as replicas_lib
 from iaca_jax.data_source import DataSource
 from iaca_jax.train_state import TrainState
 
-if TYPE_CHECKING:
-  from iaca_jax.train_lib import Trainer
 
-
-def evaluate_state(trainer: Trainer, state: TrainState, data: DataSource, split: str) -> dict | list[dict]:
+def evaluate_state(trainer, state: TrainState, data: DataSource, split: str) -> dict | list[dict]:
   """`metrics.score_clips` of the state on `split` (one dict per replica for a replica state), computed
   on every process from the predictions of all; checked equal across processes (they decide which
-  checkpoints every process saves)."""
+  checkpoints every process saves). `trainer`: the run's `train_lib.Trainer` (not imported here:
+  train_lib imports this module)."""
   clips = inference.predict_split(trainer, state.variables(), data.eval_batches(split))
   if trainer.replicas == 1:
     scores = metrics.score_clips(clips)
