@@ -1,10 +1,11 @@
-r"""Block shapes of the dense co-attention (`iaca_jax.models.coattention_blocks.coattend`), timed at the
+r"""Row chunks of the dense co-attention (`iaca_jax.models.coattention_blocks.coattend`), timed at the
 paper's size: one affinity (64, 512, 1024) in fp32, forward + backward, dropout on, against the
-affinity written whole. The variants alternate within each repetition; the median and minimum wall
-time and the process CPU time per call are reported.
+affinity differentiated by JAX (`dense`). The variants alternate within each repetition; the median
+and minimum wall time and the process CPU time per call are reported. Steps run inline, as the entry
+points run them on a CPU (`cli.run_cpu_steps_inline`).
 
     .venv/bin/python bench/coattention_blocks.py
-    .venv/bin/python bench/coattention_blocks.py --blocks=1x1024,4x256,8x128 --reps=7
+    .venv/bin/python bench/coattention_blocks.py --chunks=1,2,64 --reps=7
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iaca_jax import cli  # noqa: E402
 from iaca_jax.models.coattention_blocks import coattend  # noqa: E402
 from iaca_jax.models.dropout import bernoulli  # noqa: E402
 
-flags.DEFINE_string('blocks', '1x1024,1x256,2x512,4x256,4x128,8x128,16x64', 'Block shapes rows x columns.')
+flags.DEFINE_string('chunks', '1,2,4,8,64', 'Batch rows per chunk (64: the whole batch, no loop).')
 flags.DEFINE_integer('reps', 5, 'Repetitions of each variant (alternated).')
 flags.DEFINE_integer('batch', 64, 'Batch.')
 flags.DEFINE_string('out', '', 'JSON result file (default: none).')
@@ -45,6 +47,7 @@ def dense(keys, joint, values, rng):
 
 def main(argv):
   del argv
+  cli.run_cpu_steps_inline()
   keys_ = jax.random.split(jax.random.key(0), 4)
   b = FLAGS.batch
   inputs = (
@@ -59,12 +62,10 @@ def main(argv):
     return jax.jit(jax.grad(lambda args: jnp.sum(fn(*args, rng) * cotangent)))
 
   variants = {'dense': step(dense)}
-  for spec in FLAGS.blocks.split(','):
-    save = spec.endswith('+mask')  # e.g. 4x128+mask: the mask bits kept for the backward pass
-    rows, cols = (int(v) for v in spec.removesuffix('+mask').split('x'))
-    variants[spec] = step(
-      lambda k, j, v, r, block=(rows, cols), save=save: coattend(
-        k, j, v, rate=RATE, rng=r, block=block, save_mask=save
+  for chunk in (int(c) for c in FLAGS.chunks.split(',')):
+    variants[str(chunk)] = step(
+      lambda k, j, v, r, chunk=chunk: coattend(
+        k, j, v, bernoulli(r, 1.0 - RATE, (k.shape[0], D, 2 * D)), keep=1.0 - RATE, chunk=chunk
       )
     )
   for fn in variants.values():
@@ -92,7 +93,7 @@ def main(argv):
     common.table(
       rows,
       [
-        ('variant', 'block', 's'),
+        ('variant', 'chunk', 's'),
         ('median_ms', 'median ms', '.0f'),
         ('min_ms', 'min ms', '.0f'),
         ('cpu_ms', 'CPU ms', '.0f'),

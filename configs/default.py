@@ -47,7 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.head_dropout = 0.6
   config.model.torch_layout = False  # True to run the authors' fusion weights (docs/DESIGN.md §3.4)
   config.model.fused_dropout = True  # co-attention dropout as one fused op (same bits as nn.Dropout)
-  config.model.blocked_coattention = True  # RJCA affinities block by block (same result, faster)
+  config.model.blocked_coattention = (
+    True  # RJCA affinities with a hand-written backward pass (same result, faster)
+  )
   config.model.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU (parameters stay fp32)
 
   config.pretrained = ''  # converted PyTorch weights (python -m iaca_jax.conversion)

@@ -1,4 +1,4 @@
-"""The block-by-block dense co-attention against the affinity written whole, dropout on."""
+"""`coattend` (hand-written backward pass, row chunks) against the formulation JAX differentiates."""
 
 import math
 
@@ -9,7 +9,7 @@ import pytest
 
 from iaca_jax.models import IACAModel, coattention_blocks, init_variables
 from iaca_jax.models.coattention_blocks import coattend
-from iaca_jax.models.dropout import bernoulli_block
+from iaca_jax.models.dropout import bernoulli, bernoulli_block
 
 B, D, L = 6, 8, 5  # batch, features d, clips; the affinity is (B, d, 2d)
 RATE = 0.6
@@ -41,9 +41,14 @@ def test_bernoulli_block_is_the_slice_of_the_whole_mask():
   np.testing.assert_array_equal(np.asarray(block(0, 0)), whole[:2, :, :5])
 
 
-# (1, 4): 6 x 4 blocks; (5, 6): rounded down to divisors (3, 4); (6, 16): one block, no loop.
-@pytest.mark.parametrize('block,dropout', [((1, 4), True), ((5, 6), True), ((6, 16), True), ((2, 8), False)])
-def test_blocks_equal_the_whole_affinity(block, dropout):
+def _coattend(keys, joint, values, rng, **kwargs):
+  mask = None if rng is None else bernoulli(rng, 1.0 - RATE, (keys.shape[0], D, 2 * D))
+  return coattend(keys, joint, values, mask, keep=1.0 - RATE, **kwargs)
+
+
+# chunk 1: 6 loop iterations; 4: rounded down to 3 (2 iterations); 6: the whole batch, no loop.
+@pytest.mark.parametrize('chunk,dropout', [(1, True), (4, True), (6, True), (2, False)])
+def test_chunks_equal_the_whole_affinity(chunk, dropout):
   inputs = _inputs()
   rng = jax.random.key(3) if dropout else None
   cotangent = jax.random.normal(jax.random.key(1), (B, L, 2 * D))
@@ -52,19 +57,33 @@ def test_blocks_equal_the_whole_affinity(block, dropout):
     return jax.jit(jax.value_and_grad(lambda args: jnp.sum(fn(*args) * cotangent)))
 
   want, want_grads = loss(lambda *a: dense_coattention(*a, RATE, rng))(inputs)
-  got, got_grads = loss(lambda *a: coattend(*a, rate=RATE, rng=rng, block=block))(inputs)
-  hidden = jax.jit(lambda *a: coattend(*a, rate=RATE, rng=rng, block=block))(*inputs)
+  got, got_grads = loss(lambda *a: _coattend(*a, rng, chunk=chunk))(inputs)
+  hidden = jax.jit(lambda *a: _coattend(*a, rng, chunk=chunk))(*inputs)
   np.testing.assert_allclose(np.asarray(hidden), np.asarray(dense_coattention(*inputs, RATE, rng)), atol=1e-5)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
   if dropout:  # the mask matters: another key changes the result
-    other = coattend(*inputs, rate=RATE, rng=jax.random.key(4), block=block)
+    other = _coattend(*inputs, jax.random.key(4), chunk=chunk)
     assert not np.allclose(np.asarray(other), np.asarray(hidden))
 
 
+def test_bfloat16_compute_follows_the_float32_gradients():
+  """In bf16 the hand-written backward pass stays within bf16 rounding of the fp32 gradients."""
+  inputs, rng = _inputs(), jax.random.key(3)
+  cotangent = jax.random.normal(jax.random.key(1), (B, L, 2 * D))
+  grads = lambda fn: jax.jit(jax.grad(lambda args: jnp.sum(fn(*args).astype(jnp.float32) * cotangent)))
+  want = grads(lambda *a: dense_coattention(*a, RATE, rng))(inputs)
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), inputs)
+  got = grads(lambda *a: _coattend(*a, rng, dtype=jnp.bfloat16, chunk=2))(half)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) / float(jnp.max(jnp.abs(w)))
+    assert err < 0.05, err
+
+
 def test_model_outputs_and_gradients_equal_the_dense_formulation(monkeypatch):
-  monkeypatch.setattr(coattention_blocks, 'CPU_BLOCK', (2, 8))  # 2 x 4 blocks here (on a CPU)
+  monkeypatch.setattr(coattention_blocks, 'CPU_CHUNK', 2)  # 2 chunks of 2 rows here (on a CPU)
   settings = dict(features=16, lstm_hidden=8, head_hidden=8, cross_attention='rjca', gating='iaca')
   batch = {
     'video_features': jax.random.normal(jax.random.key(0), (4, 8, 3, 3, 16)),

@@ -1,17 +1,19 @@
-"""The dense co-attention's affinity product, block by block (docs/PERFORMANCE.md, "Fusion step vs
-PyTorch").
+"""The dense co-attention's affinity product with a hand-written backward pass, in row chunks on a CPU
+(docs/PERFORMANCE.md, "Fusion step vs PyTorch").
 
 Per modality the authors' dense co-attention computes
     affinity = dropout(tanh(keys @ joint / sqrt(D)))        (B, d, D) = (64, 512, 1024): 128 MiB in fp32
     hidden   = relu(tanh(values @ affinity))                (B, L, D)
-with keys (B, d, L), joint (B, L, D), values (B, L, d). Written whole, the affinity is stored,
-read back and, in the backward pass, written and read again several times per layer: at the paper's
-size that traffic, not the 26 GFLOP of products, was 60% of the fusion train step on a CPU.
-Columns of the affinity are independent, so `coattend` computes it per block of (batch rows,
-columns): both products, tanh and dropout of a block stay in cache, and the backward pass recomputes
-the block (`jax.checkpoint`) instead of storing it; only the dropout mask's bits are kept. The mask
-of a block is the same slice of the same hash as the whole mask's (`dropout.bernoulli_block`), so
-the result equals the dense formulation up to float summation order (tests/test_cross_attention.py).
+with keys (B, d, L), joint (B, L, D), values (B, L, d). Differentiated by JAX, the affinity and its
+tanh are stored for the backward pass, which then writes and reads several more tensors of that size
+per layer. `coattend` stores only the dropout mask (bool) and the (B, L, D) output, recomputes the
+affinity in the backward pass and takes the shortest route to the gradients: one elementwise pass
+and three products. On a CPU it runs the batch one row chunk at a time (`jax.lax.map`), so that
+every (chunk, d, D) intermediate stays in cache, while each product and elementwise pass of a chunk is
+still large enough for XLA to spread over the cores. Elsewhere the whole batch is one chunk: no loop.
+
+The result equals the formulation JAX differentiates (`DenseCoAttentionLayer(blocked=False)`) up to
+float summation order: tests/test_cross_attention.py checks outputs and gradients within 1e-5.
 """
 
 from __future__ import annotations
@@ -22,23 +24,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
-
-from iaca_jax.models.dropout import bernoulli_block
 
 Dtype = Any
 
-# (batch rows, affinity columns) per block on a CPU, chosen by measurement (bench/coattention_blocks.py).
-CPU_BLOCK = (4, 128)
+# Batch rows per chunk on a CPU, chosen by measurement (bench/coattention_blocks.py): one row keeps a
+# (1, 512, 1024) fp32 affinity (2 MiB) in the second-level cache.
+CPU_CHUNK = 1
 
 
-def default_block(batch: int, columns: int) -> tuple[int, int]:
-  """The block shape for the default backend: `CPU_BLOCK` on a CPU; elsewhere the whole affinity in
-  one block, i.e. the dense formulation's work with no loop (a sequential loop of small blocks would
-  leave most of an accelerator idle; not measured on one)."""
-  if jax.default_backend() == 'cpu':
-    return CPU_BLOCK
-  return (batch, columns)
+def default_chunk(batch: int) -> int:
+  """Rows per chunk on the default backend: `CPU_CHUNK` on a CPU; elsewhere the whole batch (a
+  sequential loop over chunks would leave most of an accelerator idle)."""
+  return CPU_CHUNK if jax.default_backend() == 'cpu' else batch
 
 
 def _divisor_at_most(n: int, want: int) -> int:
@@ -49,63 +46,68 @@ def coattend(
   keys: jnp.ndarray,
   joint: jnp.ndarray,
   values: jnp.ndarray,
+  mask: jnp.ndarray | None,
   *,
-  rate: float,
-  rng: jax.Array | None,
+  keep: float,
   dtype: Dtype = jnp.float32,
-  block: tuple[int, int] | None = None,
-  save_mask: bool = True,
+  chunk: int | None = None,
 ) -> jnp.ndarray:
-  """relu(tanh(values @ dropout(tanh(keys @ joint / sqrt(D))))), block by block.
+  """relu(tanh(values @ dropout(tanh(keys @ joint / sqrt(D))))).
 
-  keys (B, d, L), joint (B, L, D), values (B, L, d) -> (B, L, D). `rng`: the dropout key (None: no
-  dropout), a partitionable threefry key (see `dropout.is_fusable_threefry`). Dropout with `rate`
-  scales kept elements by 1 / (1 - rate), as `nn.Dropout` does. `block` = (batch rows, columns) per
-  block, rounded down to divisors of B and D; None = `default_block`. `save_mask`: keep the dropout
-  mask (bool, B * d * D bytes) for the backward pass instead of hashing again (1.5x faster on a CPU).
+  keys (B, d, L), joint (B, L, D), values (B, L, d) -> (B, L, D). `mask`: the dropout's keep mask
+  (B, d, D) bool, or None for no dropout; kept elements are scaled by 1 / `keep` (0 < keep <= 1), as
+  `nn.Dropout` does. `chunk`: batch rows per loop iteration, rounded down to a divisor of B; None =
+  `default_chunk`.
   """
-  batch, d, _ = keys.shape
-  columns = joint.shape[-1]
-  rows, cols = block or default_block(batch, columns)
-  rows, cols = _divisor_at_most(batch, rows), _divisor_at_most(columns, cols)
-  n_rows, n_cols = batch // rows, columns // cols
-  scale = math.sqrt(columns)
-  keep = 1.0 - rate
-  full_shape = (batch, d, columns)
-
-  policy = jax.checkpoint_policies.save_only_these_names('dropout_mask') if save_mask else None
-
-  @functools.partial(jax.checkpoint, policy=policy)
-  def one_block(keys_b, joint_b, values_b, row, col):
-    """(rows, d, L), (rows, L, cols), (rows, L, d) -> (rows, L, cols)."""
-    affinity = jnp.einsum('bdl,blj->bdj', keys_b, joint_b) / scale
-    affinity = jnp.tanh(affinity.astype(jnp.float32)).astype(dtype)
-    if rng is not None and rate > 0.0:
-      start = (row * rows, 0, col * cols)
-      mask = checkpoint_name(bernoulli_block(rng, keep, full_shape, start, affinity.shape), 'dropout_mask')
-      affinity = jax.lax.select(mask, affinity / keep, jnp.zeros_like(affinity))
-    return jax.nn.relu(jnp.tanh(jnp.einsum('bld,bdj->blj', values_b, affinity)))
-
-  def row_block(args):
-    keys_b, joint_b, values_b, row = args  # joint_b: (n_cols, rows, L, cols)
-
-    def col_block(inner):
-      joint_c, col = inner
-      return one_block(keys_b, joint_c, values_b, row, col)
-
-    return jax.lax.map(col_block, (joint_b, jnp.arange(n_cols, dtype=jnp.uint32)))
-
-  length = joint.shape[1]
-  if n_rows == n_cols == 1:  # one block: no loop
-    return one_block(keys, joint, values, jnp.uint32(0), jnp.uint32(0))
-  joint_blocks = joint.reshape(n_rows, rows, length, n_cols, cols).transpose(0, 3, 1, 2, 4)
+  if not 0.0 < keep <= 1.0:
+    raise ValueError(f'keep must be in (0, 1]; got {keep}')
+  batch = keys.shape[0]
+  chunk = _divisor_at_most(batch, chunk or default_chunk(batch))
+  if chunk == batch:
+    return _coattend(keys, joint, values, mask, keep, dtype)
+  count = batch // chunk
+  split = lambda x: None if x is None else x.reshape((count, chunk) + x.shape[1:])
   hidden = jax.lax.map(
-    row_block,
-    (
-      keys.reshape(n_rows, rows, d, length),
-      joint_blocks,
-      values.reshape(n_rows, rows, length, d),
-      jnp.arange(n_rows, dtype=jnp.uint32),
-    ),
-  )  # (n_rows, n_cols, rows, L, cols)
-  return hidden.transpose(0, 2, 3, 1, 4).reshape(batch, length, columns)
+    lambda args: _coattend(*args, keep, dtype), (split(keys), split(joint), split(values), split(mask))
+  )  # (count, chunk, L, D)
+  return hidden.reshape((batch,) + hidden.shape[2:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _coattend(keys, joint, values, mask, keep, dtype):
+  return _forward(keys, joint, values, mask, keep, dtype)[0]
+
+
+def _dropped_affinity(keys, joint, mask, keep, dtype):
+  """(tanh of the affinity in fp32, the affinity after tanh and dropout in `dtype`), (B, d, D) each."""
+  affinity = jnp.einsum('bdl,blj->bdj', keys, joint) / math.sqrt(joint.shape[-1])
+  tanh = jnp.tanh(affinity.astype(jnp.float32))
+  dropped = tanh.astype(dtype)
+  if mask is not None:
+    dropped = jax.lax.select(mask, dropped / keep, jnp.zeros_like(dropped))
+  return tanh, dropped
+
+
+def _forward(keys, joint, values, mask, keep, dtype):
+  _, dropped = _dropped_affinity(keys, joint, mask, keep, dtype)
+  hidden = jax.nn.relu(jnp.tanh(jnp.einsum('bld,bdj->blj', values, dropped)))
+  return hidden, (keys, joint, values, mask, hidden)
+
+
+def _backward(keep, dtype, residuals, grad):
+  keys, joint, values, mask, hidden = residuals
+  # hidden = relu(tanh(h)): d/dh = 1 - tanh(h)^2 where tanh(h) > 0, else 0 (JAX's relu'(0) = 0 too).
+  grad_h = jnp.where(hidden > 0, grad * (1 - hidden * hidden), 0).astype(dtype)  # (B, L, D)
+  tanh, dropped = _dropped_affinity(keys, joint, mask, keep, dtype)
+  grad_values = jnp.einsum('blj,bdj->bld', grad_h, dropped)
+  grad_dropped = jnp.einsum('bld,blj->bdj', values, grad_h)  # (B, d, D)
+  if mask is not None:
+    grad_dropped = jax.lax.select(mask, grad_dropped / keep, jnp.zeros_like(grad_dropped))
+  grad_affinity = grad_dropped.astype(jnp.float32) * (1 - tanh * tanh) / math.sqrt(joint.shape[-1])
+  grad_affinity = grad_affinity.astype(dtype)
+  grad_keys = jnp.einsum('bdj,blj->bdl', grad_affinity, joint)
+  grad_joint = jnp.einsum('bdl,bdj->blj', keys, grad_affinity)
+  return grad_keys, grad_joint, grad_values, None
+
+
+_coattend.defvjp(_forward, _backward)

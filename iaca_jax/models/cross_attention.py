@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from iaca_jax.models.coattention_blocks import coattend
-from iaca_jax.models.dropout import FusedDropout, bernoulli, is_fusable_threefry
+from iaca_jax.models.dropout import FusedDropout, bernoulli
 
 Dtype = Any
 CROSS_ATTENTION_TYPES = ('none', 'ca', 'jca', 'rjca')
@@ -108,15 +108,16 @@ class DenseCoAttentionLayer(nn.Module):
   """One iteration of the authors' dense co-attention (docs/DESIGN.md §A, `coattn.dcn_layers.N`).
 
   Works on (x1, x2) = (video, audio), video first as in their code. (B, L, d) x 2 -> (B, L, d) x 2.
-  With `blocked` (and the fused dropout's keys) the (B, d, 2d) affinities are computed block by
-  block (`coattention_blocks.coattend`): the same result, without writing them to memory.
+  With `blocked` the (B, d, 2d) affinities go through `coattention_blocks.coattend` (a hand-written
+  backward pass, row chunks on a CPU): the same result with less memory traffic. `blocked=False` is
+  the formulation JAX differentiates, the reference for the other.
   """
 
   dropout: float = 0.6
   dtype: Dtype = jnp.float32
-  fused_dropout: bool = True  # FusedDropout (bit-identical to nn.Dropout, faster on a CPU)
+  fused_dropout: bool = True  # masks from dropout.bernoulli (bit-identical to nn.Dropout, faster on a CPU)
   blocked: bool = True
-  block: tuple[int, int] | None = None  # (batch rows, columns) per block; None: the backend's default
+  chunk: int | None = None  # batch rows per chunk of `coattend`; None: the backend's default
 
   @nn.compact
   def __call__(self, x1, x2, *, train: bool):
@@ -129,18 +130,18 @@ class DenseCoAttentionLayer(nn.Module):
     joint = dense(joint_dim, 'query_linear')(jnp.concatenate([x1, x2], axis=-1))  # (B, L, 2d)
     outputs, scores = [], []
     affinity_shape = (x1.shape[0], d, joint_dim)
+    keep = 1.0 - self.dropout
     for i, x in ((1, x1), (2, x2)):
       keys = dense(length, f'key{i}_linear')(jnp.swapaxes(x, 1, 2))  # (B, d, L)
       values = dense(d, f'value{i}_linear')(x)  # (B, L, d)
       dropping = train and self.dropout > 0.0
       rng = _DropoutKey(name=f'Dropout_{2 * i - 2}')() if dropping else None
-      if (
-        self.blocked
-        and self.fused_dropout
-        and (not dropping or (self.dropout < 1.0 and is_fusable_threefry(rng, affinity_shape)))
-      ):
-        hidden = coattend(keys, joint, values, rate=self.dropout, rng=rng, dtype=self.dtype, block=self.block)
-      else:  # the affinity (B, d, 2d) written whole; the reference for the blocked path
+      if self.blocked and keep > 0.0:
+        mask = None
+        if dropping:
+          mask = (bernoulli if self.fused_dropout else jax.random.bernoulli)(rng, keep, affinity_shape)
+        hidden = coattend(keys, joint, values, mask, keep=keep, dtype=self.dtype, chunk=self.chunk)
+      else:  # the affinity (B, d, 2d) differentiated by JAX; the reference for `coattend`
         affinity = jnp.einsum('bdl,blj->bdj', keys, joint) / math.sqrt(joint_dim)
         affinity = jnp.tanh(affinity.astype(jnp.float32)).astype(self.dtype)
         if dropping:

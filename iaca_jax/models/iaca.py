@@ -111,7 +111,9 @@ class IACAModel(nn.Module):
   head_dropout: float = 0.6
   torch_layout: bool = False
   fused_dropout: bool = True  # the co-attention's dropout as one fused op (same bits as nn.Dropout)
-  blocked_coattention: bool = True  # RJCA's affinities block by block (same result, less memory traffic)
+  blocked_coattention: bool = (
+    True  # RJCA's affinities via coattention_blocks (same result, less memory traffic)
+  )
   dtype: Dtype = jnp.float32
 
   def setup(self):
