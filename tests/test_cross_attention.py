@@ -108,3 +108,33 @@ def test_model_outputs_and_gradients_equal_the_dense_formulation(monkeypatch):
     grads_b,
     grads_d,
   )
+
+
+def test_a_batch_sharded_over_devices_is_chunked_without_moving_rows():
+  """Each iteration takes one row per data shard: no all-gather, and the result of one device."""
+  devices = jax.devices()[:4]
+  assert len(devices) == 4, 'conftest gives this process 8 CPU devices'
+  sharded = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('data',)), jax.P('data'))
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  batch = 8
+  inputs = (
+    jax.random.normal(k1, (batch, D, L)),
+    jax.random.normal(k2, (batch, L, 2 * D)),
+    jax.random.normal(k3, (batch, L, D)),
+  )
+  cotangent = jax.random.normal(k4, (batch, L, 2 * D))
+  mask = jax.random.bernoulli(jax.random.key(3), 1.0 - RATE, (batch, D, 2 * D))
+
+  def grads(keys, joint, values, mask, cotangent):  # per-row gradients: no reduction over the batch
+    hidden, vjp = jax.vjp(lambda *a: coattend(*a, mask, keep=1.0 - RATE, chunk=4), keys, joint, values)
+    return hidden, vjp(cotangent)
+
+  args = (*inputs, mask, cotangent)
+  step = jax.jit(grads)
+  compiled = step.lower(*jax.device_put(args, sharded)).compile().as_text()
+  assert (
+    'all-gather' not in compiled and 'all-to-all' not in compiled and 'collective-permute' not in compiled
+  )
+  got = step(*jax.device_put(args, sharded))
+  want = jax.jit(grads)(*args)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6), got, want)

@@ -33,9 +33,13 @@ CPU_CHUNK = 1
 
 
 def default_chunk(batch: int) -> int:
-  """Rows per chunk on the default backend: `CPU_CHUNK` on a CPU; elsewhere the whole batch (a
-  sequential loop over chunks would leave most of an accelerator idle)."""
-  return CPU_CHUNK if jax.default_backend() == 'cpu' else batch
+  """Rows per chunk on the default backend: on a CPU `CPU_CHUNK` per device of the process's mesh
+  (gcd(batch, devices) devices), so that a batch sharded over the devices gives each device its own
+  rows in every iteration; elsewhere the whole batch (a sequential loop over chunks would leave most
+  of an accelerator idle)."""
+  if jax.default_backend() == 'cpu':
+    return CPU_CHUNK * math.gcd(batch, jax.device_count())
+  return batch
 
 
 def _divisor_at_most(n: int, want: int) -> int:
@@ -57,7 +61,7 @@ def coattend(
   keys (B, d, L), joint (B, L, D), values (B, L, d) -> (B, L, D). `mask`: the dropout's keep mask
   (B, d, D) bool, or None for no dropout; kept elements are scaled by 1 / `keep` (0 < keep <= 1), as
   `nn.Dropout` does. `chunk`: batch rows per loop iteration, rounded down to a divisor of B; None =
-  `default_chunk`.
+  `default_chunk`. Under a sharded batch, make it a multiple of the number of data shards.
   """
   if not 0.0 < keep <= 1.0:
     raise ValueError(f'keep must be in (0, 1]; got {keep}')
@@ -66,11 +70,13 @@ def coattend(
   if chunk == batch:
     return _coattend(keys, joint, values, mask, keep, dtype)
   count = batch // chunk
-  split = lambda x: None if x is None else x.reshape((count, chunk) + x.shape[1:])
+  # Iteration i takes rows i, i + count, i + 2 * count, ...: one row from each of `chunk` contiguous
+  # blocks of the batch, so that a batch sharded over devices in blocks stays where it is.
+  split = lambda x: None if x is None else jnp.swapaxes(x.reshape((chunk, count) + x.shape[1:]), 0, 1)
   hidden = jax.lax.map(
     lambda args: _coattend(*args, keep, dtype), (split(keys), split(joint), split(values), split(mask))
   )  # (count, chunk, L, D)
-  return hidden.reshape((batch,) + hidden.shape[2:])
+  return jnp.swapaxes(hidden, 0, 1).reshape((batch,) + hidden.shape[2:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
