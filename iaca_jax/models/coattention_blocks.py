@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-# Batch rows per chunk on a CPU, chosen by measurement (bench/coattention_blocks.py): one row keeps a
-# (1, 512, 1024) fp32 affinity (2 MiB) in the second-level cache.
+# Batch rows per chunk on a CPU, chosen by measurement (bench/coattention_blocks.py and the step): one
+# row's (512, 1024) fp32 affinity is 2 MiB, the size of the two cores' second-level caches together.
 CPU_CHUNK = 1
 
 
