@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from iaca_jax.models.dense import Dense
+
 Dtype = Any
 
 
@@ -46,7 +48,8 @@ class AudioGuidedSpatialAttention(nn.Module):
     if self.torch_layout:
       values = torch_quirk_layout(values)
     positions, channels = values.shape[-2:]
-    dense = lambda n, name, bias=True: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
+    # Dense: the kernel gradient over B * L * P rows as a product XLA:CPU runs well (models/dense.py).
+    dense = lambda n, name, bias=True: Dense(n, use_bias=bias, dtype=self.dtype, name=name)
     video_proj = nn.relu(dense(channels, 'affine_video')(values))  # (B, L, P, C)
     audio_proj = nn.relu(dense(channels, 'affine_audio')(audio))  # (B, L, C)
     content = dense(positions, 'affine_v', bias=False)(video_proj)  # (B, L, P, P)

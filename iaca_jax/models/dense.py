@@ -1,0 +1,54 @@
+"""`nn.Dense` with its kernel gradient written out, for layers applied to many rows (docs/PERFORMANCE.md,
+"Fusion step vs PyTorch").
+
+JAX derives the kernel gradient of x @ W as a product contracting the rows of x and of the output
+gradient g. On a CPU, XLA lays that product out as a transposed copy of g and a product outside
+YNNPACK: for the spatial attention's `affine_video` (50,176 rows of 512 at the paper's size) the
+two took ~175 ms of the fusion train step. `matmul` states the gradient as x^T g over flattened rows,
+which XLA runs on YNNPACK without the copy. Values and gradients are the same as `nn.Dense`'s
+(tests/test_dense.py).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """x (..., C) @ kernel (C, D) -> (..., D)."""
+  return jnp.einsum('...c,cd->...d', x, kernel)
+
+
+def _matmul_forward(x, kernel):
+  return matmul(x, kernel), (x, kernel)
+
+
+def _matmul_backward(residuals, grad):
+  x, kernel = residuals
+  grad_x = jnp.einsum('...d,cd->...c', grad, kernel)
+  rows = lambda a: a.reshape(-1, a.shape[-1])
+  grad_kernel = jnp.einsum('nc,nd->cd', rows(x), rows(grad))
+  return grad_x, grad_kernel
+
+
+matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
+class Dense(nn.Dense):
+  """`nn.Dense` (same fields, parameters and initialisation) whose product is `matmul`.
+
+  Only the default `precision` and `dot_general` are supported.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+    if self.precision is not None or self.dot_general is not None or self.dot_general_cls is not None:
+      raise ValueError('iaca_jax.models.dense.Dense supports the default precision and dot_general only')
+    kernel = self.param('kernel', self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    outputs = matmul(inputs, kernel)
+    return outputs if bias is None else outputs + bias
