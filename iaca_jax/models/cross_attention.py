@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from iaca_jax.models.coattention_blocks import coattend
+from iaca_jax.models.dense import Dense
 from iaca_jax.models.dropout import FusedDropout, bernoulli
 
 Dtype = Any
@@ -71,9 +72,7 @@ class JointCrossAttention(nn.Module):
     joint = jnp.concatenate([audio, video], axis=-1)  # (B, L, 2d)
     outputs, scores = {}, {}
     for name, x in (('audio', audio), ('video', video)):
-      dense = lambda n, suffix, name=name: nn.Dense(
-        n, use_bias=False, dtype=self.dtype, name=f'{name}_{suffix}'
-      )
+      dense = lambda n, suffix, name=name: Dense(n, use_bias=False, dtype=self.dtype, name=f'{name}_{suffix}')
       corr = jnp.einsum('bie,bje->bij', dense(2 * d, 'joint')(x), joint) / math.sqrt(d)
       corr = jnp.tanh(corr.astype(jnp.float32))  # (B, L, L)
       hidden = nn.relu(dense(self.hidden or d, 'input')(x) + dense(self.hidden or d, 'correlation')(corr))
@@ -123,7 +122,7 @@ class DenseCoAttentionLayer(nn.Module):
   def __call__(self, x1, x2, *, train: bool):
     length, d = x1.shape[1], x1.shape[2]
     joint_dim = 2 * d
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
+    dense = lambda n, name: Dense(n, dtype=self.dtype, name=name)
     dropout_cls = FusedDropout if self.fused_dropout else nn.Dropout
     # Named as nn.Dropout would be auto-named (Dropout_0..3 in call order): the rng streams are kept.
     drop = lambda y, n: dropout_cls(self.dropout, deterministic=not train, name=f'Dropout_{n}')(y)

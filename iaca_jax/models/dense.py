@@ -5,8 +5,8 @@ JAX derives the kernel gradient of x @ W as a product contracting the rows of x 
 gradient g. On a CPU, XLA lays that product out as a transposed copy of g and a product outside
 YNNPACK: for the spatial attention's `affine_video` (50,176 rows of 512 at the paper's size) the
 two took ~175 ms of the fusion train step. `matmul` states the gradient as x^T g over flattened rows,
-which XLA runs on YNNPACK without the copy. Values and gradients are the same as `nn.Dense`'s
-(tests/test_dense.py).
+with no transposed copy. Every Dense layer of the fusion model and the LSTMs' input projections use
+it. Values and gradients are those of `nn.Dense` (tests/test_dense.py).
 """
 
 from __future__ import annotations

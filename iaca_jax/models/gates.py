@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from iaca_jax.models.dense import Dense
+
 Dtype = Any
 GATE_TYPES = ('none', 'stage1', 'iaca')
 STAGE2_TYPES = ('modality', 'sum', 'iteration', 'raw')
@@ -40,7 +42,7 @@ class AttentionGate(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, attended: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    w = gate_weights(nn.Dense(2, dtype=self.dtype, name='fc')(attended), self.temperature)
+    w = gate_weights(Dense(2, dtype=self.dtype, name='fc')(attended), self.temperature)
     gated = nn.relu(w[..., :1] * x + w[..., 1:] * attended)
     return gated.astype(x.dtype), w
 
@@ -56,7 +58,7 @@ class CandidateGate(nn.Module):
 
   @nn.compact
   def __call__(self, candidates: Sequence[jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
-    logits = nn.Dense(len(candidates), dtype=self.dtype, name='fc')(jnp.concatenate(candidates, axis=-1))
+    logits = Dense(len(candidates), dtype=self.dtype, name='fc')(jnp.concatenate(candidates, axis=-1))
     w = gate_weights(logits, self.temperature)
     combined = sum(w[..., k : k + 1] * c for k, c in enumerate(candidates))
     return combined.astype(candidates[0].dtype), w
@@ -101,7 +103,7 @@ class FusionGate(nn.Module):
         [gated_v, video]
       )
       return jnp.concatenate([gated_v, gated_a], axis=-1), gates
-    logits = nn.Dense(2, dtype=self.dtype, name='modality_gate')(jnp.concatenate([gated_a, gated_v], axis=-1))
+    logits = Dense(2, dtype=self.dtype, name='modality_gate')(jnp.concatenate([gated_a, gated_v], axis=-1))
     w = gate_weights(logits, self.stage2_temperature or self.temperature)  # (B, L, 2) = [audio, video]
     gates['modality'] = w
     scaled_a, scaled_v = w[..., :1] * gated_a, w[..., 1:] * gated_v

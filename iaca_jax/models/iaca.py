@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from iaca_jax.models.attention import AudioGuidedSpatialAttention
 from iaca_jax.models.cross_attention import make_cross_attention
+from iaca_jax.models.dense import Dense
 from iaca_jax.models.encoders import R2Plus1D18, ResNet18
 from iaca_jax.models.gates import FusionGate
 from iaca_jax.models.temporal import ResidualBLSTM, l2_normalize
@@ -37,7 +38,7 @@ class RegressionHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    dense = lambda n, name: nn.Dense(
+    dense = lambda n, name: Dense(
       n,
       dtype=self.dtype,
       kernel_init=nn.initializers.xavier_uniform(),

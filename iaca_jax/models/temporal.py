@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from iaca_jax.models.dense import Dense, matmul
+
 Dtype = Any
 
 
@@ -43,7 +45,7 @@ class LSTMLayer(nn.Module):
     w_in = self.param('kernel_input', init, (x.shape[-1], 4 * self.hidden))
     w_hid = self.param('kernel_hidden', init, (self.hidden, 4 * self.hidden))
     bias = self.param('bias', init, (4 * self.hidden,))
-    inputs = jnp.einsum('btf,fg->tbg', x.astype(self.dtype), w_in.astype(self.dtype))
+    inputs = jnp.swapaxes(matmul(x.astype(self.dtype), w_in.astype(self.dtype)), 0, 1)  # (T, B, 4H)
     inputs = inputs.astype(jnp.float32) + bias
     w_hid = w_hid.astype(self.dtype)
 
@@ -109,5 +111,5 @@ class ResidualBLSTM(nn.Module):
     y = BLSTM(self.hidden, self.num_layers, self.dropout, self.dtype, name='rnn')(x, train=train)
     y = jnp.concatenate([x.astype(y.dtype), y], axis=-1)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.Dense(self.features, dtype=self.dtype, name='linear')(y)
+    y = Dense(self.features, dtype=self.dtype, name='linear')(y)
     return l2_normalize(y)
