@@ -2,11 +2,12 @@
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iaca_jax.models.dense import Dense
+from iaca_jax.models.dense import Dense, matmul
 
 
 @pytest.mark.parametrize('use_bias,dtype', [(True, jnp.float32), (False, jnp.float32), (True, jnp.bfloat16)])
@@ -38,3 +39,21 @@ def test_dense_equals_flax_dense(use_bias, dtype):
 def test_other_dot_generals_are_refused():
   with pytest.raises(ValueError, match='default precision'):
     Dense(3, precision=jax.lax.Precision.HIGHEST).init(jax.random.key(0), jnp.ones((2, 4)))
+
+
+def _products(jaxpr) -> int:
+  """dot_general equations of a jaxpr, its sub-jaxprs included (a custom_vjp's forward among them)."""
+  return sum(
+    (e.primitive.name == 'dot_general')
+    + sum(_products(sub) for sub in jax.extend.core.jaxprs_in_params(e.params))
+    for e in jaxpr.eqns
+  )
+
+
+def test_only_the_gradients_asked_for_are_computed():
+  x, kernel = jnp.ones((4, 3)), jnp.ones((3, 2))
+  loss = lambda x, kernel: jnp.sum(matmul(x, kernel))
+  products = lambda argnums: _products(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(x, kernel).jaxpr)
+  assert products(1) == 2  # forward + kernel gradient
+  assert products(0) == 2  # forward + input gradient
+  assert products((0, 1)) == 3

@@ -23,18 +23,24 @@ def matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
 
 
 def _matmul_forward(x, kernel):
-  return matmul(x, kernel), (x, kernel)
+  # With symbolic zeros JAX says which inputs need a gradient: none is computed that is not needed
+  # (the input features of the first layers), also outside jit, where XLA would not drop it.
+  needs_x, needs_kernel = x.perturbed, kernel.perturbed
+  x, kernel = x.value, kernel.value
+  return matmul(x, kernel), (x if needs_kernel else None, kernel if needs_x else None)
 
 
 def _matmul_backward(residuals, grad):
   x, kernel = residuals
-  grad_x = jnp.einsum('...d,cd->...c', grad, kernel)
+  if isinstance(grad, jax.custom_derivatives.SymbolicZero):
+    return None, None
+  grad_x = None if kernel is None else jnp.einsum('...d,cd->...c', grad, kernel)
   rows = lambda a: a.reshape(-1, a.shape[-1])
-  grad_kernel = jnp.einsum('nc,nd->cd', rows(x), rows(grad))
+  grad_kernel = None if x is None else jnp.einsum('nc,nd->cd', rows(x), rows(grad))
   return grad_x, grad_kernel
 
 
-matmul.defvjp(_matmul_forward, _matmul_backward)
+matmul.defvjp(_matmul_forward, _matmul_backward, symbolic_zeros=True)
 
 
 class Dense(nn.Dense):
