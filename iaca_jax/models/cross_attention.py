@@ -94,12 +94,17 @@ class _DropoutKey(nn.Module):
     return self.make_rng('dropout')
 
 
+def _keep_mask(rng: jax.Array, keep: float, shape: tuple[int, ...], *, fused: bool) -> jnp.ndarray:
+  """`nn.Dropout`'s keep mask: from `dropout.bernoulli` when `fused`, else `jax.random.bernoulli`."""
+  return (bernoulli if fused else jax.random.bernoulli)(rng, keep, shape)
+
+
 def _dropout(x: jnp.ndarray, rate: float, rng: jax.Array, *, fused: bool) -> jnp.ndarray:
-  """`nn.Dropout(rate)(x)` drawing from `rng` (mask from `dropout.bernoulli` when `fused`)."""
+  """`nn.Dropout(rate)(x)` drawing from `rng`."""
   if rate >= 1.0:
     return jnp.zeros_like(x)
   keep = 1.0 - rate
-  mask = (bernoulli if fused else jax.random.bernoulli)(rng, keep, x.shape)
+  mask = _keep_mask(rng, keep, x.shape, fused=fused)
   return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
@@ -136,9 +141,7 @@ class DenseCoAttentionLayer(nn.Module):
       dropping = train and self.dropout > 0.0
       rng = _DropoutKey(name=f'Dropout_{2 * i - 2}')() if dropping else None
       if self.blocked and keep > 0.0:
-        mask = None
-        if dropping:
-          mask = (bernoulli if self.fused_dropout else jax.random.bernoulli)(rng, keep, affinity_shape)
+        mask = _keep_mask(rng, keep, affinity_shape, fused=self.fused_dropout) if dropping else None
         hidden = coattend(keys, joint, values, mask, keep=keep, dtype=self.dtype, chunk=self.chunk)
       else:  # the affinity (B, d, 2d) differentiated by JAX; the reference for `coattend`
         affinity = jnp.einsum('bdl,blj->bdj', keys, joint) / math.sqrt(joint_dim)
