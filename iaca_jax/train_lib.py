@@ -32,7 +32,7 @@ from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.data_source import DataSource
 from iaca_jax.fileio import atomic_write
 from iaca_jax.input_pipeline import DEVICE_KEYS, MODEL_INPUT_KEYS
-from iaca_jax.models import IACAModel, build_model
+from iaca_jax.models import IACAModel, build_model, reductions
 from iaca_jax.train_state import (  # noqa: F401 (part of this module's interface)
   TrainState,
   dropout_keys,
@@ -81,7 +81,8 @@ def _model_inputs(batch: Mapping[str, jnp.ndarray]) -> dict:
 
 
 def _global_norm(tree) -> jnp.ndarray:
-  return optax.tree.norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
+  """optax.tree.norm, with the sums as products on a CPU (models/reductions.py: ~4x faster there)."""
+  return reductions.global_norm(tree)
 
 
 def train_step(
@@ -109,7 +110,7 @@ def train_step(
   )
   grad_norm, update_norm = _global_norm(grads), _global_norm(param_updates)
   # The model must not be trusted to turn a non-finite input into a non-finite loss: check the inputs.
-  inputs_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in _model_inputs(batch).values()]))
+  inputs_finite = jnp.all(jnp.stack([reductions.all_finite(x) for x in _model_inputs(batch).values()]))
   finite = (
     jnp.isfinite(loss)
     & jnp.isfinite(grad_norm)

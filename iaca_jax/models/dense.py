@@ -6,7 +6,8 @@ gradient g. On a CPU, XLA lays that product out as a transposed copy of g and a 
 YNNPACK: for the spatial attention's `affine_video` (50,176 rows of 512 at the paper's size) the
 two took ~175 ms of the fusion train step. `matmul` states the gradient as x^T g over flattened rows,
 with no transposed copy. Every Dense layer of the fusion model and the LSTMs' input projections use
-it. Values and gradients are those of `nn.Dense` (tests/test_dense.py).
+it. `add_bias` takes the bias gradient (a sum over all rows) as a product too (models/reductions.py).
+Values and gradients are those of `nn.Dense` (tests/test_dense.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from iaca_jax.models.reductions import sum_leading
 
 
 @jax.custom_vjp
@@ -43,6 +46,28 @@ def _matmul_backward(residuals, grad):
 matmul.defvjp(_matmul_forward, _matmul_backward, symbolic_zeros=True)
 
 
+@jax.custom_vjp
+def add_bias(y: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
+  """y (..., D) + bias (D,) of the same dtype; the bias gradient is `reductions.sum_leading`."""
+  if bias.ndim != 1 or y.shape[-1:] != bias.shape or y.dtype != bias.dtype:
+    raise ValueError(
+      f'add_bias needs y (..., D) and bias (D,) of one dtype; got {y.shape} {y.dtype}, '
+      f'{bias.shape} {bias.dtype}'
+    )
+  return y + bias
+
+
+def _add_bias_forward(y, bias):
+  return add_bias(y, bias), None
+
+
+def _add_bias_backward(_, grad):
+  return grad, sum_leading(grad)
+
+
+add_bias.defvjp(_add_bias_forward, _add_bias_backward)
+
+
 class Dense(nn.Dense):
   """`nn.Dense` (same fields, parameters and initialisation) whose product is `matmul`.
 
@@ -57,4 +82,4 @@ class Dense(nn.Dense):
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     outputs = matmul(inputs, kernel)
-    return outputs if bias is None else outputs + bias
+    return outputs if bias is None else add_bias(outputs, bias)

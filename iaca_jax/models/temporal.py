@@ -13,15 +13,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iaca_jax.models.dense import Dense, matmul
+from iaca_jax.models.dense import Dense, add_bias, matmul
+from iaca_jax.models.reductions import sum_trailing
 
 Dtype = Any
 
 
 def l2_normalize(x: jnp.ndarray, axis: int | tuple[int, ...] = -1, eps: float = 1e-12) -> jnp.ndarray:
-  """x / max(||x||, eps) (PyTorch's F.normalize), computed in float32."""
+  """x / max(||x||, eps) (PyTorch's F.normalize) over `axis` (trailing axes), computed in float32."""
+  axes = sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
+  if axes != list(range(x.ndim - len(axes), x.ndim)):
+    raise ValueError(f'l2_normalize normalises over trailing axes; got axis={axis} for shape {x.shape}')
   x32 = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=axis, keepdims=True))
+  norm = jnp.sqrt(sum_trailing(jnp.square(x32), len(axes)))  # the sum as a product on a CPU
+  norm = norm.reshape(norm.shape + (1,) * len(axes))
   return (x32 / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
@@ -46,7 +51,7 @@ class LSTMLayer(nn.Module):
     w_hid = self.param('kernel_hidden', init, (self.hidden, 4 * self.hidden))
     bias = self.param('bias', init, (4 * self.hidden,))
     inputs = jnp.swapaxes(matmul(x.astype(self.dtype), w_in.astype(self.dtype)), 0, 1)  # (T, B, 4H)
-    inputs = inputs.astype(jnp.float32) + bias
+    inputs = add_bias(inputs.astype(jnp.float32), bias.astype(jnp.float32))
     w_hid = w_hid.astype(self.dtype)
 
     def step(carry, gates_in):
