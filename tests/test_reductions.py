@@ -52,6 +52,7 @@ def test_non_finite_values_are_carried_through(bad):
   x[17, 33, 5] = 3e38  # finite, though its square is not
   assert bool(jax.jit(reductions.all_finite)(x))
   assert bool(jax.jit(reductions.all_finite)(np.float32(1.0))) and not reductions.all_finite(np.float32(bad))
+  assert bool(jax.jit(reductions.all_finite)(np.ones((3, 4), np.uint8)))
 
 
 def test_sums_are_products_on_a_cpu():

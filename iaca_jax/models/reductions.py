@@ -73,7 +73,7 @@ def all_finite(x: jnp.ndarray) -> jnp.ndarray:
   (inf * 0 = NaN); only the row results are then checked. The zeros pass an optimization barrier, so
   that no simplification can fold the product to 0.
   """
-  if x.ndim < 2 or not _as_products():
+  if x.ndim < 2 or not _as_products() or not jnp.issubdtype(x.dtype, jnp.inexact):
     return jnp.all(jnp.isfinite(x))
   columns = x.reshape(-1, x.shape[-1])
   zeros = jax.lax.optimization_barrier(jnp.zeros(columns.shape[1:], x.dtype))
