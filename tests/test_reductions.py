@@ -53,6 +53,10 @@ def test_non_finite_values_are_carried_through(bad):
   assert bool(jax.jit(reductions.all_finite)(x))
   assert bool(jax.jit(reductions.all_finite)(np.float32(1.0))) and not reductions.all_finite(np.float32(bad))
   assert bool(jax.jit(reductions.all_finite)(np.ones((3, 4), np.uint8)))
+  frames = np.zeros((2, 5, 9, 3), np.float32)  # rows of several trailing axes (9 * 3 < 256)
+  assert bool(jax.jit(reductions.all_finite)(frames))
+  frames[1, 4, 8, 2] = bad
+  assert not bool(jax.jit(reductions.all_finite)(frames))
 
 
 def test_sums_are_products_on_a_cpu():

@@ -75,6 +75,13 @@ def all_finite(x: jnp.ndarray) -> jnp.ndarray:
   """
   if x.ndim < 2 or not _as_products() or not jnp.issubdtype(x.dtype, jnp.inexact):
     return jnp.all(jnp.isfinite(x))
-  columns = x.reshape(-1, x.shape[-1])
+  # Rows of at least 256 elements (e.g. (..., 112, 3) for raw RGB frames), so that the row results
+  # to check are few.
+  row = 1
+  for size in reversed(x.shape):
+    row *= size
+    if row >= 256:
+      break
+  columns = x.reshape(-1, row)
   zeros = jax.lax.optimization_barrier(jnp.zeros(columns.shape[1:], x.dtype))
   return jnp.all(jnp.isfinite(jnp.einsum('nk,k->n', columns, zeros, preferred_element_type=jnp.float32)))
