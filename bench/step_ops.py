@@ -1,0 +1,146 @@
+r"""Where a compiled train step spends its time, op by op: every HLO instruction's time in a
+`jax.profiler` trace, including the fusions that carry no `op_name` (reduce-windows, loop bodies),
+which the per-component profile of `bench/train_step.py --profile` cannot place. Ops are grouped by
+kind (YNNPACK products, other products, reduce-windows, copies, loop fusions); the slowest are listed
+with their shape and, where known, their op_name. Found XLA:CPU's reduce-window loops (issue 15).
+
+    .venv/bin/python bench/step_ops.py                  # the paper-size fusion step, fp32, batch 64
+    .venv/bin/python bench/step_ops.py --case=demo --top=20 --out=bench/results/step_ops_demo.json
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+import common  # noqa: E402
+
+os.environ['XLA_FLAGS'] = common.profile_flags(os.environ.get('XLA_FLAGS', ''))
+
+import jax  # noqa: E402
+import train_step as cases  # noqa: E402 (its case set-up; this registers its flags, used below)
+from absl import app, flags  # noqa: E402
+
+from iaca_jax import cli, models, train_lib  # noqa: E402
+
+# --case, --batch, --warmup and --out are bench/train_step.py's flags (one case here; fusion by default).
+flags.DEFINE_integer('traced_steps', 2, 'Steps in the trace.')
+flags.DEFINE_integer('top', 30, 'Slowest ops listed.')
+FLAGS = flags.FLAGS
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w-]+)\((.*)$', re.M)
+
+
+def _kind(name: str, opcode: str) -> str:
+  if name.startswith('ynn_fusion'):
+    return 'YNNPACK product'
+  if opcode == 'dot' or name.startswith('dot'):
+    return 'other product'
+  if 'reduce-window' in name or opcode == 'reduce-window':
+    return 'reduce-window'
+  if 'copy' in name or opcode == 'copy':
+    return 'copy'
+  return 'loop fusion or other'
+
+
+def instructions(hlo: str) -> dict[str, dict]:
+  """HLO instruction name -> its shape, opcode and op_name (when it has one)."""
+  table = {}
+  for name, shape, opcode, rest in _INSTRUCTION.findall(hlo):
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    table[name] = dict(shape=shape, opcode=opcode, op_name=op_name.group(1) if op_name else '')
+  return table
+
+
+def main(argv) -> None:
+  del argv
+  cli.run_cpu_steps_inline()
+  case = 'fusion' if FLAGS['case'].using_default_value else FLAGS.case
+  if case not in cases.CASES:
+    raise app.UsageError(f'--case takes one of {cases.CASES}; got {case!r}')
+  config = cases.case_config(case, 'fp32')
+  model = models.build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  settings = cases.case_settings(case, jax.default_backend() == 'cpu')
+  tx = train_lib.make_optimizer(config, steps_per_epoch=1000)
+  host_batch = cases.synthetic_batch(case, config, model, settings['batch'])
+  state = trainer.replicate(train_lib.init_state(model, host_batch, jax.random.key(0), tx))
+  batch, rng = trainer.shard_batch(host_batch), jax.random.key(1)
+  compiled = trainer.train_step.lower(state, batch, rng).compile()
+  table = instructions(compiled.as_text())
+
+  def run(state, steps):
+    for _ in range(steps):
+      state, metrics = compiled(state, batch, rng)
+      jax.block_until_ready((state, metrics))
+    return state
+
+  state = run(state, settings['warmup'] + 1)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      start = time.perf_counter()
+      state = run(state, FLAGS.traced_steps)
+      wall = (time.perf_counter() - start) / FLAGS.traced_steps
+    events = common._trace_events(trace_dir)
+  seconds, calls = collections.defaultdict(float), collections.Counter()
+  for event in events:
+    if event['name'] in table:
+      seconds[event['name']] += event['dur'] * 1e-6 / FLAGS.traced_steps
+      calls[event['name']] += 1
+  by_kind = collections.defaultdict(float)
+  for name, s in seconds.items():
+    by_kind[_kind(name, table[name]['opcode'])] += s
+  total = sum(seconds.values())
+  print(f'{case}: {1e3 * wall:.0f} ms a step under the profiler, {1e3 * total:.0f} ms of op time')
+  print(
+    common.table(
+      [
+        dict(kind=k, ms=1e3 * s, share=100 * s / total)
+        for k, s in sorted(by_kind.items(), key=lambda kv: -kv[1])
+      ],
+      [('kind', 'kind', ''), ('ms', 'ms/step', '.1f'), ('share', '%', '.1f')],
+    )
+  )
+  top = sorted(seconds.items(), key=lambda kv: -kv[1])[: FLAGS.top]
+  rows = [
+    dict(
+      op=name,
+      ms=1e3 * s,
+      calls=calls[name] // FLAGS.traced_steps,
+      kind=_kind(name, table[name]['opcode']),
+      shape=table[name]['shape'],
+      op_name=table[name]['op_name'][-70:],
+    )
+    for name, s in top
+  ]
+  print(
+    common.table(
+      rows,
+      [(c, c, '.2f' if c == 'ms' else '') for c in ('op', 'ms', 'calls', 'kind', 'shape', 'op_name')],
+    )
+  )
+  out = FLAGS.out or os.path.join(ROOT, 'bench', 'results', f'step_ops_{case}.json')
+  common.write_json(
+    out,
+    dict(
+      command='python ' + ' '.join(sys.argv),
+      machine=common.machine(),
+      load_average=common.load_average(),
+      step_s_under_profiler=wall,
+      op_seconds_per_step=total,
+      by_kind={k: s for k, s in by_kind.items()},
+      top=rows,
+    ),
+  )
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
