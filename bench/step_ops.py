@@ -70,7 +70,7 @@ def main(argv) -> None:
   trainer = train_lib.Trainer(model, train_lib.create_mesh())
   settings = cases.case_settings(case, jax.default_backend() == 'cpu')
   tx = train_lib.make_optimizer(config, steps_per_epoch=1000)
-  host_batch = cases.synthetic_batch(case, config, model, settings['batch'])
+  host_batch = cases.synthetic_batch(case, config, model, settings['batch'] or config.batch_size)
   state = trainer.replicate(train_lib.init_state(model, host_batch, jax.random.key(0), tx))
   batch, rng = trainer.shard_batch(host_batch), jax.random.key(1)
   compiled = trainer.train_step.lower(state, batch, rng).compile()
@@ -89,11 +89,9 @@ def main(argv) -> None:
       state = run(state, FLAGS.traced_steps)
       wall = (time.perf_counter() - start) / FLAGS.traced_steps
     events = common._trace_events(trace_dir)
-  seconds, calls = collections.defaultdict(float), collections.Counter()
-  for event in events:
-    if event['name'] in table:
-      seconds[event['name']] += event['dur'] * 1e-6 / FLAGS.traced_steps
-      calls[event['name']] += 1
+  # Self time: a loop's event holds its body's ops, which are counted on their own.
+  seconds = {name: s / FLAGS.traced_steps for name, s in common._self_times(events).items() if name in table}
+  calls = collections.Counter(event['name'] for event in events if event['name'] in table)
   by_kind = collections.defaultdict(float)
   for name, s in seconds.items():
     by_kind[_kind(name, table[name]['opcode'])] += s

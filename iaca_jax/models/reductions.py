@@ -50,15 +50,11 @@ def sum_trailing(x: jnp.ndarray, axes: int = 1) -> jnp.ndarray:
 
 def sum_of_squares(tree) -> jnp.ndarray:
   """The sum of the squares of every element of a pytree of arrays, a float32 (or wider) scalar."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  totals = []
-  for leaf in leaves:
-    leaf = jnp.asarray(leaf)
+  total = jnp.zeros((), jnp.float32)
+  for leaf in map(jnp.asarray, jax.tree.leaves(tree)):
     square = jnp.square(leaf.astype(_accumulator(leaf.dtype)))
-    totals.append(jnp.sum(sum_trailing(square, min(leaf.ndim, 1))))
-  return sum(totals[1:], totals[0])
+    total = total + jnp.sum(sum_trailing(square, min(leaf.ndim, 1)))
+  return total
 
 
 def global_norm(tree) -> jnp.ndarray:
