@@ -4,6 +4,11 @@ which the per-component profile of `bench/train_step.py --profile` cannot place.
 kind (YNNPACK products, other products, reduce-windows, copies, loop fusions); the slowest are listed
 with their shape and, where known, their op_name. Found XLA:CPU's reduce-window loops (issue 15).
 
+The "other products" are XLA's own (Eigen) matrix products. A large one runs asynchronously on Eigen's
+thread pool, and its trace event covers only its dispatch: the `affine_video` kernel gradient, 26 GFLOP
+and ~75 ms alone, shows 0.4 ms (fifth session of issue 15). Their total is a lower bound, and the step's
+time can exceed the op time summed here.
+
     .venv/bin/python bench/step_ops.py                  # the paper-size fusion step, fp32, batch 64
     .venv/bin/python bench/step_ops.py --case=demo --top=20 --out=bench/results/step_ops_demo.json
 """
@@ -106,6 +111,7 @@ def main(argv) -> None:
       [('kind', 'kind', ''), ('ms', 'ms/step', '.1f'), ('share', '%', '.1f')],
     )
   )
+  print('(other products: a large one is timed at its dispatch only; see the docstring)')
   top = sorted(seconds.items(), key=lambda kv: -kv[1])[: FLAGS.top]
   rows = [
     dict(
