@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from iaca_jax import data_source, distributed, inference, input_pipeline, pretrained
 from iaca_jax.models import IACAModel, build_model, init_variables
-from iaca_jax.preprocessing import mel
+from iaca_jax.preprocessing import mel, tfds_builder
 
 PASSTHROUGH = ('labels', 'mask', 'video_name') + input_pipeline.CLIP_KEYS  # copied from the source
 VERSION = '1.0.0'
@@ -101,7 +101,7 @@ class CachedFeatures(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=self._features)
+    return tfds_builder.LocalDatasetInfo(builder=self, features=self._features)
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import tempfile
 
 import av
 import numpy as np
@@ -325,6 +326,17 @@ def test_builders_load_like_the_tfds_cli():
       cls = tfds.core.community.builder_cls_from_module(f'{name}.{name}_dataset_builder')
       assert cls.name == name
       assert [c.name for c in cls.BUILDER_CONFIGS] == ['sr44100', 'sr16000']
+
+
+def test_making_a_builder_leaves_no_temporary_directory(tmp_path, monkeypatch):
+  """tfds looks for a dataset not built yet on its bucket through a temporary directory it never
+  deletes; our builders skip that lookup (and keep the description from their README.md)."""
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+  builder = build.make_builder('synthetic_av', str(tmp_path / 'data'))
+  assert list(scratch.iterdir()) == []
+  assert builder.info.description.strip()
 
 
 # ------------------------------------------------------- damage in many ways

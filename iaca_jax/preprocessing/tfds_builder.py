@@ -99,6 +99,30 @@ class VideoPlan:
   labels: np.ndarray | None
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """`tfds.core.DatasetInfo` of a dataset built here, never published on TFDS's bucket.
+
+  A builder whose data directory holds no dataset yet looks for the dataset's metadata on the bucket
+  (`initialize_from_bucket`). tensorflow-datasets 4.9 makes a temporary directory for it first and
+  never deletes it, even with the bucket disabled: one empty /tmp/tmp*tfds per builder made. There
+  is nothing to find for these datasets, so the lookup is skipped.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    return None
+
+
+def local_dataset_info(builder: tfds.core.DatasetBuilder, **kwargs) -> LocalDatasetInfo:
+  """`builder.dataset_info_from_configs(**kwargs)` as a `LocalDatasetInfo`: the description and
+  citation come from the builder's README.md and CITATIONS.bib when it has them, as in tfds."""
+  metadata = builder.get_metadata()
+  if metadata.description:
+    kwargs['description'] = metadata.description
+  if metadata.citation:
+    kwargs['citation'] = metadata.citation
+  return LocalDatasetInfo(builder=builder, **kwargs)
+
+
 class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base class: Aff-Wild2 layout in the manual dir -> windows as TFRecord shards."""
 
@@ -116,7 +140,8 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return mel_lib.mel_settings(self.builder_config.sample_rate)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    return local_dataset_info(
+      self,
       features=features_dict(self.mel_settings),
       supervised_keys=None,
       homepage=self.HOMEPAGE or None,
