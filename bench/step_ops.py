@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import train_step as cases  # noqa: E402 (its case set-up; this registers its flags, used below)
 from absl import app, flags  # noqa: E402
 
-from iaca_jax import cli, models, train_lib  # noqa: E402
+from iaca_jax import cli  # noqa: E402
 
 # --case, --batch, --warmup and --out are bench/train_step.py's flags (one case here; fusion by default).
 flags.DEFINE_integer('traced_steps', 2, 'Steps in the trace.')
@@ -70,15 +70,7 @@ def main(argv) -> None:
   case = 'fusion' if FLAGS['case'].using_default_value else FLAGS.case
   if case not in cases.CASES:
     raise app.UsageError(f'--case takes one of {cases.CASES}; got {case!r}')
-  config = cases.case_config(case, 'fp32')
-  model = models.build_model(config.model)
-  trainer = train_lib.Trainer(model, train_lib.create_mesh())
-  settings = cases.case_settings(case, jax.default_backend() == 'cpu')
-  tx = train_lib.make_optimizer(config, steps_per_epoch=1000)
-  host_batch = cases.synthetic_batch(case, config, model, settings['batch'] or config.batch_size)
-  state = trainer.replicate(train_lib.init_state(model, host_batch, jax.random.key(0), tx))
-  batch, rng = trainer.shard_batch(host_batch), jax.random.key(1)
-  compiled = trainer.train_step.lower(state, batch, rng).compile()
+  compiled, state, batch, rng, settings = cases.compiled_case(case)
   table = instructions(compiled.as_text())
 
   def run(state, steps):

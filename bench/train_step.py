@@ -149,6 +149,23 @@ def case_config(case: str, dtype: str):
   return config
 
 
+def compiled_case(case: str, dtype: str = 'fp32', model_overrides: dict | None = None):
+  """A case's train step compiled on its synthetic batch, for the tools that time steps in one
+  process (`step_ops.py`, `step_ab.py`). Returns (compiled step, state, device batch, rng, settings),
+  settings as `case_settings` with the batch filled in. `model_overrides` replace config.model fields."""
+  config = case_config(case, dtype)
+  config.model.update(model_overrides or {})
+  settings = case_settings(case, jax.default_backend() == 'cpu')
+  settings['batch'] = settings['batch'] or config.batch_size
+  model = models.build_model(config.model)
+  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  tx = train_lib.make_optimizer(config, steps_per_epoch=1000)
+  host_batch = synthetic_batch(case, config, model, settings['batch'])
+  state = trainer.replicate(train_lib.init_state(model, host_batch, jax.random.key(0), tx))
+  batch, rng = trainer.shard_batch(host_batch), jax.random.key(1)
+  return trainer.train_step.lower(state, batch, rng).compile(), state, batch, rng, settings
+
+
 def synthetic_batch(case: str, config, model, batch: int):
   """Random host arrays of the shapes the input pipeline delivers for this case."""
   rng = np.random.default_rng(0)
