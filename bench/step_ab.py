@@ -18,7 +18,6 @@ attribute patched in a copy of this script) to be compared this way. JSON: bench
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import sys
 import time
@@ -59,17 +58,10 @@ def parse_variant(text: str, model_config) -> tuple[str, dict]:
   return name, overrides
 
 
-def _process_cpu_s() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
-
-
 def main(argv) -> None:
   del argv
   cli.run_cpu_steps_inline()
-  case = 'fusion' if FLAGS['case'].using_default_value else FLAGS.case
-  if case not in cases.CASES:
-    raise app.UsageError(f'--case takes one of {cases.CASES}; got {case!r}')
+  case = cases.single_case()
   if not FLAGS.variant:
     raise app.UsageError('give at least one --variant=name:key=value,...')
   model_config = cases.case_config(case, 'fp32').model
@@ -88,11 +80,11 @@ def main(argv) -> None:
   for index in range(FLAGS.rounds):
     for name in names if index % 2 == 0 else names[::-1]:
       run = steps[name]
-      cpu, start = _process_cpu_s(), time.perf_counter()
+      cpu, start = common.cpu_seconds(), time.perf_counter()
       run['state'], metrics = run['compiled'](run['state'], run['batch'], run['rng'])
       jax.block_until_ready((run['state'], metrics))
       run['wall'].append(time.perf_counter() - start)
-      run['cpu'].append(_process_cpu_s() - cpu)
+      run['cpu'].append(common.cpu_seconds() - cpu)
 
   base = steps['default']['wall']
   rows, results = [], {}

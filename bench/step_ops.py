@@ -67,9 +67,7 @@ def instructions(hlo: str) -> dict[str, dict]:
 def main(argv) -> None:
   del argv
   cli.run_cpu_steps_inline()
-  case = 'fusion' if FLAGS['case'].using_default_value else FLAGS.case
-  if case not in cases.CASES:
-    raise app.UsageError(f'--case takes one of {cases.CASES}; got {case!r}')
+  case = cases.single_case()
   compiled, state, batch, rng, settings = cases.compiled_case(case)
   table = instructions(compiled.as_text())
 

@@ -149,6 +149,14 @@ def case_config(case: str, dtype: str):
   return config
 
 
+def single_case() -> str:
+  """--case for the tools that time one case (`step_ops.py`, `step_ab.py`): fusion unless given."""
+  case = 'fusion' if FLAGS['case'].using_default_value else FLAGS.case
+  if case not in CASES:
+    raise app.UsageError(f'--case takes one of {CASES}; got {case!r}')
+  return case
+
+
 def compiled_case(case: str, dtype: str = 'fp32', model_overrides: dict | None = None):
   """A case's train step compiled on its synthetic batch, for the tools that time steps in one
   process (`step_ops.py`, `step_ab.py`). Returns (compiled step, state, device batch, rng, settings),
