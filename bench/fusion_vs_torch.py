@@ -272,10 +272,10 @@ def _fastest_step(result: dict) -> float | None:
   return min(result.get('step_s') or [0]) or None
 
 
-def _torch_over(results: dict, case: str, statistic) -> float | None:
-  """torch's step time over `case`'s in one round's results, by `statistic` of each case's steps."""
-  torch_step, case_step = (statistic(results.get(c, {})) for c in ('torch', case))
-  return torch_step / case_step if torch_step and case_step and case != 'torch' else None
+def _step_ratio(results: dict, over: str, case: str, statistic=_median_step) -> float | None:
+  """`over`'s step time over `case`'s in one round's results, by `statistic` of each case's steps."""
+  over_step, case_step = (statistic(results.get(c, {})) for c in (over, case))
+  return over_step / case_step if over_step and case_step and case != over else None
 
 
 def _summary(result: dict, matmul_flops: float | None) -> dict:
@@ -340,10 +340,9 @@ def main(argv):
         f'{r["minor_faults_per_step"]:,.0f} faults/step, load {r["load_before"][0]}->{r["load_after"][0]}',
         flush=True,
       )
-    step = lambda c, results=results: results.get(c, {}).get('step_median_s')
-    ratio = _torch_over(results, 'jax', _median_step)
-    ratio_fastest = _torch_over(results, 'jax', _fastest_step)
-    baseline = step('jax_baseline') / step('jax') if step('jax_baseline') and step('jax') else None
+    ratio = _step_ratio(results, 'torch', 'jax')
+    ratio_fastest = _step_ratio(results, 'torch', 'jax', _fastest_step)
+    baseline = _step_ratio(results, 'jax_baseline', 'jax')
     rounds.append(
       dict(
         round=index + 1,
@@ -379,9 +378,9 @@ def main(argv):
           peak=res['peak_flops_per_s'] / 1e9,
           share=100 * res.get('matmul_share_of_peak', 0),
           faults=res['minor_faults_per_step'],
-          ratio=_torch_over(r['results'], case, _median_step),
+          ratio=_step_ratio(r['results'], 'torch', case),
           fastest=_fastest_step(res),
-          ratio_fastest=_torch_over(r['results'], case, _fastest_step),
+          ratio_fastest=_step_ratio(r['results'], 'torch', case, _fastest_step),
           load=f'{res["load_before"][0]:.1f}->{res["load_after"][0]:.1f}',
         )
       )

@@ -47,17 +47,15 @@ def kernels() -> dict:
 def main(argv) -> None:
   del argv
   cli.run_cpu_steps_inline()
-  timed = kernels()
-  for fn, arg in timed.values():
-    jax.block_until_ready(fn(arg))
+  timed = {name: lambda _, fn=fn, arg=arg: fn(arg) for name, (fn, arg) in kernels().items()}
+  for call in timed.values():
+    common.time_calls(call, None, 1)  # compiles
   windows, load_before, end = [], common.load_average(), time.time() + FLAGS.seconds
   while time.time() < end:
     start, times = time.time(), {name: [] for name in timed}
     while time.time() - start < 1.0:
-      for name, (fn, arg) in timed.items():
-        t = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        times[name].append(time.perf_counter() - t)
+      for name, call in timed.items():
+        times[name] += common.time_calls(call, None, 1)[0]
     windows.append({name: statistics.median(t) for name, t in times.items()})
   summary = {}
   for name in timed:

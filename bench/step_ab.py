@@ -20,13 +20,11 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
 import common  # noqa: E402
-import jax  # noqa: E402
 import train_step as cases  # noqa: E402 (its case set-up; this registers its flags, used below)
 from absl import app, flags  # noqa: E402
 
@@ -69,10 +67,9 @@ def main(argv) -> None:
   steps = {}
   for name, overrides in variants:
     compiled, state, batch, rng, settings = cases.compiled_case(case, 'fp32', overrides)
-    for _ in range(settings['warmup']):
-      state, metrics = compiled(state, batch, rng)
-      jax.block_until_ready((state, metrics))
-    steps[name] = dict(compiled=compiled, state=state, batch=batch, rng=rng, wall=[], cpu=[])
+    step = lambda carry, compiled=compiled, batch=batch, rng=rng: compiled(carry[0], batch, rng)
+    _, _, carry = common.time_calls(step, (state, None), settings['warmup'])
+    steps[name] = dict(step=step, carry=carry, wall=[], cpu=[])
     print(f'{name}: compiled {overrides or "(the case as configured)"}', flush=True)
 
   load_before = common.load_average()
@@ -80,11 +77,9 @@ def main(argv) -> None:
   for index in range(FLAGS.rounds):
     for name in names if index % 2 == 0 else names[::-1]:
       run = steps[name]
-      cpu, start = common.cpu_seconds(), time.perf_counter()
-      run['state'], metrics = run['compiled'](run['state'], run['batch'], run['rng'])
-      jax.block_until_ready((run['state'], metrics))
-      run['wall'].append(time.perf_counter() - start)
-      run['cpu'].append(common.cpu_seconds() - cpu)
+      wall, cpu, run['carry'] = common.time_calls(run['step'], run['carry'], 1)
+      run['wall'] += wall
+      run['cpu'] += cpu
 
   base = steps['default']['wall']
   rows, results = [], {}

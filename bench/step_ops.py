@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
@@ -71,18 +70,12 @@ def main(argv) -> None:
   compiled, state, batch, rng, settings = cases.compiled_case(case)
   table = instructions(compiled.as_text())
 
-  def run(state, steps):
-    for _ in range(steps):
-      state, metrics = compiled(state, batch, rng)
-      jax.block_until_ready((state, metrics))
-    return state
-
-  state = run(state, settings['warmup'] + 1)
+  step = lambda carry: compiled(carry[0], batch, rng)
+  _, _, carry = common.time_calls(step, (state, None), settings['warmup'] + 1)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      start = time.perf_counter()
-      state = run(state, FLAGS.traced_steps)
-      wall = (time.perf_counter() - start) / FLAGS.traced_steps
+      walls, _, carry = common.time_calls(step, carry, FLAGS.traced_steps)
+    wall = sum(walls) / FLAGS.traced_steps
     events = common._trace_events(trace_dir)
   # Self time: a loop's event holds its body's ops, which are counted on their own.
   seconds = {name: s / FLAGS.traced_steps for name, s in common._self_times(events).items() if name in table}
