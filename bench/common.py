@@ -244,6 +244,38 @@ def _self_times(events: Iterable[dict]) -> dict[str, float]:
   return totals
 
 
+def occupancy(events: Iterable[dict], names: Iterable[str]) -> dict[int, float]:
+  """Seconds during which k threads were inside an op event (k = 0, 1, 2, ...), from the first op's
+  start to the last op's end. Only events named in `names` (HLO instructions) count; nested events
+  of one thread (a loop and its body) count once. k = 0 is time with no op running anywhere: on a
+  CPU, XLA waiting for an asynchronous (Eigen) product, whose event covers only its dispatch, or the
+  host between steps."""
+  names = set(names)
+  by_thread = collections.defaultdict(list)
+  for event in events:
+    if event['name'] in names:
+      by_thread[(event.get('pid'), event.get('tid'))].append((event['ts'], event['ts'] + event['dur']))
+  edges = []
+  for intervals in by_thread.values():
+    intervals.sort()
+    start, end = intervals[0]
+    for s, e in intervals[1:] + [(float('inf'), float('inf'))]:
+      if s > end:  # the union of one thread's intervals, as +1 / -1 edges
+        edges += [(start, 1), (end, -1)]
+        start, end = s, e
+      else:
+        end = max(end, e)
+  if not edges:
+    return {}
+  seconds = collections.defaultdict(float)
+  edges.sort()
+  active, last = 0, edges[0][0]
+  for time_us, change in edges:
+    seconds[active] += (time_us - last) * 1e-6
+    active, last = active + change, time_us
+  return dict(sorted(seconds.items()))
+
+
 def classify(op_name: str, module: str) -> tuple[str, str]:
   """(component, phase) of one op from its op_name, e.g.
   'jit(train_step)/transpose(jvp(IACAModel))/cross_attention/layer_1/...' -> ('cross_attention', 'backward').

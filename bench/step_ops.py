@@ -7,7 +7,8 @@ with their shape and, where known, their op_name. Found XLA:CPU's reduce-window 
 The "other products" are XLA's own (Eigen) matrix products. A large one runs asynchronously on Eigen's
 thread pool, and its trace event covers only its dispatch: the `affine_video` kernel gradient, 26 GFLOP
 and ~75 ms alone, shows 0.4 ms (fifth session of issue 15). Their total is a lower bound, and the step's
-time can exceed the op time summed here.
+time can exceed the op time summed here. The occupancy line says for how long 2, 1 or no threads were
+inside an op event: the time with none is, in the main, XLA waiting for such products to finish.
 
     .venv/bin/python bench/step_ops.py                  # the paper-size fusion step, fp32, batch 64
     .venv/bin/python bench/step_ops.py --case=demo --top=20 --out=bench/results/step_ops_demo.json
@@ -85,6 +86,12 @@ def main(argv) -> None:
     by_kind[_kind(name, table[name]['opcode'])] += s
   total = sum(seconds.values())
   print(f'{case}: {1e3 * wall:.0f} ms a step under the profiler, {1e3 * total:.0f} ms of op time')
+  occupied = {k: s / FLAGS.traced_steps for k, s in common.occupancy(events, table).items()}
+  print(
+    'threads inside an op event, ms a step: '
+    + ', '.join(f'{k}: {1e3 * s:.0f}' for k, s in sorted(occupied.items(), reverse=True))
+    + ' (0: waiting for asynchronous products, or the host)'
+  )
   print(
     common.table(
       [
@@ -122,6 +129,7 @@ def main(argv) -> None:
       load_average=common.load_average(),
       step_s_under_profiler=wall,
       op_seconds_per_step=total,
+      seconds_per_step_by_threads_in_ops=occupied,
       by_kind={k: s for k, s in by_kind.items()},
       top=rows,
     ),

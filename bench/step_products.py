@@ -1,0 +1,231 @@
+r"""Every matrix product of a compiled train step, timed alone at its own shape: the floor of the step's
+products on this machine, against the flat floor (all of their FLOPs at the 2048^2 product's rate).
+
+The "share of the matmul peak" of `bench/train_step.py` and `bench/fusion_vs_torch.py` charges every
+FLOP at the rate of one (2048, 2048) product whose operands stay in cache. The step's products are
+of other shapes, and most read operands that the op before them has just written to memory. This
+tool lists the products of the compiled step (XLA's own dots and the YNNPACK fusions around them),
+counts how often each runs per step (loop bodies included, from a `jax.profiler` trace), and times
+each distinct product by itself, twice: with the same operands every call (cached) and cycling
+through copies too large together for the last-level cache (fresh). The sums say how long the
+step's products take when each runs alone at the rate this machine gives its shape.
+
+    .venv/bin/python bench/step_products.py                     # the paper-size fusion step, fp32
+    .venv/bin/python bench/step_products.py --case=demo --top=10 --out=/tmp/step_products_demo.json
+
+Operands are made in the default (row-major) layout; XLA may have given the step's operands another.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+import common  # noqa: E402
+
+os.environ['XLA_FLAGS'] = common.profile_flags(os.environ.get('XLA_FLAGS', ''))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import train_step as cases  # noqa: E402 (its case set-up; this registers its flags, used below)
+from absl import app, flags  # noqa: E402
+
+from iaca_jax import cli  # noqa: E402
+
+# --case, --warmup and --out are bench/train_step.py's flags (one case here; fusion by default).
+flags.DEFINE_integer('traced_steps', 2, 'Steps in the trace that counts the products per step.')
+flags.DEFINE_integer('fresh_mib', 128, 'Operand copies cycled through per product, in MiB (> the cache).')
+flags.DEFINE_float('seconds', 0.2, 'Timing budget per distinct product and setting.')
+flags.DEFINE_integer('top', 20, 'Products listed (by time per step, fresh operands).')
+FLAGS = flags.FLAGS
+
+_DEFINITION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]', re.M)
+_DOT = re.compile(r'^\s*(?:ROOT )?%[\w.\-]+ = \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)$', re.M)
+_COMPUTATION = re.compile(r'^%([\w.\-]+) \(.*?\{\n(.*?)\n\}', re.M | re.S)
+_HLO_DTYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16, 'f64': jnp.float64}
+_FUSION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .* fusion\(.*?calls=%([\w.\-]+)', re.M)
+
+
+def _dims(text: str, field: str) -> tuple[int, ...]:
+  match = re.search(field + r'=\{([\d,]*)\}', text)
+  return tuple(int(d) for d in match.group(1).split(',') if d) if match else ()
+
+
+def products(hlo: str) -> dict[str, list[tuple]]:
+  """Op name -> the products it runs: (dtype, lhs shape, rhs shape, dimension numbers) for each dot of
+  an XLA dot op, or of the computation a (YNNPACK) fusion calls. Only ops that appear in a trace matter."""
+  shapes = {
+    name: (dtype, tuple(int(d) for d in dims.split(',') if d))
+    for name, dtype, dims in _DEFINITION.findall(hlo)
+  }
+
+  def dots(text: str) -> list[tuple]:
+    found = []
+    for lhs, rhs, rest in _DOT.findall(text):
+      numbers = tuple(_dims(rest, f) for f in ('lhs_contracting_dims', 'rhs_contracting_dims'))
+      numbers += tuple(_dims(rest, f) for f in ('lhs_batch_dims', 'rhs_batch_dims'))
+      found.append((shapes[lhs][0], shapes[lhs][1], shapes[rhs][1], numbers))
+    return found
+
+  bodies = dict(_COMPUTATION.findall(hlo))
+  table = {}
+  for line in hlo.splitlines():
+    dot = _DOT.match(line)
+    if dot:
+      table[re.match(r'^\s*(?:ROOT )?%([\w.\-]+)', line).group(1)] = dots(line)
+  for name, called in _FUSION.findall(hlo):
+    if name.startswith('ynn_fusion') and called in bodies:
+      table[name] = dots(bodies[called])
+  return {name: found for name, found in table.items() if found}
+
+
+def contraction(product: tuple) -> str:
+  """'1.0' for lhs axis 1 against rhs axis 0; batch axes after a semicolon."""
+  lc, rc, lb, rb = product[3]
+  text = ','.join(f'{a}.{b}' for a, b in zip(lc, rc))
+  return text + (';' + ','.join(f'{a}.{b}' for a, b in zip(lb, rb)) if lb else '')
+
+
+def flops(product: tuple) -> float:
+  _, lhs, rhs, (lhs_contract, rhs_contract, lhs_batch, _) = product
+  contracted = math.prod(lhs[d] for d in lhs_contract)
+  batch = math.prod(lhs[d] for d in lhs_batch)
+  lhs_free = math.prod(lhs) // (contracted * batch)
+  rhs_free = math.prod(rhs) // (contracted * batch)
+  return 2.0 * batch * lhs_free * rhs_free * contracted
+
+
+def time_alone(product: tuple) -> dict:
+  """Median seconds of one product by itself: operands cached (the same every call) and fresh
+  (cycling through copies that together exceed --fresh_mib)."""
+  dtype, lhs, rhs, (lc, rc, lb, rb) = product
+  dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, ((lc, rc), (lb, rb))))
+  keys = jax.random.split(jax.random.key(0), 2)
+  a = jax.random.normal(keys[0], lhs, jnp.float32).astype(_HLO_DTYPES[dtype])
+  b = jax.random.normal(keys[1], rhs, jnp.float32).astype(_HLO_DTYPES[dtype])
+  nbytes = a.nbytes + b.nbytes
+  copies = max(2, min(64, math.ceil(FLAGS.fresh_mib * 2**20 / nbytes)))
+  fresh = [(a + 0, b + 0) for _ in range(copies)]
+  result = {}
+  for setting, operands in (('cached', [(a, b)]), ('fresh', fresh)):
+    for pair in operands[:2]:
+      common.block(dot(*pair))
+    start = time.perf_counter()
+    common.block(dot(*operands[0]))
+    reps = int(min(200, max(3, FLAGS.seconds / max(time.perf_counter() - start, 1e-6))))
+    times = []
+    for i in range(reps):
+      pair = operands[i % len(operands)]
+      start = time.perf_counter()
+      common.block(dot(*pair))
+      times.append(time.perf_counter() - start)
+    result[setting] = statistics.median(times)
+  return result
+
+
+def calls_per_step(compiled, state, batch, rng, warmup: int) -> tuple[collections.Counter, float]:
+  """Trace events per op name and step, and the wall time of a traced step."""
+  step = lambda carry: compiled(carry[0], batch, rng)
+  _, _, carry = common.time_calls(step, (state, None), warmup + 1)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      walls, _, _ = common.time_calls(step, carry, FLAGS.traced_steps)
+    events = common._trace_events(trace_dir)
+  counts = collections.Counter(event['name'] for event in events)
+  return (
+    collections.Counter({name: n / FLAGS.traced_steps for name, n in counts.items()}),
+    statistics.median(walls),
+  )
+
+
+def main(argv) -> None:
+  del argv
+  cli.run_cpu_steps_inline()
+  case = cases.single_case()
+  compiled, state, batch, rng, settings = cases.compiled_case(case)
+  table = products(compiled.as_text())
+  counts, step_s = calls_per_step(compiled, state, batch, rng, settings['warmup'])
+  del state  # donated; its buffers are gone
+  per_step = collections.Counter()
+  for name, found in table.items():
+    for product in found:
+      per_step[product] += counts.get(name, 0)
+  per_step = {product: n for product, n in per_step.items() if n}
+  peak = common.matmul_peak(jnp.float32)
+  rows, total = [], collections.Counter()
+  for product, n in per_step.items():
+    alone = time_alone(product)
+    gflop = n * flops(product) / 1e9
+    row = dict(
+      dtype=product[0],
+      lhs='x'.join(map(str, product[1])),
+      rhs='x'.join(map(str, product[2])),
+      dims=contraction(product),
+      per_step=n,
+      gflop=gflop,
+      cached_ms=1e3 * n * alone['cached'],
+      fresh_ms=1e3 * n * alone['fresh'],
+      cached_rate=gflop / (n * alone['cached']),
+      fresh_rate=gflop / (n * alone['fresh']),
+    )
+    rows.append(row)
+    total.update(gflop=gflop, cached_ms=row['cached_ms'], fresh_ms=row['fresh_ms'])
+  rows.sort(key=lambda r: -r['fresh_ms'])
+  flat_ms = 1e3 * total['gflop'] * 1e9 / peak['flops_per_s']
+  print(
+    f'{case}: {len(rows)} distinct products, {total["gflop"]:.1f} GFLOP a step; step {1e3 * step_s:.0f} ms '
+    f'(traced); {peak["flops_per_s"] / 1e9:.0f} GFLOP/s peak ({peak["n"]}^2)'
+  )
+  print(
+    common.table(
+      rows[: FLAGS.top],
+      [
+        ('lhs', 'lhs', 's'),
+        ('rhs', 'rhs', 's'),
+        ('dims', 'contracted (lhs.rhs)', 's'),
+        ('per_step', 'per step', '.0f'),
+        ('gflop', 'GFLOP', '.2f'),
+        ('cached_ms', 'ms cached', '.1f'),
+        ('fresh_ms', 'ms fresh', '.1f'),
+        ('cached_rate', 'GFLOP/s cached', '.0f'),
+        ('fresh_rate', 'GFLOP/s fresh', '.0f'),
+      ],
+    )
+  )
+  summary = dict(
+    flat_floor_ms=flat_ms,
+    alone_cached_ms=total['cached_ms'],
+    alone_fresh_ms=total['fresh_ms'],
+    step_ms=1e3 * step_s,
+  )
+  print(
+    f'products alone: {total["cached_ms"]:.0f} ms cached, {total["fresh_ms"]:.0f} ms fresh, against '
+    f'{flat_ms:.0f} ms at the peak; share of the step at the peak {100 * flat_ms / summary["step_ms"]:.1f}%, '
+    f"at the products' own rates (fresh) {100 * total['fresh_ms'] / summary['step_ms']:.1f}%"
+  )
+  out = FLAGS.out or os.path.join(ROOT, 'bench', 'results', f'step_products_{case}.json')
+  common.write_json(
+    out,
+    dict(
+      command='python ' + ' '.join(sys.argv),
+      machine=common.machine(),
+      load_average=common.load_average(),
+      peak=peak,
+      summary=summary,
+      products=rows,
+    ),
+  )
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,43 @@
+"""The trace accounting of bench/common.py that the benchmark tools' figures rest on."""
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+
+import common  # noqa: E402
+
+
+def _occupancy_by_sampling(events, names, end_us):
+  """Threads inside a named event at every microsecond, counted by brute force."""
+  active = np.zeros((end_us, 8), bool)
+  threads = {}
+  for event in events:
+    if event['name'] in names:
+      column = threads.setdefault(event['tid'], len(threads))
+      active[event['ts'] : event['ts'] + event['dur'], column] = True
+  counts = active.sum(axis=1)
+  first, last = np.flatnonzero(counts)[[0, -1]]
+  window = counts[first : last + 1]
+  return {k: np.count_nonzero(window == k) * 1e-6 for k in np.unique(window)}
+
+
+def test_occupancy_counts_threads_inside_ops_with_nesting_and_gaps():
+  ev = lambda name, tid, ts, dur: dict(name=name, pid=1, tid=tid, ts=ts, dur=dur)
+  events = [
+    ev('while', 1, 10, 50),  # a loop on thread 1 ...
+    ev('body', 1, 12, 20),  # ... and an op of its body, nested: counted once
+    ev('dot', 2, 40, 40),  # overlaps the loop on thread 2
+    ev('add', 2, 95, 5),  # after a 15 us gap with no op anywhere
+    ev('add', 2, 100, 10),  # touches the one before: no gap
+    ev('ThunkExecutor::Execute', 3, 0, 200),  # not an op: ignored
+  ]
+  names = {'while', 'body', 'dot', 'add'}
+  got = common.occupancy(events, names)
+  expected = _occupancy_by_sampling(events, names, 200)
+  assert got.keys() == expected.keys()
+  for k in expected:
+    assert abs(got[k] - expected[k]) < 1e-9, (k, got, expected)
+  assert common.occupancy(events, {'nothing'}) == {}
