@@ -44,7 +44,7 @@ from iaca_jax import cli  # noqa: E402
 # --case, --warmup and --out are bench/train_step.py's flags (one case here; fusion by default).
 flags.DEFINE_integer('traced_steps', 2, 'Steps in the trace that counts the products per step.')
 flags.DEFINE_integer('fresh_mib', 128, 'Operand copies cycled through per product, in MiB (> the cache).')
-flags.DEFINE_float('seconds', 0.2, 'Timing budget per distinct product and setting.')
+flags.DEFINE_float('seconds', 0.3, 'Timing budget per distinct product and setting.')
 flags.DEFINE_integer('top', 20, 'Products listed (by time per step, fresh operands).')
 FLAGS = flags.FLAGS
 
@@ -104,31 +104,58 @@ def flops(product: tuple) -> float:
   return 2.0 * batch * lhs_free * rhs_free * contracted
 
 
-def time_alone(product: tuple) -> dict:
-  """Median seconds of one product by itself: operands cached (the same every call) and fresh
-  (cycling through copies that together exceed --fresh_mib)."""
-  dtype, lhs, rhs, (lc, rc, lb, rb) = product
-  dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, ((lc, rc), (lb, rb))))
-  keys = jax.random.split(jax.random.key(0), 2)
-  a = jax.random.normal(keys[0], lhs, jnp.float32).astype(_HLO_DTYPES[dtype])
-  b = jax.random.normal(keys[1], rhs, jnp.float32).astype(_HLO_DTYPES[dtype])
-  nbytes = a.nbytes + b.nbytes
-  copies = max(2, min(64, math.ceil(FLAGS.fresh_mib * 2**20 / nbytes)))
-  fresh = [(a + 0, b + 0) for _ in range(copies)]
-  result = {}
-  for setting, operands in (('cached', [(a, b)]), ('fresh', fresh)):
-    for pair in operands[:2]:
-      common.block(dot(*pair))
+def _median_seconds(call, operands: list) -> float:
+  """Median wall time of `call(*pair)`, cycling through the operand pairs (two untimed calls first)."""
+  for pair in operands[:2]:
+    common.block(call(*pair))
+  start = time.perf_counter()
+  common.block(call(*operands[0]))
+  reps = int(min(200, max(5, FLAGS.seconds / max(time.perf_counter() - start, 1e-6))))
+  times = []
+  for i in range(reps):
     start = time.perf_counter()
-    common.block(dot(*operands[0]))
-    reps = int(min(200, max(3, FLAGS.seconds / max(time.perf_counter() - start, 1e-6))))
-    times = []
-    for i in range(reps):
-      pair = operands[i % len(operands)]
-      start = time.perf_counter()
-      common.block(dot(*pair))
-      times.append(time.perf_counter() - start)
-    result[setting] = statistics.median(times)
+    common.block(call(*operands[i % len(operands)]))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def time_alone(product: tuple) -> dict:
+  """Seconds of one product by itself, with its operands cached and fresh.
+
+  A product of 8 MiB of operands or more runs as one call: cached, the same operands every call;
+  fresh, cycling through copies that together exceed --fresh_mib. A smaller one (the loops' products)
+  runs `k` times in one compiled loop over stacked copies of its operands, as the step's loops run
+  it, so that the time per product leaves out the host's dispatch of a call: cached, copies that
+  together fit in 4 MiB; fresh, copies that exceed --fresh_mib.
+  """
+  dtype, lhs, rhs, (lc, rc, lb, rb) = product
+  dot = lambda a, b: jax.lax.dot_general(a, b, ((lc, rc), (lb, rb)))
+  contracted = math.prod(lhs[d] for d in lc)
+  out = flops(product) / (2 * contracted)
+  nbytes = int(math.prod(lhs) + math.prod(rhs) + out) * jnp.dtype(_HLO_DTYPES[dtype]).itemsize
+  keys = jax.random.split(jax.random.key(0), 2)
+  operands = lambda copies: [
+    tuple(
+      jax.random.normal(key, (copies, *shape), jnp.float32).astype(_HLO_DTYPES[dtype])
+      for key, shape in zip(keys, (lhs, rhs))
+    )
+  ]
+  if nbytes >= 8 * 2**20:  # operands and result
+    a, b = (x[0] for x in operands(1)[0])
+    copies = max(2, min(64, math.ceil(FLAGS.fresh_mib * 2**20 / nbytes)))
+    fresh = [(a + i, b + i) for i in range(copies)]  # distinct buffers
+    call = jax.jit(dot)
+    return dict(cached=_median_seconds(call, [(a, b)]), fresh=_median_seconds(call, fresh))
+  # Each iteration's result replaces the last (no stacked output to write, as in the step's loops).
+  looped = jax.jit(
+    lambda a, b: jax.lax.fori_loop(
+      0, a.shape[0], lambda i, _: dot(a[i], b[i]), jnp.zeros(jax.eval_shape(dot, a[0], b[0]).shape, a.dtype)
+    )
+  )
+  result = {}
+  for setting, budget in (('cached', 4 * 2**20), ('fresh', FLAGS.fresh_mib * 2**20)):
+    copies = max(2, min(4096, budget // nbytes))
+    result[setting] = _median_seconds(looped, operands(copies)) / copies
   return result
 
 
