@@ -122,11 +122,12 @@ def _median_seconds(call, operands: list) -> float:
 def time_alone(product: tuple) -> dict:
   """Seconds of one product by itself, with its operands cached and fresh.
 
-  A product of 8 MiB of operands or more runs as one call: cached, the same operands every call;
-  fresh, cycling through copies that together exceed --fresh_mib. A smaller one (the loops' products)
-  runs `k` times in one compiled loop over stacked copies of its operands, as the step's loops run
-  it, so that the time per product leaves out the host's dispatch of a call: cached, copies that
-  together fit in 4 MiB; fresh, copies that exceed --fresh_mib.
+  A product whose operands and result take 8 MiB or more runs as one call: cached, the same operands
+  every call; fresh, cycling through copies that together exceed --fresh_mib. A smaller one (the
+  loops' products) runs 64 times or more in one compiled loop over stacked copies of its operands,
+  as the step's loops run it, so that the time per product leaves out the host's dispatch of a call:
+  cached, over as many copies as fit in 4 MiB with their results (two at least); fresh, over copies
+  of --fresh_mib together.
   """
   dtype, lhs, rhs, (lc, rc, lb, rb) = product
   dot = lambda a, b: jax.lax.dot_general(a, b, ((lc, rc), (lb, rb)))
@@ -146,16 +147,21 @@ def time_alone(product: tuple) -> dict:
     fresh = [(a + i, b + i) for i in range(copies)]  # distinct buffers
     call = jax.jit(dot)
     return dict(cached=_median_seconds(call, [(a, b)]), fresh=_median_seconds(call, fresh))
-  # Each iteration's result replaces the last (no stacked output to write, as in the step's loops).
+  # `count` products a call, over the copies in turn; each result replaces the last (no stacked
+  # output to write, as in the step's loops).
+  count = max(64, min(4096, FLAGS.fresh_mib * 2**20 // nbytes))
   looped = jax.jit(
     lambda a, b: jax.lax.fori_loop(
-      0, a.shape[0], lambda i, _: dot(a[i], b[i]), jnp.zeros(jax.eval_shape(dot, a[0], b[0]).shape, a.dtype)
+      0,
+      count,
+      lambda i, _: dot(a[i % a.shape[0]], b[i % a.shape[0]]),
+      jnp.zeros(jax.eval_shape(dot, a[0], b[0]).shape, a.dtype),
     )
   )
   result = {}
   for setting, budget in (('cached', 4 * 2**20), ('fresh', FLAGS.fresh_mib * 2**20)):
-    copies = max(2, min(4096, budget // nbytes))
-    result[setting] = _median_seconds(looped, operands(copies)) / copies
+    copies = max(2, min(count, budget // nbytes))  # 2 at least: a loop-invariant product would be hoisted
+    result[setting] = _median_seconds(looped, operands(copies)) / count
   return result
 
 
