@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -344,6 +345,18 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON to a temporary name beside `path`, then renames it: no half-written file."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
+  temporary = f'{path}.tmp-{os.getpid()}'
+  with open(temporary, 'w') as f:
     json.dump(obj, f, indent=1, default=lambda x: x.item() if hasattr(x, 'item') else str(x))
+  os.replace(temporary, path)
+
+
+def write_run(out: str, default_name: str, **fields: Any) -> str:
+  """Writes a tool's result as JSON to `out`, or to bench/results/<default_name>: the command line and
+  the machine, then `fields`. Returns the path, which it also prints."""
+  path = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', default_name)
+  write_json(path, dict(command='python ' + ' '.join(sys.argv), machine=machine(), **fields))
+  print(f'wrote {path}')
+  return path

@@ -66,18 +66,13 @@ def main(argv) -> None:
       f'{name:12s} 1-s windows: fastest {1e3 * min(series):.2f} ms, median {1e3 * statistics.median(series):.2f} '
       f'ms, slowest {1e3 * max(series):.2f} ms ({max(series) / min(series):.2f}x)'
     )
-  out = FLAGS.out or os.path.join(ROOT, 'bench', 'results', 'spells.json')
-  common.write_json(
-    out,
-    dict(
-      command='python ' + ' '.join(sys.argv),
-      machine=common.machine(),
-      load_average=[load_before, common.load_average()],
-      summary=summary,
-      windows_s=windows,
-    ),
+  common.write_run(
+    FLAGS.out,
+    'spells.json',
+    load_average=[load_before, common.load_average()],
+    summary=summary,
+    windows_s=windows,
   )
-  print(f'wrote {out} ({len(windows)} windows)')
 
 
 if __name__ == '__main__':

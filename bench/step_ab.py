@@ -111,20 +111,15 @@ def main(argv) -> None:
       ],
     )
   )
-  out = FLAGS.out or os.path.join(ROOT, 'bench', 'results', 'step_ab.json')
-  common.write_json(
-    out,
-    dict(
-      command='python ' + ' '.join(sys.argv),
-      machine=common.machine(),
-      case=case,
-      rounds=FLAGS.rounds,
-      load_before=load_before,
-      load_after=common.load_average(),
-      variants=results,
-    ),
+  common.write_run(
+    FLAGS.out,
+    'step_ab.json',
+    case=case,
+    rounds=FLAGS.rounds,
+    load_before=load_before,
+    load_after=common.load_average(),
+    variants=results,
   )
-  print(f'wrote {out}')
 
 
 if __name__ == '__main__':

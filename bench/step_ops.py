@@ -120,21 +120,16 @@ def main(argv) -> None:
       [(c, c, '.2f' if c == 'ms' else '') for c in ('op', 'ms', 'calls', 'kind', 'shape', 'op_name')],
     )
   )
-  out = FLAGS.out or os.path.join(ROOT, 'bench', 'results', f'step_ops_{case}.json')
-  common.write_json(
-    out,
-    dict(
-      command='python ' + ' '.join(sys.argv),
-      machine=common.machine(),
-      load_average=common.load_average(),
-      step_s_under_profiler=wall,
-      op_seconds_per_step=total,
-      seconds_per_step_by_threads_in_ops=occupied,
-      by_kind={k: s for k, s in by_kind.items()},
-      top=rows,
-    ),
+  common.write_run(
+    FLAGS.out,
+    f'step_ops_{case}.json',
+    load_average=common.load_average(),
+    step_s_under_profiler=wall,
+    op_seconds_per_step=total,
+    seconds_per_step_by_threads_in_ops=occupied,
+    by_kind={k: s for k, s in by_kind.items()},
+    top=rows,
   )
-  print(f'wrote {out}')
 
 
 if __name__ == '__main__':

@@ -245,19 +245,14 @@ def main(argv) -> None:
     f'{flat_ms:.0f} ms at the peak; share of the step at the peak {100 * flat_ms / summary["step_ms"]:.1f}%, '
     f"at the products' own rates (fresh) {100 * total['fresh_ms'] / summary['step_ms']:.1f}%"
   )
-  out = FLAGS.out or os.path.join(ROOT, 'bench', 'results', f'step_products_{case}.json')
-  common.write_json(
-    out,
-    dict(
-      command='python ' + ' '.join(sys.argv),
-      machine=common.machine(),
-      load_average=common.load_average(),
-      peak=peak,
-      summary=summary,
-      products=rows,
-    ),
+  common.write_run(
+    FLAGS.out,
+    f'step_products_{case}.json',
+    load_average=common.load_average(),
+    peak=peak,
+    summary=summary,
+    products=rows,
   )
-  print(f'wrote {out}')
 
 
 if __name__ == '__main__':
