@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: machine description, the matmul peak, step timing, XLA's cost and
-memory analyses, a per-component profile from a `jax.profiler` trace, and table printing.
+memory analyses, a per-component profile and thread occupancy from a `jax.profiler` trace, the
+matrix products of a compiled program (from its HLO text), table printing and result files.
 
 Import after any XLA_FLAGS you need are in the environment (`profile_flags()` gives the one the
 per-component profile needs on a CPU).
@@ -11,6 +12,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import platform
 import re
@@ -328,6 +330,67 @@ def profile_steps(
   rows = sorted(((c, p, s, s / total) for (c, p), s in grouped.items()), key=lambda r: -r[2])
   top = sorted(totals.items(), key=lambda kv: -kv[1])[:15]
   return {'rows': rows, 'op_seconds_per_step': total, 'top_ops': [(n, s / steps, names[n]) for n, s in top]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The matrix products of a compiled program, from its HLO text.
+
+_HLO_DEFINITION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]', re.M)
+_HLO_DOT = re.compile(
+  r'^\s*(?:ROOT )?%[\w.\-]+ = \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)$', re.M
+)
+_HLO_COMPUTATION = re.compile(r'^%([\w.\-]+) \(.*?\{\n(.*?)\n\}', re.M | re.S)
+_HLO_FUSION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .* fusion\(.*?calls=%([\w.\-]+)', re.M)
+
+
+def _dims(text: str, field: str) -> tuple[int, ...]:
+  match = re.search(field + r'=\{([\d,]*)\}', text)
+  return tuple(int(d) for d in match.group(1).split(',') if d) if match else ()
+
+
+def hlo_products(hlo: str) -> dict[str, list[tuple]]:
+  """Op name -> the products it runs: (dtype, lhs shape, rhs shape, dimension numbers) for each dot of
+  an XLA dot op, or of the computation a (YNNPACK) fusion calls. Only ops that appear in a trace matter."""
+  shapes = {
+    name: (dtype, tuple(int(d) for d in dims.split(',') if d))
+    for name, dtype, dims in _HLO_DEFINITION.findall(hlo)
+  }
+
+  def dots(text: str) -> list[tuple]:
+    found = []
+    for lhs, rhs, rest in _HLO_DOT.findall(text):
+      numbers = tuple(_dims(rest, f) for f in ('lhs_contracting_dims', 'rhs_contracting_dims'))
+      numbers += tuple(_dims(rest, f) for f in ('lhs_batch_dims', 'rhs_batch_dims'))
+      found.append((shapes[lhs][0], shapes[lhs][1], shapes[rhs][1], numbers))
+    return found
+
+  bodies = dict(_HLO_COMPUTATION.findall(hlo))
+  table = {}
+  for line in hlo.splitlines():
+    dot = _HLO_DOT.match(line)
+    if dot:
+      table[re.match(r'^\s*(?:ROOT )?%([\w.\-]+)', line).group(1)] = dots(line)
+  for name, called in _HLO_FUSION.findall(hlo):
+    if name.startswith('ynn_fusion') and called in bodies:
+      table[name] = dots(bodies[called])
+  return {name: found for name, found in table.items() if found}
+
+
+def product_contraction(product: tuple) -> str:
+  """'1.0' for lhs axis 1 against rhs axis 0; batch axes after a semicolon."""
+  lc, rc, lb, rb = product[3]
+  text = ','.join(f'{a}.{b}' for a, b in zip(lc, rc))
+  return text + (';' + ','.join(f'{a}.{b}' for a, b in zip(lb, rb)) if lb else '')
+
+
+def product_flops(product: tuple) -> float:
+  """2 x batch x free lhs x free rhs x contracted elements of one product of `hlo_products`."""
+  _, lhs, rhs, (lhs_contract, rhs_contract, lhs_batch, _) = product
+  contracted = math.prod(lhs[d] for d in lhs_contract)
+  batch = math.prod(lhs[d] for d in lhs_batch)
+  lhs_free = math.prod(lhs) // (contracted * batch)
+  rhs_free = math.prod(rhs) // (contracted * batch)
+  return 2.0 * batch * lhs_free * rhs_free * contracted
 
 
 # ---------------------------------------------------------------------------------------------

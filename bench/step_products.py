@@ -1,5 +1,6 @@
-r"""Every matrix product of a compiled train step, timed alone at its own shape: the floor of the step's
-products on this machine, against the flat floor (all of their FLOPs at the 2048^2 product's rate).
+r"""Every matrix product of a compiled train step, timed alone at its own shape: how long the step's
+products take on this machine each by itself, against the flat floor (all of their FLOPs at the
+2048^2 product's rate).
 
 The "share of the matmul peak" of `bench/train_step.py` and `bench/fusion_vs_torch.py` charges every
 FLOP at the rate of one (2048, 2048) product whose operands stay in cache. The step's products are
@@ -8,7 +9,9 @@ tool lists the products of the compiled step (XLA's own dots and the YNNPACK fus
 counts how often each runs per step (loop bodies included, from a `jax.profiler` trace), and times
 each distinct product by itself, twice: with the same operands every call (cached) and cycling
 through copies too large together for the last-level cache (fresh). The sums say how long the
-step's products take when each runs alone at the rate this machine gives its shape.
+step's products take when each runs alone at the rate this machine gives its shape. That is not a
+strict floor: in the step two small products may run at once, one per core, which can beat one
+product spread over both.
 
     .venv/bin/python bench/step_products.py                     # the paper-size fusion step, fp32
     .venv/bin/python bench/step_products.py --case=demo --top=10 --out=/tmp/step_products_demo.json
@@ -21,7 +24,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -48,60 +50,7 @@ flags.DEFINE_float('seconds', 0.3, 'Timing budget per distinct product and setti
 flags.DEFINE_integer('top', 20, 'Products listed (by time per step, fresh operands).')
 FLAGS = flags.FLAGS
 
-_DEFINITION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]', re.M)
-_DOT = re.compile(r'^\s*(?:ROOT )?%[\w.\-]+ = \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)$', re.M)
-_COMPUTATION = re.compile(r'^%([\w.\-]+) \(.*?\{\n(.*?)\n\}', re.M | re.S)
 _HLO_DTYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16, 'f64': jnp.float64}
-_FUSION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .* fusion\(.*?calls=%([\w.\-]+)', re.M)
-
-
-def _dims(text: str, field: str) -> tuple[int, ...]:
-  match = re.search(field + r'=\{([\d,]*)\}', text)
-  return tuple(int(d) for d in match.group(1).split(',') if d) if match else ()
-
-
-def products(hlo: str) -> dict[str, list[tuple]]:
-  """Op name -> the products it runs: (dtype, lhs shape, rhs shape, dimension numbers) for each dot of
-  an XLA dot op, or of the computation a (YNNPACK) fusion calls. Only ops that appear in a trace matter."""
-  shapes = {
-    name: (dtype, tuple(int(d) for d in dims.split(',') if d))
-    for name, dtype, dims in _DEFINITION.findall(hlo)
-  }
-
-  def dots(text: str) -> list[tuple]:
-    found = []
-    for lhs, rhs, rest in _DOT.findall(text):
-      numbers = tuple(_dims(rest, f) for f in ('lhs_contracting_dims', 'rhs_contracting_dims'))
-      numbers += tuple(_dims(rest, f) for f in ('lhs_batch_dims', 'rhs_batch_dims'))
-      found.append((shapes[lhs][0], shapes[lhs][1], shapes[rhs][1], numbers))
-    return found
-
-  bodies = dict(_COMPUTATION.findall(hlo))
-  table = {}
-  for line in hlo.splitlines():
-    dot = _DOT.match(line)
-    if dot:
-      table[re.match(r'^\s*(?:ROOT )?%([\w.\-]+)', line).group(1)] = dots(line)
-  for name, called in _FUSION.findall(hlo):
-    if name.startswith('ynn_fusion') and called in bodies:
-      table[name] = dots(bodies[called])
-  return {name: found for name, found in table.items() if found}
-
-
-def contraction(product: tuple) -> str:
-  """'1.0' for lhs axis 1 against rhs axis 0; batch axes after a semicolon."""
-  lc, rc, lb, rb = product[3]
-  text = ','.join(f'{a}.{b}' for a, b in zip(lc, rc))
-  return text + (';' + ','.join(f'{a}.{b}' for a, b in zip(lb, rb)) if lb else '')
-
-
-def flops(product: tuple) -> float:
-  _, lhs, rhs, (lhs_contract, rhs_contract, lhs_batch, _) = product
-  contracted = math.prod(lhs[d] for d in lhs_contract)
-  batch = math.prod(lhs[d] for d in lhs_batch)
-  lhs_free = math.prod(lhs) // (contracted * batch)
-  rhs_free = math.prod(rhs) // (contracted * batch)
-  return 2.0 * batch * lhs_free * rhs_free * contracted
 
 
 def _median_seconds(call, operands: list) -> float:
@@ -132,7 +81,7 @@ def time_alone(product: tuple) -> dict:
   dtype, lhs, rhs, (lc, rc, lb, rb) = product
   dot = lambda a, b: jax.lax.dot_general(a, b, ((lc, rc), (lb, rb)))
   contracted = math.prod(lhs[d] for d in lc)
-  out = flops(product) / (2 * contracted)
+  out = common.product_flops(product) / (2 * contracted)
   nbytes = int(math.prod(lhs) + math.prod(rhs) + out) * jnp.dtype(_HLO_DTYPES[dtype]).itemsize
   keys = jax.random.split(jax.random.key(0), 2)
   operands = lambda copies: [
@@ -185,7 +134,7 @@ def main(argv) -> None:
   cli.run_cpu_steps_inline()
   case = cases.single_case()
   compiled, state, batch, rng, settings = cases.compiled_case(case)
-  table = products(compiled.as_text())
+  table = common.hlo_products(compiled.as_text())
   counts, step_s = calls_per_step(compiled, state, batch, rng, settings['warmup'])
   del state  # donated; its buffers are gone
   per_step = collections.Counter()
@@ -197,12 +146,12 @@ def main(argv) -> None:
   rows, total = [], collections.Counter()
   for product, n in per_step.items():
     alone = time_alone(product)
-    gflop = n * flops(product) / 1e9
+    gflop = n * common.product_flops(product) / 1e9
     row = dict(
       dtype=product[0],
       lhs='x'.join(map(str, product[1])),
       rhs='x'.join(map(str, product[2])),
-      dims=contraction(product),
+      dims=common.product_contraction(product),
       per_step=n,
       gflop=gflop,
       cached_ms=1e3 * n * alone['cached'],

@@ -41,3 +41,27 @@ def test_occupancy_counts_threads_inside_ops_with_nesting_and_gaps():
   for k in expected:
     assert abs(got[k] - expected[k]) < 1e-9, (k, got, expected)
   assert common.occupancy(events, {'nothing'}) == {}
+
+
+def test_hlo_products_finds_every_product_with_its_flops():
+  import jax
+  import jax.numpy as jnp
+
+  def program(x, w, a, b, h, u):
+    plain = x @ w  # (64, 32) x (32, 16)
+    batched = jnp.einsum('bij,bjk->bik', a, b)  # 4 x (8, 16) x (16, 8)
+    looped = jax.lax.scan(lambda c, _: (jnp.tanh(c @ u), None), h, None, length=3)[0]  # (8, 16) x (16, 16)
+    return plain.sum() + batched.sum() + looped.sum()
+
+  shapes = [(64, 32), (32, 16), (4, 8, 16), (4, 16, 8), (8, 16), (16, 16)]
+  args = [jnp.ones(s, jnp.float32) for s in shapes]
+  hlo = jax.jit(program).lower(*args).compile().as_text()
+  found = {p for products in common.hlo_products(hlo).values() for p in products}
+  expected = {2 * 64 * 32 * 16, 2 * 4 * 8 * 16 * 8, 2 * 8 * 16 * 16}
+  assert {common.product_flops(p) for p in found} == expected, found
+  assert all(p[0] == 'f32' for p in found)
+
+
+def test_product_contraction_names_the_contracted_and_batch_axes():
+  assert common.product_contraction(('f32', (8, 16), (16, 4), ((1,), (0,), (), ()))) == '1.0'
+  assert common.product_contraction(('f32', (2, 8, 16), (2, 4, 16), ((2,), (2,), (0,), (0,)))) == '2.2;0.0'
