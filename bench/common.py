@@ -411,9 +411,13 @@ def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as JSON to a temporary name beside `path`, then renames it: no half-written file."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'w') as f:
-    json.dump(obj, f, indent=1, default=lambda x: x.item() if hasattr(x, 'item') else str(x))
-  os.replace(temporary, path)
+  try:
+    with open(temporary, 'w') as f:
+      json.dump(obj, f, indent=1, default=lambda x: x.item() if hasattr(x, 'item') else str(x))
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def write_run(out: str, default_name: str, **fields: Any) -> str:

@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
 
@@ -65,3 +66,17 @@ def test_hlo_products_finds_every_product_with_its_flops():
 def test_product_contraction_names_the_contracted_and_batch_axes():
   assert common.product_contraction(('f32', (8, 16), (16, 4), ((1,), (0,), (), ()))) == '1.0'
   assert common.product_contraction(('f32', (2, 8, 16), (2, 4, 16), ((2,), (2,), (0,), (0,)))) == '2.2;0.0'
+
+
+def test_write_json_leaves_the_old_file_whole_when_writing_fails(tmp_path):
+  path = tmp_path / 'result.json'
+  common.write_json(str(path), {'a': 1})
+  with pytest.raises(RuntimeError):
+    common.write_json(str(path), {'a': _Unwritable()})
+  assert path.read_text() == '{\n "a": 1\n}'
+  assert [p.name for p in tmp_path.iterdir()] == ['result.json']
+
+
+class _Unwritable:
+  def item(self):
+    raise RuntimeError('cannot be written')
