@@ -227,6 +227,14 @@ def _trace_events(trace_dir: str) -> list[dict]:
   ]
 
 
+def traced(run: Callable[[], Any]) -> tuple[Any, list[dict]]:
+  """`run()` under a `jax.profiler` trace: what it returns and the trace's op events."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      result = run()
+    return result, _trace_events(trace_dir)
+
+
 def _self_times(events: Iterable[dict]) -> dict[str, float]:
   """Seconds per event name, excluding time spent in events nested inside it on the same thread."""
   by_thread = collections.defaultdict(list)
@@ -311,10 +319,7 @@ def profile_steps(
   Op time is summed over threads, so it can exceed the wall time when ops overlap.
   """
   names = op_names(hlo_text)
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      run_steps()
-    events = _trace_events(trace_dir)
+  _, events = traced(run_steps)
   totals = {name: t for name, t in _self_times(events).items() if name in names}
   if not totals:
     return {

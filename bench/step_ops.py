@@ -20,7 +20,6 @@ import collections
 import os
 import re
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
@@ -29,7 +28,6 @@ import common  # noqa: E402
 
 os.environ['XLA_FLAGS'] = common.profile_flags(os.environ.get('XLA_FLAGS', ''))
 
-import jax  # noqa: E402
 import train_step as cases  # noqa: E402 (its case set-up; this registers its flags, used below)
 from absl import app, flags  # noqa: E402
 
@@ -73,11 +71,8 @@ def main(argv) -> None:
 
   step = lambda carry: compiled(carry[0], batch, rng)
   _, _, carry = common.time_calls(step, (state, None), settings['warmup'] + 1)
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      walls, _, carry = common.time_calls(step, carry, FLAGS.traced_steps)
-    wall = sum(walls) / FLAGS.traced_steps
-    events = common._trace_events(trace_dir)
+  (walls, _, _), events = common.traced(lambda: common.time_calls(step, carry, FLAGS.traced_steps))
+  wall = sum(walls) / FLAGS.traced_steps
   # Self time: a loop's event holds its body's ops, which are counted on their own.
   seconds = {name: s / FLAGS.traced_steps for name, s in common._self_times(events).items() if name in table}
   calls = collections.Counter(event['name'] for event in events if event['name'] in table)

@@ -26,8 +26,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
@@ -55,17 +53,12 @@ _HLO_DTYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16, 'f6
 
 def _median_seconds(call, operands: list) -> float:
   """Median wall time of `call(*pair)`, cycling through the operand pairs (two untimed calls first)."""
-  for pair in operands[:2]:
-    common.block(call(*pair))
-  start = time.perf_counter()
-  common.block(call(*operands[0]))
-  reps = int(min(200, max(5, FLAGS.seconds / max(time.perf_counter() - start, 1e-6))))
-  times = []
-  for i in range(reps):
-    start = time.perf_counter()
-    common.block(call(*operands[i % len(operands)]))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  # The carry of `common.time_calls` is the index of the next pair; each call waits for its product.
+  at = lambda index: (common.block(call(*operands[index % len(operands)])), index + 1)[1]
+  _, _, index = common.time_calls(at, 0, 2)
+  first, _, index = common.time_calls(at, index, 1)
+  reps = int(min(200, max(5, FLAGS.seconds / max(first[0], 1e-6))))
+  return statistics.median(common.time_calls(at, index, reps)[0])
 
 
 def time_alone(product: tuple) -> dict:
@@ -118,10 +111,7 @@ def calls_per_step(compiled, state, batch, rng, warmup: int) -> tuple[collection
   """Trace events per op name and step, and the wall time of a traced step."""
   step = lambda carry: compiled(carry[0], batch, rng)
   _, _, carry = common.time_calls(step, (state, None), warmup + 1)
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      walls, _, _ = common.time_calls(step, carry, FLAGS.traced_steps)
-    events = common._trace_events(trace_dir)
+  (walls, _, _), events = common.traced(lambda: common.time_calls(step, carry, FLAGS.traced_steps))
   counts = collections.Counter(event['name'] for event in events)
   return (
     collections.Counter({name: n / FLAGS.traced_steps for name, n in counts.items()}),

@@ -150,7 +150,8 @@ def case_config(case: str, dtype: str):
 
 
 def single_case() -> str:
-  """--case for the tools that time one case (`step_ops.py`, `step_ab.py`): fusion unless given."""
+  """--case for the tools that time one case (`step_ops.py`, `step_ab.py`, `step_products.py`): fusion
+  unless given."""
   case = 'fusion' if FLAGS['case'].using_default_value else FLAGS.case
   if case not in CASES:
     raise app.UsageError(f'--case takes one of {CASES}; got {case!r}')
@@ -159,7 +160,7 @@ def single_case() -> str:
 
 def compiled_case(case: str, dtype: str = 'fp32', model_overrides: dict | None = None):
   """A case's train step compiled on its synthetic batch, for the tools that time steps in one
-  process (`step_ops.py`, `step_ab.py`). Returns (compiled step, state, device batch, rng, settings),
+  process (`step_ops.py`, `step_ab.py`, `step_products.py`). Returns (compiled step, state, device batch, rng, settings),
   settings as `case_settings` with the batch filled in. `model_overrides` replace config.model fields."""
   config = case_config(case, dtype)
   config.model.update(model_overrides or {})
