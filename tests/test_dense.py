@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iaca_jax.models.dense import Dense, matmul
+from iaca_jax.models import dense
+from iaca_jax.models.dense import Dense, kernel_gradient, matmul
 
 
 @pytest.mark.parametrize('use_bias,dtype', [(True, jnp.float32), (False, jnp.float32), (True, jnp.bfloat16)])
@@ -57,3 +58,25 @@ def test_only_the_gradients_asked_for_are_computed():
   assert products(1) == 2  # forward + kernel gradient
   assert products(0) == 2  # forward + input gradient
   assert products((0, 1)) == 3
+
+
+# (rows, x columns, grad columns): grad copied transposed (affine_v's shape, scaled down); x copied
+# transposed; comparable sizes, no copy.
+@pytest.mark.parametrize('rows,c,d', [(96, 40, 3), (96, 3, 40), (96, 8, 12)])
+def test_kernel_gradient_equals_numpy(rows, c, d):
+  x = np.random.default_rng(0).standard_normal((rows, c), np.float32)
+  grad = np.random.default_rng(1).standard_normal((rows, d), np.float32)
+  got = jax.jit(kernel_gradient)(x, grad)
+  np.testing.assert_allclose(np.asarray(got), x.astype(np.float64).T @ grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_small_operand_is_copied_transposed_into_a_plain_product(monkeypatch):
+  """The point of the copy: XLA must not fold the transposes back into a product over both operands'
+  first axis (Eigen's x^T g on a CPU). Above the size limit no copy is made."""
+  x, grad = jnp.ones((96, 40)), jnp.ones((96, 3))
+  hlo = lambda: jax.jit(lambda *a: kernel_gradient(*a)).lower(x, grad).compile().as_text()  # traced anew
+  contracting_first_axes = 'lhs_contracting_dims={0}, rhs_contracting_dims={0}'
+  if jax.default_backend() == 'cpu':
+    assert contracting_first_axes not in hlo()
+  monkeypatch.setattr(dense, 'TRANSPOSED_COPY_BYTES', 0)
+  assert contracting_first_axes in hlo()

@@ -5,9 +5,14 @@ JAX derives the kernel gradient of x @ W as a product contracting the rows of x 
 gradient g. On a CPU, XLA lays that product out as a transposed copy of g and a product outside
 YNNPACK: for the spatial attention's `affine_video` (50,176 rows of 512 at the paper's size) the
 two took ~175 ms of the fusion train step. `matmul` states the gradient as x^T g over flattened rows,
-with no transposed copy. Every Dense layer of the fusion model and the LSTMs' input projections use
-it. `add_bias` takes the bias gradient (a sum over all rows) as a product too (models/reductions.py).
-Values and gradients are those of `nn.Dense` (tests/test_dense.py).
+with no transposed copy of a large operand. Every Dense layer of the fusion model and the LSTMs' input
+projections use it. `add_bias` takes the bias gradient (a sum over all rows) as a product too
+(models/reductions.py). Values and gradients are those of `nn.Dense` (tests/test_dense.py).
+
+On a CPU, XLA runs a product that contracts the first axis of both operands (x^T g) in Eigen, not in
+YNNPACK. Where one operand is small, `kernel_gradient` copies that one transposed and runs a plain
+product, which YNNPACK takes: `affine_v`'s kernel gradient (50,176 rows, 49 outputs) took 10 ms
+against 35 ms (docs/PERFORMANCE.md, "Seventh and eighth sessions").
 """
 
 from __future__ import annotations
@@ -39,11 +44,40 @@ def _matmul_backward(residuals, grad):
     return None, None
   grad_x = None if kernel is None else jnp.einsum('...d,cd->...c', grad, kernel)
   rows = lambda a: a.reshape(-1, a.shape[-1])
-  grad_kernel = None if x is None else jnp.einsum('nc,nd->cd', rows(x), rows(grad))
+  grad_kernel = None if x is None else kernel_gradient(rows(x), rows(grad))
   return grad_x, grad_kernel
 
 
 matmul.defvjp(_matmul_forward, _matmul_backward, symbolic_zeros=True)
+
+
+# The transposed copy pays for itself when the operand copied is small, and small against the other:
+# then it stays in the last-level cache and its copy costs little beside the product. For operands of
+# comparable size (the 1,024-row layers) XLA fused the copy with the operand's producer and the step
+# gained nothing; for two large ones (`affine_video`, 98 MiB each) Eigen's own x^T g was as fast.
+TRANSPOSED_COPY_BYTES = 32 * 2**20
+TRANSPOSED_COPY_RATIO = 4
+
+
+def kernel_gradient(x: jnp.ndarray, grad: jnp.ndarray) -> jnp.ndarray:
+  """x^T grad over rows: x (n, c), grad (n, d) -> (c, d), in their dtype.
+
+  On a CPU, when the smaller operand is at most `TRANSPOSED_COPY_BYTES` and at most
+  1 / `TRANSPOSED_COPY_RATIO` of the other, that operand is copied transposed and the product is a
+  plain one. The optimisation barriers keep XLA from folding the transposes back into the product,
+  which would send it to Eigen again.
+  """
+  small, large = sorted((x, grad), key=lambda a: a.size)
+  if (
+    jax.default_backend() != 'cpu'
+    or small.size * small.dtype.itemsize > TRANSPOSED_COPY_BYTES
+    or large.size < TRANSPOSED_COPY_RATIO * small.size
+  ):
+    return jnp.einsum('nc,nd->cd', x, grad)
+  barrier = jax.lax.optimization_barrier
+  if small is x:
+    return jnp.einsum('cn,nd->cd', barrier(x.T), grad)
+  return barrier(jnp.einsum('dn,nc->dc', barrier(grad.T), x)).T
 
 
 @jax.custom_vjp
