@@ -106,7 +106,7 @@ def _backward(keep, dtype, residuals, grad):
   grad_h = jnp.where(hidden > 0, grad * (1 - hidden * hidden), 0).astype(dtype)  # (B, L, D)
   tanh, dropped = _dropped_affinity(keys, joint, mask, keep, dtype)
   # Computed as (B, d, L) and transposed: XLA:CPU's product in this orientation (a 512 x 1024 by
-  # 16 x 1024 product, contracted over 1024) ran 2-4% faster at the step than 'blj,bdj->bld' did
+  # 16 x 1024 product, contracted over 1024) took 1-3% less of the step than 'blj,bdj->bld' did
   # (docs/PERFORMANCE.md, "Seventh and eighth sessions").
   grad_values = jnp.swapaxes(jnp.einsum('bdj,blj->bdl', dropped, grad_h), 1, 2)  # (B, L, d)
   grad_dropped = jnp.einsum('bld,blj->bdj', values, grad_h)  # (B, d, D)
