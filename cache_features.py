@@ -13,7 +13,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from iaca_jax import cli, distributed, feature_cache  # noqa: E402
+from iaca_jax import cli, distributed, feature_cache, runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -22,6 +22,7 @@ config_flags.DEFINE_config_file(
 
 
 def main(argv):
+  runtime.configure_process()  # before JAX starts its backends (iaca_jax/runtime.py)
   del argv
   cli.run_reporting_user_errors(lambda: distributed.initialize(FLAGS.config))  # before any device use
   out = cli.run_reporting_user_errors(lambda: feature_cache.cache_features(FLAGS.config))

@@ -21,7 +21,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from iaca_jax import cli, distributed, evaluate_lib, reports  # noqa: E402
+from iaca_jax import cli, distributed, evaluate_lib, reports, runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -52,6 +52,7 @@ flags.DEFINE_string('test_split', 'test', 'Split used for --submission.')
 
 
 def main(argv):
+  runtime.configure_process()  # before JAX starts its backends (iaca_jax/runtime.py)
   del argv
   logging.set_verbosity(logging.WARNING)
   cli.run_reporting_user_errors(lambda: distributed.initialize(FLAGS.config))  # before any device use

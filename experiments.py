@@ -30,7 +30,7 @@ from absl import logging as absl_logging  # noqa: E402
 from configs import synthetic_demo  # noqa: E402
 from data import build  # noqa: E402
 from data.synthetic_av import generate  # noqa: E402
-from iaca_jax import cli, evaluate_lib, feature_cache, metrics, reports, stats, train_lib  # noqa: E402
+from iaca_jax import cli, evaluate_lib, feature_cache, metrics, reports, runtime, stats, train_lib  # noqa: E402
 from iaca_jax.fileio import atomic_write  # noqa: E402
 
 DEMO_VARIANTS = (
@@ -354,6 +354,7 @@ def run_ablation(results_dir: str, size: str = 'default', replicas: int = ABLATI
 
 
 def main(argv):
+  runtime.configure_process()  # before JAX starts its backends (iaca_jax/runtime.py)
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   f = flags.FLAGS

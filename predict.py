@@ -17,7 +17,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # noqa: E402
 
 from configs import default  # noqa: E402
-from iaca_jax import cli, faces, predict_lib, predict_outputs  # noqa: E402
+from iaca_jax import cli, faces, predict_lib, predict_outputs, runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training run, or a directory of converted weights.', required=True)
@@ -33,6 +33,7 @@ flags.DEFINE_integer('batch_size', 0, 'Windows per model call (default: the devi
 
 
 def main(argv):
+  runtime.configure_process()  # before JAX starts its backends (iaca_jax/runtime.py)
   videos = argv[1:]
   logging.set_verbosity(logging.WARNING)
   if not videos:

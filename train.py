@@ -13,7 +13,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from iaca_jax import cli, distributed, train_lib  # noqa: E402
+from iaca_jax import cli, distributed, runtime, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training configuration.', lock_config=True)
@@ -23,6 +23,7 @@ flags.DEFINE_string(
 
 
 def main(argv):
+  runtime.configure_process()  # before JAX starts its backends (iaca_jax/runtime.py)
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   cli.run_reporting_user_errors(lambda: distributed.initialize(FLAGS.config))  # before any device use

@@ -1,6 +1,7 @@
-"""Shared pieces of the benchmarks: machine description, the matmul peak, step timing, XLA's cost and
-memory analyses, a per-component profile and thread occupancy from a `jax.profiler` trace, the
-matrix products of a compiled program (from its HLO text), table printing and result files.
+"""Shared pieces of the benchmarks in bench/: machine description, the matmul peak, step timing, XLA's
+cost and memory analyses, a per-component profile from a `jax.profiler` trace, table printing and
+result files. (The one-machine CPU diagnostics in tools/cpu_diagnostics/ add their own helpers in
+`common_diag.py`.)
 
 Import after any XLA_FLAGS you need are in the environment (`profile_flags()` gives the one the
 per-component profile needs on a CPU).
@@ -12,12 +13,10 @@ import collections
 import glob
 import gzip
 import json
-import math
 import os
 import platform
 import re
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +35,16 @@ CPU_TRACE_FLAG = '--xla_cpu_enable_xprof_traceme=true'
 def profile_flags(xla_flags: str = '') -> str:
   """XLA_FLAGS with the per-op CPU trace events switched on (set before JAX initialises)."""
   return xla_flags if CPU_TRACE_FLAG in xla_flags else f'{xla_flags} {CPU_TRACE_FLAG}'.strip()
+
+
+def configure_process() -> None:
+  """The process settings the entry points make before JAX starts its backends
+  (`iaca_jax.runtime.configure_process`: NaN kept through XLA:CPU's fusions, single-device CPU steps
+  run inline unless IACA_CPU_ASYNC_DISPATCH=1), so that a benchmark times what train.py runs. Needs
+  the repository root on sys.path."""
+  from iaca_jax import runtime  # noqa: PLC0415 (the benchmarks' tests need no model code)
+
+  runtime.configure_process()
 
 
 def load_average() -> list[float]:
@@ -235,7 +244,7 @@ def traced(run: Callable[[], Any]) -> tuple[Any, list[dict]]:
     return result, _trace_events(trace_dir)
 
 
-def _self_times(events: Iterable[dict]) -> dict[str, float]:
+def self_times(events: Iterable[dict]) -> dict[str, float]:
   """Seconds per event name, excluding time spent in events nested inside it on the same thread."""
   by_thread = collections.defaultdict(list)
   for event in events:
@@ -253,38 +262,6 @@ def _self_times(events: Iterable[dict]) -> dict[str, float]:
     for i, event in enumerate(thread_events):
       totals[event['name']] += (event['dur'] - children[i]) * 1e-6
   return totals
-
-
-def occupancy(events: Iterable[dict], names: Iterable[str]) -> dict[int, float]:
-  """Seconds during which k threads were inside an op event (k = 0, 1, 2, ...), from the first op's
-  start to the last op's end. Only events named in `names` (HLO instructions) count; nested events
-  of one thread (a loop and its body) count once. k = 0 is time with no op running anywhere: on a
-  CPU, XLA waiting for an asynchronous (Eigen) product, whose event covers only its dispatch, or the
-  host between steps."""
-  names = set(names)
-  by_thread = collections.defaultdict(list)
-  for event in events:
-    if event['name'] in names:
-      by_thread[(event.get('pid'), event.get('tid'))].append((event['ts'], event['ts'] + event['dur']))
-  edges = []
-  for intervals in by_thread.values():
-    intervals.sort()
-    start, end = intervals[0]
-    for s, e in intervals[1:] + [(float('inf'), float('inf'))]:
-      if s > end:  # the union of one thread's intervals, as +1 / -1 edges
-        edges += [(start, 1), (end, -1)]
-        start, end = s, e
-      else:
-        end = max(end, e)
-  if not edges:
-    return {}
-  seconds = collections.defaultdict(float)
-  edges.sort()
-  active, last = 0, edges[0][0]
-  for time_us, change in edges:
-    seconds[active] += (time_us - last) * 1e-6
-    active, last = active + change, time_us
-  return dict(sorted(seconds.items()))
 
 
 def classify(op_name: str, module: str) -> tuple[str, str]:
@@ -320,7 +297,7 @@ def profile_steps(
   """
   names = op_names(hlo_text)
   _, events = traced(run_steps)
-  totals = {name: t for name, t in _self_times(events).items() if name in names}
+  totals = {name: t for name, t in self_times(events).items() if name in names}
   if not totals:
     return {
       'rows': [],
@@ -335,67 +312,6 @@ def profile_steps(
   rows = sorted(((c, p, s, s / total) for (c, p), s in grouped.items()), key=lambda r: -r[2])
   top = sorted(totals.items(), key=lambda kv: -kv[1])[:15]
   return {'rows': rows, 'op_seconds_per_step': total, 'top_ops': [(n, s / steps, names[n]) for n, s in top]}
-
-
-# ---------------------------------------------------------------------------------------------
-# The matrix products of a compiled program, from its HLO text.
-
-_HLO_DEFINITION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]', re.M)
-_HLO_DOT = re.compile(
-  r'^\s*(?:ROOT )?%[\w.\-]+ = \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)$', re.M
-)
-_HLO_COMPUTATION = re.compile(r'^%([\w.\-]+) \(.*?\{\n(.*?)\n\}', re.M | re.S)
-_HLO_FUSION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .* fusion\(.*?calls=%([\w.\-]+)', re.M)
-
-
-def _dims(text: str, field: str) -> tuple[int, ...]:
-  match = re.search(field + r'=\{([\d,]*)\}', text)
-  return tuple(int(d) for d in match.group(1).split(',') if d) if match else ()
-
-
-def hlo_products(hlo: str) -> dict[str, list[tuple]]:
-  """Op name -> the products it runs: (dtype, lhs shape, rhs shape, dimension numbers) for each dot of
-  an XLA dot op, or of the computation a (YNNPACK) fusion calls. Only ops that appear in a trace matter."""
-  shapes = {
-    name: (dtype, tuple(int(d) for d in dims.split(',') if d))
-    for name, dtype, dims in _HLO_DEFINITION.findall(hlo)
-  }
-
-  def dots(text: str) -> list[tuple]:
-    found = []
-    for lhs, rhs, rest in _HLO_DOT.findall(text):
-      numbers = tuple(_dims(rest, f) for f in ('lhs_contracting_dims', 'rhs_contracting_dims'))
-      numbers += tuple(_dims(rest, f) for f in ('lhs_batch_dims', 'rhs_batch_dims'))
-      found.append((shapes[lhs][0], shapes[lhs][1], shapes[rhs][1], numbers))
-    return found
-
-  bodies = dict(_HLO_COMPUTATION.findall(hlo))
-  table = {}
-  for line in hlo.splitlines():
-    dot = _HLO_DOT.match(line)
-    if dot:
-      table[re.match(r'^\s*(?:ROOT )?%([\w.\-]+)', line).group(1)] = dots(line)
-  for name, called in _HLO_FUSION.findall(hlo):
-    if name.startswith('ynn_fusion') and called in bodies:
-      table[name] = dots(bodies[called])
-  return {name: found for name, found in table.items() if found}
-
-
-def product_contraction(product: tuple) -> str:
-  """'1.0' for lhs axis 1 against rhs axis 0; batch axes after a semicolon."""
-  lc, rc, lb, rb = product[3]
-  text = ','.join(f'{a}.{b}' for a, b in zip(lc, rc))
-  return text + (';' + ','.join(f'{a}.{b}' for a, b in zip(lb, rb)) if lb else '')
-
-
-def product_flops(product: tuple) -> float:
-  """2 x batch x free lhs x free rhs x contracted elements of one product of `hlo_products`."""
-  _, lhs, rhs, (lhs_contract, rhs_contract, lhs_batch, _) = product
-  contracted = math.prod(lhs[d] for d in lhs_contract)
-  batch = math.prod(lhs[d] for d in lhs_batch)
-  lhs_free = math.prod(lhs) // (contracted * batch)
-  rhs_free = math.prod(rhs) // (contracted * batch)
-  return 2.0 * batch * lhs_free * rhs_free * contracted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,12 +339,3 @@ def write_json(path: str, obj: Any) -> None:
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
-
-
-def write_run(out: str, default_name: str, **fields: Any) -> str:
-  """Writes a tool's result as JSON to `out`, or to bench/results/<default_name>: the command line and
-  the machine, then `fields`. Returns the path, which it also prints."""
-  path = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', default_name)
-  write_json(path, dict(command='python ' + ' '.join(sys.argv), machine=machine(), **fields))
-  print(f'wrote {path}')
-  return path

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from iaca_jax import evaluate_lib, inference, metrics  # noqa: E402
+from iaca_jax import evaluate_lib, inference, metrics, runtime  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic_demo.py', 'The training configuration.')
 flags.DEFINE_string('workdir', None, 'A trained run on cached features.', required=True)
@@ -35,6 +35,7 @@ def rounded(batches, dtype):
 
 def main(argv):
   del argv
+  runtime.configure_process()  # as evaluate.py does, before any device is used
   evaluator = evaluate_lib.Evaluator(FLAGS.config, FLAGS.workdir)
   batches = evaluator.data.eval_batches(FLAGS.split)
   first = next(iter(batches))

@@ -1,7 +1,7 @@
 r"""The paper-size fusion train step against the PyTorch implementation, side by side.
 
     .venv/bin/python bench/fusion_vs_torch.py                 # 3 rounds (a round: ~2 min on 2 quiet cores)
-    .venv/bin/python bench/fusion_vs_torch.py --rounds=2 --steps=5 --out=bench/results/x.json
+    .venv/bin/python bench/fusion_vs_torch.py --rounds=3 --steps=8 --warmup=3   # as docs/PERFORMANCE.md quotes
 
 Both sides train the same fusion model on cached features of the paper's shapes, fp32, batch 64
 sequences of 16 clips, random weights and inputs, AdamW, dropout on:
@@ -14,18 +14,19 @@ Each case runs in its own process, one after the other, alternating over `--roun
 order flips every round), so that both see the same machine load; ratios within a round are the
 comparable figures on a shared machine. The settings are those a user gets from `make` and
 `train.py`: GLIBC_TUNABLES = the Makefile's HOST_MALLOC unless the environment sets it, and
-single-device CPU steps run inline (`cli.run_cpu_steps_inline`; IACA_CPU_ASYNC_DISPATCH=1 to
-dispatch them asynchronously, as before 2026-12-02).
+single-device CPU steps run inline (`iaca_jax.runtime.configure_process`; IACA_CPU_ASYNC_DISPATCH=1
+to dispatch them asynchronously, as before 2026-12-02).
 
 Per case and round: the median wall time of `--steps` steps after `--warmup` (each waited for), the
-process CPU seconds per step, sequences/s, the matmul FLOPs of one step (the dots of the JAX step's
-jaxpr with the affinities written whole, for every case, so that recomputation is not counted as
-work done; torch's `flop_counter` total is recorded too, but it does not see the oneDNN LSTM), their rate as a share of the peak of a 2048^2 fp32 matmul measured in the same process, with
-the same library (before and after the steps; the larger is used), and minor
-page faults per step (`getrusage`). Per round: torch step / jax step, from the medians and from the
+process CPU seconds per step, sequences/s, the matmul FLOPs of one step (the dots of the jaxpr of the
+same JAX step with `config.model.kernels = 'xla'`, the plain formulation, for every case, so that the
+CPU kernels' recomputation is not counted as work done; torch's `flop_counter` total is recorded too,
+but it does not see the oneDNN LSTM), their rate as a share of the peak of a 2048^2 fp32 matmul
+measured in the same process, with the same library (before and after the steps; the larger is
+used), and minor page faults per step (`getrusage`). Per round: torch step / jax step, from the medians and from the
 fastest steps. The second is the steadier figure on a machine whose speed comes in spells of a few
 seconds (docs/PERFORMANCE.md, "Fusion step vs PyTorch"); both are printed with their medians over
-the rounds. JSON: bench/results/fusion_vs_torch.json (or --out).
+the rounds. JSON: bench/results/fusion_vs_torch_<backend>.json (or --out).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ flags.DEFINE_string(
   'A checkout of other code (e.g. `git archive <commit> | tar -x -C DIR`): adds the case jax_baseline, '
   'the same JAX step with that tree first on sys.path (its own dispatch setting).',
 )
-flags.DEFINE_string('out', '', 'JSON result file; default bench/results/fusion_vs_torch.json.')
+flags.DEFINE_string('out', '', 'JSON result file; default bench/results/fusion_vs_torch_<backend>.json.')
 flags.DEFINE_string('child', '', 'Internal: run this case and write its result to --child_out.')
 flags.DEFINE_string('child_out', '', 'Internal.')
 FLAGS = flags.FLAGS
@@ -174,22 +175,39 @@ def run_torch(batch: int) -> dict:
 # JAX.
 
 
+def _configure_like_train_py() -> None:
+  """The process settings train.py makes before JAX starts (`iaca_jax.runtime.configure_process`), or
+  what a --baseline_root from before that module made: its import set the NaN flag, and
+  `cli.run_cpu_steps_inline` (where it exists) ran single-device CPU steps inline."""
+  try:
+    from iaca_jax import runtime
+  except ImportError:
+    from iaca_jax import cli
+
+    if hasattr(cli, 'run_cpu_steps_inline'):
+      cli.run_cpu_steps_inline()
+    return
+  runtime.configure_process()
+
+
 def run_jax(batch: int) -> dict:
   if FLAGS.child == 'jax_baseline':
     sys.path.insert(0, FLAGS.baseline_root)
-  from iaca_jax import cli
-
-  if hasattr(cli, 'run_cpu_steps_inline'):
-    cli.run_cpu_steps_inline()  # as train.py does (IACA_CPU_ASYNC_DISPATCH=1 turns it off)
+  _configure_like_train_py()
   import common
   import jax
 
   from configs import default
-  from iaca_jax import models, train_lib
+  from iaca_jax import train_lib
+
+  try:
+    from iaca_jax.kernel_choice import build_model  # config.model.kernels: 'auto' = the CPU kernels here
+  except ImportError:  # a --baseline_root from before `config.model.kernels`
+    from iaca_jax.models import build_model
 
   peak_before = common.matmul_peak(common.DTYPES['fp32'], PEAK_N, PEAK_REPS)['flops_per_s']
   config = default.get_config()
-  model = models.build_model(config.model)
+  model = build_model(config.model)
   trainer = train_lib.Trainer(model, train_lib.create_mesh())
   tx = train_lib.make_optimizer(config, steps_per_epoch=1000)
   data = _inputs(batch)
@@ -203,11 +221,14 @@ def run_jax(batch: int) -> dict:
   device_batch = trainer.shard_batch(host_batch)
   rng = jax.random.key(1)
   flops = common.matmul_flops(jax.make_jaxpr(trainer.train_step)(state, device_batch, rng))
-  model_flops = flops
-  if config.model.get('blocked_coattention'):  # its backward recomputes the affinities' products
-    dense = models.build_model(dict(config.model, blocked_coattention=False))
-    dense_step = train_lib.Trainer(dense, trainer.mesh).train_step
-    model_flops = common.matmul_flops(jax.make_jaxpr(dense_step)(state, device_batch, rng))
+  model_flops, plain = flops, None
+  if config.model.get('kernels', 'xla') != 'xla':  # the CPU co-attention's backward recomputes products
+    plain = dict(config.model, kernels='xla')
+  elif config.model.get('blocked_coattention'):  # a --baseline_root from before `config.model.kernels`
+    plain = dict(config.model, blocked_coattention=False)
+  if plain:
+    plain_step = train_lib.Trainer(build_model(plain), trainer.mesh).train_step
+    model_flops = common.matmul_flops(jax.make_jaxpr(plain_step)(state, device_batch, rng))
   start = time.perf_counter()
   compiled = trainer.train_step.lower(state, device_batch, rng).compile()
   compile_s = time.perf_counter() - start
@@ -230,7 +251,7 @@ def run_jax(batch: int) -> dict:
     jax=jax.__version__,
     temp_bytes=common.memory(compiled).get('temp'),
     cpu_async_dispatch=bool(jax.config.values.get('jax_cpu_enable_async_dispatch', True)),
-    code=os.path.dirname(os.path.dirname(os.path.abspath(models.__file__))),
+    code=os.path.dirname(os.path.abspath(train_lib.__file__)),  # the iaca_jax/ timed
   )
 
 
@@ -416,7 +437,7 @@ def main(argv):
         f'torch / jax over {len(ratios)} rounds, from the {what}: median {statistics.median(ratios):.2f} '
         f'({min(ratios):.2f}-{max(ratios):.2f})'
       )
-  out = FLAGS.out or os.path.join(BENCH, 'results', 'fusion_vs_torch.json')
+  out = FLAGS.out or os.path.join(BENCH, 'results', f'fusion_vs_torch_{machine["backend"]}.json')
   common.write_json(
     out,
     dict(

@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default, synthetic_demo  # noqa: E402
-from iaca_jax import models, train_lib  # noqa: E402
+from iaca_jax import kernel_choice, train_lib  # noqa: E402
 from iaca_jax.models import IACAModel  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -85,8 +85,9 @@ def compiled_step(case: str, replicas: int, host_batch: dict | None, vmapped: bo
   """(compiled step, state, device batch, rngs, host batch, compile seconds) of one variant; `vmapped`
   with one replica: the replica step at K = 1 (what the vmap itself costs)."""
   config = case_config(case, replicas)
-  model = models.build_model(config.model)
-  trainer = train_lib.Trainer(model, train_lib.create_mesh(), replicas)
+  mesh = train_lib.create_mesh()
+  model = kernel_choice.build_model(config.model, mesh.devices.flat)  # config.model.kernels
+  trainer = train_lib.Trainer(model, mesh, replicas)
   if host_batch is None:
     host_batch = synthetic_batch(model, FLAGS.batch or (16 if case == 'demo' else 64))
   tx = train_lib.make_optimizer(config, steps_per_epoch=1000)
@@ -189,6 +190,7 @@ def wall_times(k: int) -> dict:
 
 def main(argv):
   del argv
+  common.configure_process()  # as train.py does, before any device is used
   result = dict(machine=common.machine(), load_before=common.load_average(), cases=[])
   for case in FLAGS.case:
     result['cases'].append(run_case(case))

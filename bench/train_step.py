@@ -4,10 +4,11 @@ the measured matmul peak, memory; optionally where the time goes (a per-componen
     .venv/bin/python bench/train_step.py                     # CPU: fp32, fusion + demo + full_frozen, ~3 min
     .venv/bin/python bench/train_step.py --case=all --dtype=bf16   # + full_trainable, bf16
     .venv/bin/python bench/train_step.py --case=fusion --profile   # + per-component profile
-    .venv/bin/python bench/train_step.py --malloc=one_arena  # host allocator setting (see --malloc)
     python bench/train_step.py --case=all --dtype=bf16 --batch=64  # on a GPU
 
-docs/PERFORMANCE.md has the results and their analysis.
+docs/PERFORMANCE.md has the current figures. The case processes inherit the environment: the host
+allocator is GLIBC_TUNABLES as given (`make bench` gives the Makefile's HOST_MALLOC), recorded in the
+JSON; tools/cpu_diagnostics/host_allocator.py runs this script under other allocator settings.
 
 Cases (the step is `iaca_jax.train_lib.Trainer.train_step`: jit, donated state, batch sharded on the
 'data' mesh, AdamW; random inputs of the real shapes):
@@ -60,7 +61,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default, synthetic_demo  # noqa: E402
-from iaca_jax import cli, data_source, input_pipeline, models, train_lib  # noqa: E402
+from iaca_jax import data_source, input_pipeline, kernel_choice, train_lib  # noqa: E402
 from iaca_jax.models import IACAModel  # noqa: E402
 
 CASES = ('fusion', 'demo', 'full_frozen', 'full_trainable')
@@ -79,16 +80,6 @@ flags.DEFINE_bool('profile', False, 'Per-component profile of each case from a j
 flags.DEFINE_integer('profile_steps', 2, 'Steps in the profiled trace.')
 flags.DEFINE_bool('isolate', True, 'Run every case in its own process.')
 flags.DEFINE_bool('input', True, 'Time the cached-feature reader (results/demo/features) and compare.')
-MALLOC_MODES = ('env', 'keep', 'one_arena', 'default', 'tcmalloc')
-flags.DEFINE_enum(
-  'malloc',
-  'env',
-  MALLOC_MODES,
-  'Host allocator of the case processes: env = GLIBC_TUNABLES as given (`make bench` gives the '
-  "Makefile's HOST_MALLOC); keep = the Makefile's HOST_MALLOC; one_arena = keep plus "
-  'glibc.malloc.arena_max=1; default = glibc untouched; tcmalloc = LD_PRELOAD '
-  'libtcmalloc_minimal, glibc untouched.',
-)
 flags.DEFINE_string('out', '', 'JSON result file; default bench/results/train_step_<backend>.json.')
 flags.DEFINE_string('child_out', '', 'Internal: run one case and write its result here.')
 FLAGS = flags.FLAGS
@@ -96,21 +87,7 @@ FLAGS = flags.FLAGS
 RESULTS = os.path.join(ROOT, 'bench', 'results')
 INPUT_JSON = os.path.join(RESULTS, 'input_pipeline.json')
 DEMO_FEATURES = os.path.join(ROOT, 'results', 'demo', 'features')
-TCMALLOC = (
-  '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
-  '/usr/lib64/libtcmalloc_minimal.so.4',
-  '/usr/lib/libtcmalloc_minimal.so.4',
-)
 REQUIRED_INPUT_MARGIN = 5.0  # the pipeline must deliver this many times what the step consumes
-
-
-def makefile_host_malloc() -> str:
-  """The Makefile's HOST_MALLOC default (the glibc tunables `make` runs everything under)."""
-  with open(os.path.join(ROOT, 'Makefile')) as f:
-    for line in f:
-      if line.startswith('HOST_MALLOC ?= '):
-        return line.split('?=', 1)[1].strip()
-  raise RuntimeError('no HOST_MALLOC in the Makefile')
 
 
 def _split(value: str, allowed) -> list[str]:
@@ -147,32 +124,6 @@ def case_config(case: str, dtype: str):
   if case.startswith('full'):
     config.model.freeze_encoders = case == 'full_frozen'
   return config
-
-
-def single_case() -> str:
-  """--case for the tools that time one case (`step_ops.py`, `step_ab.py`, `step_products.py`): fusion
-  unless given."""
-  case = 'fusion' if FLAGS['case'].using_default_value else FLAGS.case
-  if case not in CASES:
-    raise app.UsageError(f'--case takes one of {CASES}; got {case!r}')
-  return case
-
-
-def compiled_case(case: str, dtype: str = 'fp32', model_overrides: dict | None = None):
-  """A case's train step compiled on its synthetic batch, for the tools that time steps in one
-  process (`step_ops.py`, `step_ab.py`, `step_products.py`). Returns (compiled step, state, device batch, rng, settings),
-  settings as `case_settings` with the batch filled in. `model_overrides` replace config.model fields."""
-  config = case_config(case, dtype)
-  config.model.update(model_overrides or {})
-  settings = case_settings(case, jax.default_backend() == 'cpu')
-  settings['batch'] = settings['batch'] or config.batch_size
-  model = models.build_model(config.model)
-  trainer = train_lib.Trainer(model, train_lib.create_mesh())
-  tx = train_lib.make_optimizer(config, steps_per_epoch=1000)
-  host_batch = synthetic_batch(case, config, model, settings['batch'])
-  state = trainer.replicate(train_lib.init_state(model, host_batch, jax.random.key(0), tx))
-  batch, rng = trainer.shard_batch(host_batch), jax.random.key(1)
-  return trainer.train_step.lower(state, batch, rng).compile(), state, batch, rng, settings
 
 
 def synthetic_batch(case: str, config, model, batch: int):
@@ -214,8 +165,9 @@ def run_case(case: str, dtype: str) -> dict:
   )
   peak_before = common.matmul_peak(common.DTYPES[dtype])
 
-  model = models.build_model(config.model)
-  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  mesh = train_lib.create_mesh()
+  model = kernel_choice.build_model(config.model, mesh.devices.flat)  # config.model.kernels
+  trainer = train_lib.Trainer(model, mesh)
   tx = train_lib.make_optimizer(config, steps_per_epoch=1000)
   host_batch = synthetic_batch(case, config, model, batch)
   result['inputs'] = {k: list(v.shape) for k, v in host_batch.items()}
@@ -323,7 +275,6 @@ def run_input_check() -> dict:
 
 def child_main() -> None:
   case, dtype = os.environ['IACA_BENCH_CASE'], os.environ['IACA_BENCH_DTYPE']
-  cli.run_cpu_steps_inline()  # as the entry points do (IACA_CPU_ASYNC_DISPATCH=1: asynchronous)
 
   if case == 'input':
     result = run_input_check()
@@ -352,17 +303,6 @@ def run_child(case: str, dtype: str) -> dict:
     )
     if FLAGS.profile and case != 'input':
       env['XLA_FLAGS'] = common.profile_flags(env.get('XLA_FLAGS', ''))
-    if FLAGS.malloc in ('default', 'tcmalloc'):
-      env.pop('GLIBC_TUNABLES', None)
-    elif FLAGS.malloc != 'env':
-      env['GLIBC_TUNABLES'] = makefile_host_malloc() + (
-        ':glibc.malloc.arena_max=1' if FLAGS.malloc == 'one_arena' else ''
-      )
-    if FLAGS.malloc == 'tcmalloc' and case != 'input':
-      library = next((p for p in TCMALLOC if os.path.exists(p)), None)
-      if library is None:
-        raise app.UsageError(f'--malloc=tcmalloc: none of {TCMALLOC} (apt-get install libtcmalloc-minimal4)')
-      env['LD_PRELOAD'] = ' '.join(filter(None, [env.get('LD_PRELOAD', ''), library]))
     argv = [sys.executable, os.path.abspath(__file__), f'--child_out={out}'] + [
       a for a in sys.argv[1:] if not a.startswith(('--child_out', '--out'))
     ]
@@ -479,6 +419,7 @@ def _row(r: dict) -> dict:
 
 def main(argv):
   del argv
+  common.configure_process()  # as the entry points do, before any device is used
   if FLAGS.child_out:
     return child_main()
   cases, dtypes = _split(FLAGS.case, CASES), _split(FLAGS.dtype, ('fp32', 'bf16'))

@@ -6,6 +6,7 @@ Every field can be overridden with --config.<key>=<value>; an unknown key is an 
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.encoder_width = 1.0  # 1.0 = torchvision R(2+1)D-18 / ResNet-18
   config.model.encoder_blocks_per_stage = 2
   config.model.freeze_encoders = True  # the paper freezes its pretrained encoders
-  config.model.face_size = 0  # resize faces before the encoder; 0 = as stored (112)
+  config.model.face_size = placeholder(int)  # resize faces before the encoder; None = as stored (112)
   config.model.features = 512
   config.model.lstm_hidden = 256
   config.model.temporal_dropout = 0.1
@@ -40,17 +41,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.rjca_iterations = 2
   config.model.cross_attention_dropout = 0.6
   config.model.gating = 'iaca'  # none | stage1 | iaca
-  config.model.stage2 = 'modality'  # modality | sum | iteration | raw
+  config.model.stage2 = placeholder(str)  # gating='iaca' only: modality (None) | sum | iteration | raw
   config.model.gate_temperature = 0.1
-  config.model.stage2_temperature = 0.0  # 0: the same as gate_temperature
+  config.model.stage2_temperature = placeholder(float)  # None: the same as gate_temperature
   config.model.head_hidden = 128
   config.model.head_dropout = 0.6
   config.model.torch_layout = False  # True to run the authors' fusion weights (docs/DESIGN.md §3.4)
-  config.model.fused_dropout = True  # co-attention dropout as one fused op (same bits as nn.Dropout)
-  config.model.blocked_coattention = (
-    True  # RJCA affinities with a hand-written backward pass (same result, faster)
-  )
   config.model.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU (parameters stay fp32)
+  # How the model is computed (same values): auto = the CPU kernels on CPU devices, else xla; xla; cpu
+  # (iaca_jax/kernel_choice.py, docs/PERFORMANCE.md).
+  config.model.kernels = 'auto'
 
   config.pretrained = ''  # converted PyTorch weights (python -m iaca_jax.conversion)
   config.batch_size = 64  # global batch of 16-clip sequences

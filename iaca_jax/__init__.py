@@ -1,7 +1,7 @@
-"""IACA: Inconsistency-Aware Cross-Attention for audio-visual dimensional emotion recognition, in JAX/Flax."""
+"""IACA: Inconsistency-Aware Cross-Attention for audio-visual dimensional emotion recognition, in JAX/Flax.
 
-from iaca_jax import xla_flags
-
-xla_flags.keep_nan_through_fusions()  # before any JAX backend starts (see xla_flags.py)
+Importing the package changes nothing in the process; entry points call
+`iaca_jax.runtime.configure_process()` first (iaca_jax/runtime.py).
+"""
 
 __version__ = '0.1.0'

@@ -37,31 +37,10 @@ def run_reporting_user_errors(fn: Callable[[], object]) -> object:
     sys.exit(1)
 
 
-ASYNC_DISPATCH_ENV = 'IACA_CPU_ASYNC_DISPATCH'
-
-
-def run_cpu_steps_inline() -> None:
-  """Runs single-device XLA:CPU computations in the calling thread (`jax_cpu_enable_async_dispatch`
-  off) unless IACA_CPU_ASYNC_DISPATCH=1. Must run before JAX initialises its CPU backend.
-
-  Asynchronous dispatch runs each step on a worker thread of the CPU client. glibc serves that
-  thread from its own arena, whose heaps hold at most 64 MiB, so a step's temporaries (one block,
-  1.85 GiB for the paper-size fusion step) come from mmap and are page-faulted in again every step
-  whatever GLIBC_TUNABLES say (but arena_max=1). Run inline, they come from the main arena, which
-  the Makefile's HOST_MALLOC keeps (docs/PERFORMANCE.md, "Fusion step vs PyTorch"). The host gives
-  up nothing that matters on a CPU: the input pipeline's threads keep reading during the step.
-  """
-  if os.environ.get(ASYNC_DISPATCH_ENV, '0') != '1':
-    import jax
-
-    jax.config.update('jax_cpu_enable_async_dispatch', False)
-
-
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`: a bad flag or an unknown
   `--config.<key>` ends the process with one line (ml_collections raises AttributeError for the
-  latter, which absl would show as a traceback). Also `run_cpu_steps_inline()`, before any work."""
-  run_cpu_steps_inline()
+  latter, which absl would show as a traceback)."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -27,7 +27,7 @@ from iaca_jax import (
 )
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.fileio import atomic_write
-from iaca_jax.models import build_model
+from iaca_jax.kernel_choice import build_model
 
 MISSING_AUDIO_FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
@@ -42,8 +42,9 @@ class Evaluator:
     self, config: ml_collections.ConfigDict, workdir: str, which: str = 'best', protocol: str = 'challenge'
   ):
     self.config, self.protocol, self.replicas = config, protocol, config.replicas
-    self.model = build_model(config.model)
-    self.trainer = train_lib.Trainer(self.model, train_lib.create_mesh(), config.replicas)
+    mesh = train_lib.create_mesh()
+    self.model = build_model(config.model, mesh.devices.flat)
+    self.trainer = train_lib.Trainer(self.model, mesh, config.replicas)
     self.data = data_source.DataSource(config)
     missing = FileNotFoundError(
       f'No {which} checkpoint under {workdir}/checkpoints: train first (python train.py --workdir {workdir} ...).'

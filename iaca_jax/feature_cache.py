@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from iaca_jax import data_source, distributed, inference, input_pipeline, pretrained
-from iaca_jax.models import IACAModel, build_model, init_variables
+from iaca_jax.kernel_choice import build_model
+from iaca_jax.models import IACAModel, init_variables
 from iaca_jax.preprocessing import mel, tfds_builder
 
 PASSTHROUGH = ('labels', 'mask', 'video_name') + input_pipeline.CLIP_KEYS  # copied from the source

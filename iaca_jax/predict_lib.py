@@ -29,7 +29,8 @@ from iaca_jax import faces, feature_cache, input_pipeline, metrics, pretrained, 
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.fileio import atomic_write
 from iaca_jax.inference import predict_split
-from iaca_jax.models import IACAModel, build_model
+from iaca_jax.kernel_choice import build_model
+from iaca_jax.models import IACAModel
 from iaca_jax.preprocessing import audio as audio_lib
 from iaca_jax.preprocessing import examples, windows
 from iaca_jax.preprocessing import mel as mel_lib
@@ -80,8 +81,9 @@ def _overlay(base: dict, update: dict) -> dict:
 def _restore_run(config: ml_collections.ConfigDict, workdir: str, which: str) -> LoadedModel:
   """A training run: encoders as the run had them (restored, or for a cached-feature run the seeded
   initialisation and `config.pretrained` that `feature_cache` used), the rest from the checkpoint."""
-  model = build_model(config.model)
-  trainer = train_lib.Trainer(model, train_lib.create_mesh(), config.replicas)
+  mesh = train_lib.create_mesh()
+  trainer = train_lib.Trainer(build_model(config.model, mesh.devices.flat), mesh, config.replicas)
+  model = trainer.model
   sample_rate = model_sample_rate(config)
   raw = raw_inputs(sample_rate)
   variables, shapes = {}, raw
@@ -108,8 +110,9 @@ def _load_converted(path: str, base: ml_collections.ConfigDict) -> LoadedModel:
   config = ml_collections.ConfigDict(base.to_dict())
   config.model.update(pretrained.read_conversion_metadata(path).get('model_config', {}))
   config.pretrained = path
-  model = build_model(config.model)
-  trainer = train_lib.Trainer(model, train_lib.create_mesh())
+  mesh = train_lib.create_mesh()
+  model = build_model(config.model, mesh.devices.flat)
+  trainer = train_lib.Trainer(model, mesh)
   sample_rate = model_sample_rate(config)
   variables = feature_cache.encoder_variables(config, model, raw_inputs(sample_rate))
   return LoadedModel(config, trainer, trainer.replicate(variables), sample_rate, f'converted weights {path}')

@@ -32,7 +32,8 @@ from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.data_source import DataSource
 from iaca_jax.fileio import atomic_write
 from iaca_jax.input_pipeline import DEVICE_KEYS, MODEL_INPUT_KEYS
-from iaca_jax.models import IACAModel, build_model, reductions
+from iaca_jax.kernel_choice import build_model
+from iaca_jax.models import IACAModel
 from iaca_jax.train_state import (  # noqa: F401 (part of this module's interface)
   TrainState,
   dropout_keys,
@@ -103,14 +104,15 @@ def train_step(
     opt_state=opt_state,
     batch_stats=updates.get('batch_stats', state.batch_stats),
   )
-  grad_norm, update_norm = reductions.global_norm(grads), reductions.global_norm(param_updates)
+  kernels = model.kernels
+  grad_norm, update_norm = kernels.global_norm(grads), kernels.global_norm(param_updates)
   # The model must not be trusted to turn a non-finite input into a non-finite loss: check the inputs.
-  inputs_finite = jnp.all(jnp.stack([reductions.all_finite(x) for x in _model_inputs(batch).values()]))
+  inputs_finite = jnp.all(jnp.stack([kernels.all_finite(x) for x in _model_inputs(batch).values()]))
   finite = (
     jnp.isfinite(loss)
     & jnp.isfinite(grad_norm)
     & jnp.isfinite(update_norm)
-    & jnp.isfinite(reductions.global_norm(new_state.params))
+    & jnp.isfinite(kernels.global_norm(new_state.params))
     & inputs_finite
   )
   # Only the fields a step changes: the shared ones (frozen encoders) must stay unbatched under vmap.
@@ -126,7 +128,7 @@ def train_step(
     'ccc_valence': aux['ccc_valence'],
     'ccc_arousal': aux['ccc_arousal'],
     'grad_norm': grad_norm,
-    'param_norm': reductions.global_norm(state.params),
+    'param_norm': kernels.global_norm(state.params),
     'update_norm': update_norm,
     'inputs_finite': inputs_finite,
     'finite': finite,
@@ -292,8 +294,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
-  model = build_model(config.model)
-  trainer = Trainer(model, create_mesh(replica_groups=replicas_lib.device_groups(config)), config.replicas)
+  mesh = create_mesh(replica_groups=replicas_lib.device_groups(config))
+  model = build_model(config.model, mesh.devices.flat)
+  trainer = Trainer(model, mesh, config.replicas)
   data = DataSource(config)
   steps_per_epoch = data.steps_per_epoch()
   total_steps = config.num_epochs * steps_per_epoch

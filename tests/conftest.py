@@ -31,7 +31,9 @@ import pytest  # noqa: E402
 from configs import tiny as tiny_config  # noqa: E402
 from data import build  # noqa: E402
 from data.synthetic_av import generate  # noqa: E402
-from iaca_jax import feature_cache, train_lib  # noqa: E402
+from iaca_jax import feature_cache, runtime, train_lib  # noqa: E402
+
+runtime.configure_process()  # as every entry point's main does, before JAX starts its backends
 
 
 @pytest.fixture(scope='session')

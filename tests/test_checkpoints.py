@@ -3,14 +3,14 @@
 import jax
 import numpy as np
 
-from iaca_jax import data_source, models, train_lib
+from iaca_jax import data_source, kernel_choice, train_lib
 from iaca_jax.checkpoints import Checkpoints
 
 
 def test_checkpoint_restores_bit_exactly(cached, tmp_path):
   config = cached
   data = data_source.DataSource(config)
-  model = models.build_model(config.model)
+  model = kernel_choice.build_model(config.model)
   trainer = train_lib.Trainer(model, train_lib.create_mesh())
   state = train_lib.create_train_state(config, model, data, trainer, train_lib.make_optimizer(config, 9))
   batch = next(iter(data.train_batches(epoch=0)))

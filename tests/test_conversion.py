@@ -141,7 +141,7 @@ def test_coattention_stack(fusion):
   audio, video = _unit(rng, (B, L, D)), _unit(rng, (B, L, D))
   with torch.no_grad():
     t_video, t_audio = model.coattn(_t(video), _t(audio))
-  att_a, att_v, _ = RecursiveJointCrossAttention(2, 0.6).apply(
+  att_a, att_v, *_ = RecursiveJointCrossAttention(2, 0.6).apply(
     {'params': converted['params']['cross_attention']}, audio, video, train=False
   )
   assert _max_abs(att_v, t_video.numpy(), 'coattn (2 layers, video)') < ATOL

@@ -21,8 +21,8 @@ import json, resource, sys
 rows = int(sys.argv[1])
 if sys.argv[2] == 'entry_point':  # as train.py and the other entry points set JAX up
   sys.path.insert(0, sys.argv[3])
-  from iaca_jax import cli
-  cli.parse_flags(['probe'])  # every entry point parses its flags with it
+  from iaca_jax import runtime
+  runtime.configure_process()  # every entry point's main calls it first
 import jax, jax.numpy as jnp
 a = jnp.linspace(-1.0, 1.0, rows * 4096, dtype=jnp.float32).reshape(rows, 4096)
 f = jax.jit(lambda a: (jnp.flip(a * 2.0, 0) @ jnp.ones((4096, 1)))[0, 0])

@@ -14,11 +14,12 @@ from iaca_jax import models
 from iaca_jax.models import (
   CROSS_ATTENTION_TYPES,
   STAGE2_TYPES,
+  Attended,
   AudioGuidedSpatialAttention,
-  FusionGate,
   IACAModel,
   R2Plus1D18,
   ResNet18,
+  make_gate,
 )
 from iaca_jax.models.attention import torch_quirk_layout
 from iaca_jax.models.encoders import FactoredConv3D
@@ -108,9 +109,7 @@ def test_batchnorm_runs_frozen(frozen):
 
 # Every fusion with every gating; the stage-2 variants, which only read the stage-1 outputs (the same
 # shapes whatever the fusion), with the paper's RJCA.
-COMBINATIONS = [
-  (ca, gating, 'modality') for ca in CROSS_ATTENTION_TYPES for gating in ('none', 'stage1', 'iaca')
-]
+COMBINATIONS = [(ca, gating, None) for ca in CROSS_ATTENTION_TYPES for gating in ('none', 'stage1', 'iaca')]
 COMBINATIONS += [('rjca', 'iaca', stage2) for stage2 in STAGE2_TYPES if stage2 != 'modality']
 
 
@@ -127,6 +126,26 @@ def test_every_combination_composes_under_jit(cross_attention, gating, stage2):
   assert aux['spatial_attention'].shape == (2, 4, 9)
   for weights in aux['gates'].values():
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_gate_variants_are_chosen_by_keyword_and_a_stage2_without_iaca_is_refused():
+  assert [type(make_gate(g)).__name__ for g in ('none', 'stage1', 'iaca')] == [
+    'NoGate',
+    'Stage1Gate',
+    'ModalityGate',
+  ]
+  assert {type(make_gate('iaca', s)).__name__ for s in STAGE2_TYPES} == {
+    'ModalityGate',
+    'SumGate',
+    'IterationGate',
+    'RawGate',
+  }
+  with pytest.raises(ValueError, match="applies to gating='iaca' only"):
+    make_gate('stage1', 'sum')
+  with pytest.raises(ValueError, match='Unknown stage2'):
+    make_gate('iaca', 'product')
+  with pytest.raises(ValueError, match='Unknown gating'):
+    make_gate('stage2')
 
 
 @pytest.mark.heavy
@@ -198,10 +217,11 @@ def test_gate_weights_sum_to_one_and_pick_one_branch_as_temperature_vanishes():
   hard = np.asarray(gate_weights(logits, 1e-6))
   np.testing.assert_array_equal(hard, np.eye(2)[np.argmax(np.asarray(logits), -1)])
 
-  gate = FusionGate(gating='stage1', temperature=1e-6)
+  gate = make_gate('stage1', temperature=1e-6)
   x, att = jnp.ones((1, 4, 3)), -2 * jnp.ones((1, 4, 3))
-  variables = gate.init(jax.random.key(0), x, x, att, att, [(att, att)])
-  fused, gates = gate.apply(variables, x, x, att, att, [(att, att)])
+  attended = Attended(att, att, jnp.ones((1, 4)), jnp.ones((1, 4)), ((att, att),))
+  variables = gate.init(jax.random.key(0), x, x, attended)
+  fused, gates = gate.apply(variables, x, x, attended)
   picks = np.asarray(gates['video']).argmax(-1)
   expected = np.where(picks[..., None] == 0, 1.0, 0.0) * np.ones((1, 4, 3))  # relu(x)=1 or relu(att)=0
   np.testing.assert_allclose(np.asarray(fused[..., :3]), expected, atol=1e-6)
@@ -219,18 +239,19 @@ def test_stage2_learns_to_down_weight_a_constant_modality():
   audio = np.where((which == 1)[..., None], 2.0, audio)
   video = np.where((which == 2)[..., None], 2.0, video)
   audio, video, target = (jnp.asarray(x, jnp.float32) for x in (audio, video, signal[..., 0]))
-  gate = FusionGate(gating='iaca', stage2='modality')
+  gate = make_gate('iaca', 'modality')
+  attended = Attended(audio, video, jnp.ones(audio.shape[:2]), jnp.ones(audio.shape[:2]), ())
   mlp = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(1)])
   head = lambda params, fused: mlp.apply({'params': params['head']}, fused)[..., 0]
   params = {
-    'gate': gate.init(jax.random.key(0), audio, video, audio, video, [])['params'],
+    'gate': gate.init(jax.random.key(0), audio, video, attended)['params'],
     'head': mlp.init(jax.random.key(1), jnp.zeros((1, 2 * dim)))['params'],
   }
   optimizer = optax.adam(1e-2)
   opt_state = optimizer.init(params)
 
   def loss_fn(p):
-    fused, gates = gate.apply({'params': p['gate']}, audio, video, audio, video, [])
+    fused, gates = gate.apply({'params': p['gate']}, audio, video, attended)
     return jnp.mean((head(p, fused) - target) ** 2), gates
 
   @jax.jit

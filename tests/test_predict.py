@@ -33,7 +33,8 @@ from iaca_jax import (
   replicas,
   train_lib,
 )
-from iaca_jax.models import IACAModel, build_model
+from iaca_jax.kernel_choice import build_model
+from iaca_jax.models import IACAModel
 from iaca_jax.preprocessing import audio as audio_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from iaca_jax import evaluate_lib, inference, metrics, models, train_lib
+from iaca_jax import evaluate_lib, inference, kernel_choice, metrics, train_lib
 from iaca_jax import replicas as replicas_lib
 from iaca_jax.checkpoints import Checkpoints
 from tests.test_train_lib import random_batch
@@ -23,7 +23,7 @@ def train_replicas(devices, batches, replicas=K, shard_replicas=False, on_device
   `on_device(state)` sees the last state before it leaves the devices."""
   config = tiny.get_config()
   config.replicas, config.shard_replicas = replicas, shard_replicas
-  model = models.build_model(config.model)
+  model = kernel_choice.build_model(config.model)
   mesh = train_lib.create_mesh(devices, replicas_lib.device_groups(config, len(devices)))
   trainer = train_lib.Trainer(model, mesh, replicas)
   # Plain SGD: Adam would blow up rounding noise on near-zero gradients to a whole step.
@@ -50,7 +50,7 @@ def one_device_replicas(batches):
 def test_replica_k_equals_a_plain_run_with_its_seeds(batches, one_device_replicas):
   replicas, replica_metrics = one_device_replicas
   config = tiny.get_config()
-  model = models.build_model(config.model)
+  model = kernel_choice.build_model(config.model)
   trainer = train_lib.Trainer(model, train_lib.create_mesh(jax.devices()[:1]))
   for k in range(K):
     # Replica k initialises from seed 2k and draws dropout from seed 2k + 1 (config.seed = 0).

@@ -15,8 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from iaca_jax import data_source, models, train_lib
+from iaca_jax import data_source, kernel_choice, models, train_lib
 from iaca_jax.checkpoints import Checkpoints
+from iaca_jax.cpu_kernels import cpu_kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +38,7 @@ def random_batch(seed=0, batch=8, clips=16, raw=False):
 
 
 def run_steps(devices, batches, config, steps=2):
-  model = models.build_model(config.model)
+  model = kernel_choice.build_model(config.model, devices)
   trainer = train_lib.Trainer(model, train_lib.create_mesh(devices))
   # Plain SGD: parameter differences stay proportional to gradient differences (Adam would blow up
   # rounding noise on near-zero gradients to a whole step), so a tight tolerance means something.
@@ -60,11 +61,39 @@ def test_eight_devices_match_one_device():
   assert int(eight.step) == 2
 
 
+def _compiled_train_step(kernels, batch_size=16) -> str:
+  config = tiny.get_config()
+  mesh = train_lib.create_mesh()
+  model = models.model_from_config(config.model, kernels)
+  trainer = train_lib.Trainer(model, mesh)
+  batch = trainer.shard_batch(random_batch(batch=batch_size))
+  tx = train_lib.make_optimizer(config, 10)
+  state = jax.eval_shape(lambda: train_lib.init_state(model, batch, jax.random.key(0), tx))
+  state = train_lib.abstract_like(state, trainer.replicated)
+  return trainer.train_step.lower(state, batch, jax.random.key(1)).compile().as_text()
+
+
+@pytest.mark.parametrize('choice', ['xla', 'cpu'])
+def test_the_step_on_eight_devices_gathers_no_batch(choice):
+  """Data parallelism as intended: each device computes its own rows; only sums cross devices."""
+  kernels = kernel_choice.select_kernels(choice, jax.devices())
+  compiled = _compiled_train_step(kernels)
+  assert 'all-reduce' in compiled
+  for collective in ('all-gather', 'all-to-all', 'collective-permute'):
+    assert collective not in compiled, (choice, collective)
+
+
+def test_the_check_sees_a_gathered_batch():
+  """The CPU kernels made for one device chunk the co-attention's rows in a loop: over 8 devices XLA
+  gathers the batch into it, which the test above would catch."""
+  assert 'all-gather' in _compiled_train_step(cpu_kernels(1))
+
+
 def test_frozen_encoders_get_no_optimizer_state_and_stay_fixed():
   config = tiny.get_config()
-  config.model.face_size = 0
+  config.model.face_size = None
   batch = random_batch(raw=True, batch=8, clips=2)
-  model = models.build_model(config.model)
+  model = kernel_choice.build_model(config.model)
   trainer = train_lib.Trainer(model, train_lib.create_mesh())
   state = train_lib.init_state(model, batch, jax.random.key(0), train_lib.make_optimizer(config, 10))
   assert 'encoders' in state.frozen_params and 'encoders' not in state.params
@@ -81,7 +110,7 @@ def test_frozen_encoders_get_no_optimizer_state_and_stay_fixed():
 def test_non_finite_loss_leaves_state_unchanged_and_is_reported():
   config = tiny.get_config()
   batch = random_batch()
-  model = models.build_model(config.model)
+  model = kernel_choice.build_model(config.model)
   trainer = train_lib.Trainer(model, train_lib.create_mesh())
   state = trainer.replicate(
     train_lib.init_state(model, batch, jax.random.key(0), train_lib.make_optimizer(config, 10))
@@ -99,7 +128,7 @@ def test_non_finite_loss_leaves_state_unchanged_and_is_reported():
 def test_guard_covers_inputs_outside_the_loss_and_infinite_updates():
   config = tiny.get_config()
   batch = random_batch()
-  model = models.build_model(config.model)
+  model = kernel_choice.build_model(config.model)
   trainer = train_lib.Trainer(model, train_lib.create_mesh())
   # One NaN in a clip that the loss masks out: the loss may stay finite, the step must not be taken.
   bad = {k: v.copy() for k, v in batch.items()}
@@ -133,7 +162,7 @@ def test_loss_falls_on_the_tiny_set(cached):
   config = cached
   config.learning_rate = 3e-3
   data = data_source.DataSource(config)
-  model = models.build_model(config.model)
+  model = kernel_choice.build_model(config.model)
   trainer = train_lib.Trainer(model, train_lib.create_mesh())
   steps = data.steps_per_epoch()
   state = train_lib.create_train_state(config, model, data, trainer, train_lib.make_optimizer(config, steps))

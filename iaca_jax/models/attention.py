@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iaca_jax.models.dense import Dense
+from iaca_jax.models.kernels import XLA, Kernels
 
 Dtype = Any
 
@@ -41,6 +41,7 @@ class AudioGuidedSpatialAttention(nn.Module):
   features: int = 512
   torch_layout: bool = False
   dtype: Dtype = jnp.float32
+  kernels: Kernels = XLA
 
   @nn.compact
   def __call__(self, visual: jnp.ndarray, audio: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -48,8 +49,7 @@ class AudioGuidedSpatialAttention(nn.Module):
     if self.torch_layout:
       values = torch_quirk_layout(values)
     positions, channels = values.shape[-2:]
-    # Dense: the kernel gradient over B * L * P rows as a product XLA:CPU runs well (models/dense.py).
-    dense = lambda n, name, bias=True: Dense(n, use_bias=bias, dtype=self.dtype, name=name)
+    dense = lambda n, name, bias=True: self.kernels.dense(n, use_bias=bias, dtype=self.dtype, name=name)
     video_proj = nn.relu(dense(channels, 'affine_video')(values))  # (B, L, P, C)
     audio_proj = nn.relu(dense(channels, 'affine_audio')(audio))  # (B, L, C)
     content = dense(positions, 'affine_v', bias=False)(video_proj)  # (B, L, P, P)

@@ -1,4 +1,4 @@
-"""Building the model from its config and initialising its variables from input shapes."""
+"""The model from its config, and its variables initialised from input shapes."""
 
 from __future__ import annotations
 
@@ -10,15 +10,33 @@ import jax
 import jax.numpy as jnp
 
 from iaca_jax.models.iaca import IACAModel
+from iaca_jax.models.kernels import XLA, Kernels
 
 ShapeLike = Any  # an array or a jax.ShapeDtypeStruct (anything with .shape and .dtype)
+# Settings of run configs and conversions written before the kernels were chosen by `kernels`: they
+# chose how the co-attention was computed, not what (the same values), and are dropped.
+_RETIRED = ('fused_dropout', 'blocked_coattention')
 
 
-def build_model(model_config: Mapping[str, Any]) -> IACAModel:
-  """`IACAModel` from `config.model` (a ConfigDict or dict; `dtype` given by name)."""
-  kwargs = dict(model_config)
+def _from_older_config(kwargs: dict) -> dict:
+  """Older configs' sentinels (0 for unset) and their stage2 beside a gating that has none, as today's
+  settings."""
+  for name in ('face_size', 'stage2_temperature'):
+    if kwargs.get(name) == 0:
+      kwargs[name] = None
+  if kwargs.get('gating', 'iaca') != 'iaca' and kwargs.get('stage2') == 'modality':
+    kwargs['stage2'] = None  # the old default, which those gatings ignored
+  return {k: v for k, v in kwargs.items() if k not in _RETIRED}
+
+
+def model_from_config(model_config: Mapping[str, Any], kernels: Kernels = XLA) -> IACAModel:
+  """`IACAModel` from `config.model` (a ConfigDict or dict; `dtype` by name) computing with `kernels`.
+
+  Runs choose the kernels from their devices with `iaca_jax.kernel_choice.build_model`.
+  """
+  kwargs = _from_older_config({k: v for k, v in dict(model_config).items() if k != 'kernels'})
   kwargs['dtype'] = jnp.dtype(kwargs.get('dtype', 'float32'))
-  return IACAModel(**kwargs)
+  return IACAModel(**kwargs, kernels=kernels)
 
 
 def example_inputs(shapes: Mapping[str, ShapeLike]) -> dict[str, jnp.ndarray]:

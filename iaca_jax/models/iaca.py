@@ -21,9 +21,9 @@ import jax.numpy as jnp
 
 from iaca_jax.models.attention import AudioGuidedSpatialAttention
 from iaca_jax.models.cross_attention import make_cross_attention
-from iaca_jax.models.dense import Dense
 from iaca_jax.models.encoders import R2Plus1D18, ResNet18
-from iaca_jax.models.gates import FusionGate
+from iaca_jax.models.gates import make_gate
+from iaca_jax.models.kernels import XLA, Kernels
 from iaca_jax.models.temporal import ResidualBLSTM, l2_normalize
 
 Dtype = Any
@@ -35,10 +35,11 @@ class RegressionHead(nn.Module):
   hidden: int = 128
   dropout: float = 0.6
   dtype: Dtype = jnp.float32
+  kernels: Kernels = XLA
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    dense = lambda n, name: Dense(
+    dense = lambda n, name: self.kernels.dense(
       n,
       dtype=self.dtype,
       kernel_init=nn.initializers.xavier_uniform(),
@@ -60,7 +61,7 @@ class AudioVisualEncoders(nn.Module):
   width: float = 1.0
   blocks_per_stage: int = 2
   frozen: bool = False
-  face_size: int = 0  # resize faces to (face_size, face_size) first; 0 keeps them (112 in the paper)
+  face_size: int | None = None  # resize faces to (face_size, face_size) first; None keeps them (112)
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -96,7 +97,7 @@ class IACAModel(nn.Module):
   encoder_width: float = 1.0
   encoder_blocks_per_stage: int = 2
   freeze_encoders: bool = True
-  face_size: int = 0  # 0: faces as given (112); a CPU demo uses 56 (a 4x4 visual map)
+  face_size: int | None = None  # None: faces as given (112); a CPU demo uses 56 (a 4x4 visual map)
   # Fusion model.
   features: int = 512
   lstm_hidden: int = 256
@@ -105,40 +106,46 @@ class IACAModel(nn.Module):
   rjca_iterations: int = 2
   cross_attention_dropout: float = 0.6
   gating: str = 'iaca'
-  stage2: str = 'modality'
+  stage2: str | None = None  # gating='iaca' only; None: 'modality'
   gate_temperature: float = 0.1
-  stage2_temperature: float = 0.0  # 0: the same as gate_temperature
+  stage2_temperature: float | None = None  # None: gate_temperature
   head_hidden: int = 128
   head_dropout: float = 0.6
   torch_layout: bool = False
-  fused_dropout: bool = True  # the co-attention's dropout as one fused op (same bits as nn.Dropout)
-  blocked_coattention: bool = (
-    True  # RJCA's affinities via coattention_blocks (same result, less memory traffic)
-  )
   dtype: Dtype = jnp.float32
+  kernels: Kernels = XLA  # how the pieces are computed (iaca_jax/kernel_choice.py); same values
 
   def setup(self):
+    common = dict(dtype=self.dtype, kernels=self.kernels)
     self.encoders = AudioVisualEncoders(
-      self.encoder_width, self.encoder_blocks_per_stage, self.freeze_encoders, self.face_size, self.dtype
+      width=self.encoder_width,
+      blocks_per_stage=self.encoder_blocks_per_stage,
+      frozen=self.freeze_encoders,
+      face_size=self.face_size,
+      dtype=self.dtype,
     )
-    temporal = lambda dropout: ResidualBLSTM(self.features, self.lstm_hidden, 2, dropout, self.dtype)
+    temporal = lambda dropout: ResidualBLSTM(
+      features=self.features, hidden=self.lstm_hidden, num_layers=2, dropout=dropout, **common
+    )
     self.audio_temporal = temporal(self.temporal_dropout)
     self.video_temporal = temporal(self.temporal_dropout)
     self.joint_temporal = temporal(0.0)
-    self.spatial_attention = AudioGuidedSpatialAttention(self.features, self.torch_layout, self.dtype)
+    self.spatial_attention = AudioGuidedSpatialAttention(
+      features=self.features, torch_layout=self.torch_layout, **common
+    )
     self.fusion = make_cross_attention(
-      self.cross_attention,
-      iterations=self.rjca_iterations,
-      dropout=self.cross_attention_dropout,
-      dtype=self.dtype,
-      fused_dropout=self.fused_dropout,
-      blocked_coattention=self.blocked_coattention,
+      self.cross_attention, iterations=self.rjca_iterations, dropout=self.cross_attention_dropout, **common
     )
-    self.gate = FusionGate(
-      self.gating, self.stage2, self.gate_temperature, self.stage2_temperature or None, self.dtype
+    self.gate = make_gate(
+      self.gating,
+      self.stage2,
+      temperature=self.gate_temperature,
+      stage2_temperature=self.stage2_temperature,
+      **common,
     )
-    self.valence_head = RegressionHead(self.head_hidden, self.head_dropout, self.dtype)
-    self.arousal_head = RegressionHead(self.head_hidden, self.head_dropout, self.dtype)
+    head = lambda: RegressionHead(hidden=self.head_hidden, dropout=self.head_dropout, **common)
+    self.valence_head = head()
+    self.arousal_head = head()
 
   def encode(self, inputs: Mapping[str, jnp.ndarray], *, train: bool = False):
     """Encoder features (B, L, h, w, C_v) and (B, L, C_a), from raw inputs or as given."""
@@ -152,21 +159,21 @@ class IACAModel(nn.Module):
 
   def __call__(self, inputs: Mapping[str, jnp.ndarray], *, train: bool = False):
     visual_map, audio = self.encode(inputs, train=train)
-    visual_map = l2_normalize(visual_map.astype(self.dtype), axis=(-3, -2, -1))
-    audio = l2_normalize(audio.astype(self.dtype))
+    visual_map = l2_normalize(visual_map.astype(self.dtype), axis=(-3, -2, -1), kernels=self.kernels)
+    audio = l2_normalize(audio.astype(self.dtype), kernels=self.kernels)
     audio = self.audio_temporal(audio, train=train)
     video, spatial = self.spatial_attention(visual_map, audio)
     video = self.video_temporal(video, train=train)
-    att_audio, att_video, fusion_aux = self.fusion(audio, video, train=train)
-    fused, gates = self.gate(audio, video, att_audio, att_video, fusion_aux['iterations'])
+    attended = self.fusion(audio, video, train=train)
+    fused, gates = self.gate(audio, video, attended)
     joint = self.joint_temporal(fused, train=train)
     predictions = jnp.stack(
       [self.valence_head(joint, train=train), self.arousal_head(joint, train=train)], axis=-1
     )
     aux = {
       'spatial_attention': spatial,
-      'score_audio': fusion_aux['score_audio'],
-      'score_video': fusion_aux['score_video'],
+      'score_audio': attended.score_audio,
+      'score_video': attended.score_video,
       'gates': gates,
     }
     return predictions, aux

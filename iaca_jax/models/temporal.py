@@ -13,19 +13,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iaca_jax.models.dense import Dense, add_bias, matmul
-from iaca_jax.models.reductions import sum_trailing
+from iaca_jax.models.kernels import XLA, Kernels
 
 Dtype = Any
 
 
-def l2_normalize(x: jnp.ndarray, axis: int | tuple[int, ...] = -1, eps: float = 1e-12) -> jnp.ndarray:
+def l2_normalize(
+  x: jnp.ndarray, axis: int | tuple[int, ...] = -1, eps: float = 1e-12, kernels: Kernels = XLA
+) -> jnp.ndarray:
   """x / max(||x||, eps) (PyTorch's F.normalize) over `axis` (trailing axes), computed in float32."""
   axes = sorted(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
   if axes != list(range(x.ndim - len(axes), x.ndim)):
     raise ValueError(f'l2_normalize normalises over trailing axes; got axis={axis} for shape {x.shape}')
   x32 = x.astype(jnp.float32)
-  norm = jnp.sqrt(sum_trailing(jnp.square(x32), len(axes)))  # the sum as a product on a CPU
+  norm = jnp.sqrt(kernels.sum_trailing(jnp.square(x32), len(axes)))
   norm = norm.reshape(norm.shape + (1,) * len(axes))
   return (x32 / jnp.maximum(norm, eps)).astype(x.dtype)
 
@@ -43,6 +44,7 @@ class LSTMLayer(nn.Module):
   hidden: int
   reverse: bool = False
   dtype: Dtype = jnp.float32
+  kernels: Kernels = XLA
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, h0: jnp.ndarray, c0: jnp.ndarray) -> jnp.ndarray:
@@ -50,8 +52,9 @@ class LSTMLayer(nn.Module):
     w_in = self.param('kernel_input', init, (x.shape[-1], 4 * self.hidden))
     w_hid = self.param('kernel_hidden', init, (self.hidden, 4 * self.hidden))
     bias = self.param('bias', init, (4 * self.hidden,))
-    inputs = jnp.swapaxes(matmul(x.astype(self.dtype), w_in.astype(self.dtype)), 0, 1)  # (T, B, 4H)
-    inputs = add_bias(inputs.astype(jnp.float32), bias.astype(jnp.float32))
+    inputs = self.kernels.matmul(x.astype(self.dtype), w_in.astype(self.dtype))
+    inputs = jnp.swapaxes(inputs, 0, 1)  # (T, B, 4H)
+    inputs = self.kernels.add_bias(inputs.astype(jnp.float32), bias.astype(jnp.float32))
     w_hid = w_hid.astype(self.dtype)
 
     def step(carry, gates_in):
@@ -78,6 +81,7 @@ class BLSTM(nn.Module):
   num_layers: int = 2
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  kernels: Kernels = XLA
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -95,6 +99,7 @@ class BLSTM(nn.Module):
           self.hidden,
           reverse=direction == 1,
           dtype=self.dtype,
+          kernels=self.kernels,
           name=f'layer{layer}_{"backward" if direction else "forward"}',
         )
         outputs.append(lstm(x, state(row), state(rows + row)))
@@ -110,11 +115,13 @@ class ResidualBLSTM(nn.Module):
   num_layers: int = 2
   dropout: float = 0.1
   dtype: Dtype = jnp.float32
+  kernels: Kernels = XLA
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    y = BLSTM(self.hidden, self.num_layers, self.dropout, self.dtype, name='rnn')(x, train=train)
+    rnn = BLSTM(self.hidden, self.num_layers, self.dropout, self.dtype, self.kernels, name='rnn')
+    y = rnn(x, train=train)
     y = jnp.concatenate([x.astype(y.dtype), y], axis=-1)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = Dense(self.features, dtype=self.dtype, name='linear')(y)
-    return l2_normalize(y)
+    y = self.kernels.dense(self.features, dtype=self.dtype, name='linear')(y)
+    return l2_normalize(y, kernels=self.kernels)
