@@ -1,6 +1,8 @@
 """Model family: shapes under jit for every block/gate combination, torchvision parameter counts,
 gates, the layout switch and the spatial attention against NumPy."""
 
+import dataclasses
+import functools
 import itertools
 
 import flax.linen as nn
@@ -107,10 +109,19 @@ def test_batchnorm_runs_frozen(frozen):
   assert all(changed) if not frozen else not any(changed)
 
 
-# Every fusion with every gating; the stage-2 variants, which only read the stage-1 outputs (the same
-# shapes whatever the fusion), with the paper's RJCA.
-COMBINATIONS = [(ca, gating, None) for ca in CROSS_ATTENTION_TYPES for gating in ('none', 'stage1', 'iaca')]
-COMBINATIONS += [('rjca', 'iaca', stage2) for stage2 in STAGE2_TYPES if stage2 != 'modality']
+# Every fusion block and every gate variant, each at least once: the gates read only the blocks'
+# `Attended` (the same shapes whatever the block), so pairing each block with each gate adds nothing.
+COMBINATIONS = [
+  ('none', 'iaca', None),
+  ('ca', 'stage1', None),
+  ('jca', 'none', None),
+  ('jca', 'iaca', 'raw'),
+  ('rjca', 'iaca', None),
+  ('rjca', 'iaca', 'sum'),
+  ('rjca', 'iaca', 'iteration'),
+]
+assert {c for c, _, _ in COMBINATIONS} == set(CROSS_ATTENTION_TYPES)
+assert {(g, s or ('modality' if g == 'iaca' else None)) for _, g, s in COMBINATIONS} == set(models.GATES)
 
 
 @pytest.mark.parametrize('cross_attention,gating,stage2', COMBINATIONS)
@@ -126,6 +137,17 @@ def test_every_combination_composes_under_jit(cross_attention, gating, stage2):
   assert aux['spatial_attention'].shape == (2, 4, 9)
   for weights in aux['gates'].values():
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_the_xla_kernels_take_flax_dense_settings():
+  """Under the plain kernels every Dense layer is `nn.Dense`: its precision (or dot_general) is the
+  user's to set, e.g. 'highest' on a TPU."""
+  kernels = dataclasses.replace(models.XLA, dense=functools.partial(nn.Dense, precision='highest'))
+  model = IACAModel(**TINY, kernels=kernels)
+  batch = feature_batch(jax.random.key(0))
+  variables = models.init_variables(model, batch, jax.random.key(1))
+  hlo = jax.jit(lambda v: model.apply(v, batch)[0]).lower(variables).as_text()
+  assert hlo.count('precision = [HIGHEST, HIGHEST]') >= 10  # every Dense of the fusion model
 
 
 def test_gate_variants_are_chosen_by_keyword_and_a_stage2_without_iaca_is_refused():
