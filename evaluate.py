@@ -6,7 +6,7 @@ r"""Evaluates a trained IACA model. Thin entry point; the logic is in iaca_jax/e
   python evaluate.py ... --submission             # the challenge file for the test split
   python evaluate.py ... --protocol=authors       # score as the authors' released code does
 
-A run of K replicas (--config.replicas=K, as trained) is scored replica by replica, with the mean
+A run of K replicas (--config.replicas.count=K, as trained) is scored replica by replica, with the mean
 and its 95% t-interval over replicas; its submission file holds the replicas' mean prediction.
 
 Use the same --config and overrides as for training. Results go to --output_dir (default

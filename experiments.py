@@ -3,7 +3,7 @@ r"""The whole experiment on the synthetic set, from one command.
   python experiments.py --mode=demo --results_dir=results/demo      # what `make demo` runs
   python experiments.py --mode=ablation --results_dir=results/demo  # what `make ablation` runs
 
-Every variant trains `--replicas` seeds in one run (`config.replicas`; demo 3, ablation 5); tables
+Every variant trains `--replicas` seeds in one run (`config.replicas.count`; demo 3, ablation 5); tables
 give the mean and the 95% t-interval over replicas, comparisons the paired difference over the shared
 seeds, and the headline comparison also a bootstrap over validation videos (`iaca_jax.stats`).
 
@@ -73,7 +73,7 @@ def demo_config(results_dir: str, replicas: int = 1, **model_overrides) -> ml_co
   config = synthetic_demo.get_config()
   config.dataset.data_dir = os.path.join(results_dir, 'tfds')
   config.dataset.features_dir = os.path.join(results_dir, 'features')
-  config.replicas = replicas
+  config.replicas.count = replicas
   config.model.update(model_overrides)
   return config
 

@@ -3,7 +3,7 @@ r"""Trains the IACA model. Thin entry point; the logic is in iaca_jax/train_lib.
   python train.py --config configs/synthetic_demo.py --workdir runs/demo [--config.key=value ...]
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. On several hosts every
-host runs the same command with --config.distributed=True (docs/SCALING.md).
+host runs the same command with --config.cluster.distributed=True (docs/SCALING.md).
 """
 
 import os

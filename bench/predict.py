@@ -54,7 +54,7 @@ def make_run(workdir: str, config) -> str:
   """config.json and an initial state as the best checkpoint, for the inputs the run would train on."""
   model = build_model(config.model)
   shapes = predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
-  if config.dataset.features_dir:
+  if config.dataset.features_dir is not None:
     variables = jax.eval_shape(lambda r: model.init(r, shapes), jax.random.key(0))
     video_f, audio_f = jax.eval_shape(lambda v: model.apply(v, shapes, method=IACAModel.encode), variables)
     shapes = {'video_features': video_f, 'audio_features': audio_f}

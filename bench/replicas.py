@@ -1,4 +1,4 @@
-r"""Cost of K replicas in one step (`config.replicas`), against one plain step measured in the same run.
+r"""Cost of K replicas in one step (`config.replicas.count`), against one plain step measured in the same run.
 
     .venv/bin/python bench/replicas.py                          # demo + fusion, K = 1, 2, 4, 8 (CPU)
     .venv/bin/python bench/replicas.py --case=demo --replicas=1,8 --steps=10
@@ -15,7 +15,7 @@ machine's load hits every variant alike; the ratios `replica step / plain step` 
 `replica step / (K x plain step)` (the per-replica cost; < 1 means replicas are cheaper than runs).
 
 `--wall`: whole trainings, each `train.py` in its own process as a user runs them: one with K
-replicas, then K with one replica each (`first_replica` = r), wall seconds of each; on the demo's
+replicas, then K with one replica each (`replicas.first` = r), wall seconds of each; on the demo's
 set with `--wall_results_dir=results/demo` (after `make demo`), else on the tiny set.
 
 Writes bench/results/replicas_<backend>.json (or --out).
@@ -77,7 +77,7 @@ def synthetic_batch(model, batch: int) -> dict:
 
 def case_config(case: str, replicas: int):
   config = (synthetic_demo if case == 'demo' else default).get_config()
-  config.replicas = replicas
+  config.replicas.count = replicas
   return config
 
 
@@ -155,7 +155,7 @@ def _train_process(args: list[str], workdir: str) -> float:
 
 def wall_times(k: int) -> dict:
   """Whole trainings, each `train.py` in its own process: one K-replica run against K one-replica
-  runs one after another (`first_replica` = r), on the demo's data (`--wall_results_dir`, from
+  runs one after another (`replicas.first` = r), on the demo's data (`--wall_results_dir`, from
   `make demo`) or on the tiny set (generated into --data_dir when absent)."""
   if FLAGS.wall_results_dir:
     results = os.path.abspath(FLAGS.wall_results_dir)
@@ -170,12 +170,13 @@ def wall_times(k: int) -> dict:
     if not os.path.isdir(os.path.join(root, 'tfds')):
       generate.generate(os.path.join(root, 'raw'), generate.SIZES['tiny'], seed=0)
       build.build('synthetic_av', os.path.join(root, 'raw'), os.path.join(root, 'tfds'), num_shards=3)
-    args = ['--config', 'configs/tiny.py', f'--config.dataset.data_dir={root}/tfds', '--config.num_epochs=2']
+    args = ['--config', 'configs/tiny.py', f'--config.dataset.data_dir={root}/tfds']
+    args.append('--config.training.num_epochs=2')
     described = 'configs/tiny.py (raw inputs, 2 epochs)'
   with tempfile.TemporaryDirectory() as work:
-    together = _train_process([*args, f'--config.replicas={k}'], os.path.join(work, 'together'))
+    together = _train_process([*args, f'--config.replicas.count={k}'], os.path.join(work, 'together'))
     alone = [
-      _train_process([*args, f'--config.first_replica={r}'], os.path.join(work, f'alone{r}'))
+      _train_process([*args, f'--config.replicas.first={r}'], os.path.join(work, f'alone{r}'))
       for r in range(k)
     ]
   return dict(

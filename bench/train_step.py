@@ -135,7 +135,7 @@ def synthetic_batch(case: str, config, model, batch: int):
     'labels': rng.uniform(-1, 1, (batch, clips, 2)).astype(np.float32),
     'mask': np.ones((batch, clips), bool),
   }
-  if case.startswith('full') or not (case == 'fusion' or config.dataset.features_dir):
+  if case.startswith('full') or not (case == 'fusion' or config.dataset.features_dir is not None):
     shapes = raw
   else:  # the shapes the frozen encoders of this config would cache
     abstract = {k: jax.ShapeDtypeStruct((1,) + s[1:], np.float32) for k, s in raw.items()}
@@ -152,7 +152,7 @@ def run_case(case: str, dtype: str) -> dict:
   on_cpu = jax.default_backend() == 'cpu'
   settings = case_settings(case, on_cpu)
   config = case_config(case, dtype)
-  batch = settings['batch'] or config.batch_size
+  batch = settings['batch'] or config.dataset.batch_size
   result = dict(
     case=case,
     dtype=dtype,

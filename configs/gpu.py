@@ -14,6 +14,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config(arg)
   config.model.dtype = 'bfloat16'
   config.model.kernels = 'xla'
-  config.batch_size = 64  # global: 64 / devices sequences of 16 clips per GPU
-  config.prefetch_batches = 2
+  config.dataset.batch_size = 64  # global: 64 / devices sequences of 16 clips per GPU
+  config.dataset.prefetch_batches = 2
   return config

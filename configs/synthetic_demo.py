@@ -20,9 +20,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # With T = 0.1 the stage-2 modality gate collapses onto the faces early on this set and never
   # recovers (audio weight ~0, arousal lost; docs/RESULTS.md); a softer stage 2 learns to use both.
   config.model.stage2_temperature = 1.0
-  config.batch_size = 16
-  config.num_epochs = 4  # 36 training videos x 32 windows / 16 = 72 steps an epoch; the best epoch is 1-3
-  config.learning_rate = 2e-3
-  config.log_every_steps = 10
-  config.checkpoint_every_steps = 100
+  config.dataset.batch_size = 16
+  # 36 training videos x 32 windows / 16 = 72 steps an epoch; the best epoch is 1-3.
+  config.training.num_epochs = 4
+  config.optimizer.learning_rate = 2e-3
+  config.training.log_every_steps = 10
+  config.training.checkpoint_every_steps = 100
   return config

@@ -35,7 +35,7 @@ class DataSource:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.cached = bool(config.dataset.features_dir)
+    self.cached = config.dataset.features_dir is not None
     if self.cached:
       self.name, self.data_dir = os.path.abspath(config.dataset.features_dir), None
     else:
@@ -56,7 +56,7 @@ class DataSource:
     return create_train_dataset(
       self.name,
       self.data_dir,
-      global_batch_size=config.batch_size,
+      global_batch_size=config.dataset.batch_size,
       seed=config.seed,
       epoch=epoch,
       start_batch=start_batch,
@@ -70,14 +70,14 @@ class DataSource:
     """This process's share of every window of `split` (the same number of batches on every
     process, padded with invalid windows)."""
     return create_eval_dataset(
-      self.name, self.data_dir, global_batch_size=self.config.batch_size, split=split
+      self.name, self.data_dir, global_batch_size=self.config.dataset.batch_size, split=split
     )
 
   def steps_per_epoch(self) -> int:
     return num_train_batches(
       self.name,
       self.data_dir,
-      global_batch_size=self.config.batch_size,
+      global_batch_size=self.config.dataset.batch_size,
       split=self.config.dataset.train_split,
     )
 

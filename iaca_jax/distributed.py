@@ -1,14 +1,15 @@
 """Joining a multi-process JAX run, before anything touches a device (called first by the entry points).
 
-`config.distributed=True` with nothing else set lets JAX detect the cluster (Cloud TPU, SLURM, Open
-MPI, Kubernetes, ...). Anywhere else give the coordinator (process 0's `host:port`), the number of
+`config.cluster.distributed=True` with nothing else set lets JAX detect the cluster (Cloud TPU, SLURM,
+Open MPI, Kubernetes, ...). Anywhere else give the coordinator (process 0's `host:port`), the number of
 processes and this process's id by config or environment:
 
-    --config.coordinator_address=10.0.0.1:8476 --config.num_processes=2 --config.process_id=0
+    --config.cluster.coordinator_address=10.0.0.1:8476 --config.cluster.num_processes=2 \
+      --config.cluster.process_id=0
     JAX_COORDINATOR_ADDRESS=10.0.0.1:8476 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0
 
 On CPUs the cross-process collectives run over gloo (TCP). A process that stops sending heartbeats for
-`config.distributed_timeout_s` seconds is declared dead and the others end with an error instead of
+`config.cluster.timeout_s` seconds is declared dead and the others end with an error instead of
 waiting in a collective forever; the same bound applies to the shutdown barrier (joining waits at
 least 300 s for every process to start).
 """
@@ -27,8 +28,8 @@ ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
 ENV_PROCESS_ID = 'JAX_PROCESS_ID'
 
 
-def _int_setting(value: int, env: str, unset: int) -> int | None:
-  if value != unset:
+def _int_setting(value: int | None, env: str) -> int | None:
+  if value is not None:
     return value
   text = os.environ.get(env, '')
   if not text:
@@ -40,17 +41,18 @@ def _int_setting(value: int, env: str, unset: int) -> int | None:
 
 
 def initialize(config: ml_collections.ConfigDict) -> None:
-  """Joins the run described by `config` (nothing when `config.distributed` is False); idempotent.
+  """Joins the run described by `config.cluster` (nothing when `distributed` is False); idempotent.
 
   Afterwards only process 0 logs below ERROR level; it alone writes logs, TensorBoard events,
   progress bars and result files (checkpoints are written by every process, as Orbax requires).
   """
-  if not config.get('distributed', False) or jax.distributed.is_initialized():
+  cluster = config.get('cluster')
+  if cluster is None or not cluster.distributed or jax.distributed.is_initialized():
     return
-  address = config.get('coordinator_address', '') or None
-  num_processes = _int_setting(config.get('num_processes', 0), ENV_NUM_PROCESSES, 0)
-  process_id = _int_setting(config.get('process_id', -1), ENV_PROCESS_ID, -1)
-  timeout = int(config.get('distributed_timeout_s', 300))
+  address = cluster.coordinator_address  # None: $JAX_COORDINATOR_ADDRESS or detected by JAX
+  num_processes = _int_setting(cluster.num_processes, ENV_NUM_PROCESSES)
+  process_id = _int_setting(cluster.process_id, ENV_PROCESS_ID)
+  timeout = int(cluster.timeout_s)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # the default; None cannot cross hosts
   try:
     jax.distributed.initialize(
@@ -63,9 +65,9 @@ def initialize(config: ml_collections.ConfigDict) -> None:
     )
   except (RuntimeError, ValueError) as e:  # e.g. no coordinator reachable, no cluster detected
     raise ConnectionError(
-      f'Could not join the multi-process run ({e}). Set config.coordinator_address, num_processes and '
-      f'process_id (or $JAX_COORDINATOR_ADDRESS, ${ENV_NUM_PROCESSES}, ${ENV_PROCESS_ID}) unless the '
-      'cluster (Cloud TPU, SLURM, ...) is detected.'
+      f'Could not join the multi-process run ({e}). Set config.cluster.coordinator_address, '
+      f'num_processes and process_id (or $JAX_COORDINATOR_ADDRESS, ${ENV_NUM_PROCESSES}, '
+      f'${ENV_PROCESS_ID}) unless the cluster (Cloud TPU, SLURM, ...) is detected.'
     ) from e
   if not is_main_process():
     logging.set_verbosity(logging.ERROR)

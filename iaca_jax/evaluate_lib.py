@@ -1,7 +1,7 @@
 """What evaluate.py does: restore a checkpoint's model (no optimizer), score a split, the
 missing-audio sweep, the attention-score figure and the challenge submission file.
 
-A run of K replicas (`config.replicas`) is scored replica by replica from one pass over the data;
+A run of K replicas (`config.replicas.count`) is scored replica by replica from one pass over the data;
 tables give each replica and the mean with its 95% t-interval over replicas (`iaca_jax.stats`)."""
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ class Evaluator:
   def __init__(
     self, config: ml_collections.ConfigDict, workdir: str, which: str = 'best', protocol: str = 'challenge'
   ):
-    self.config, self.protocol, self.replicas = config, protocol, config.replicas
+    self.config, self.protocol, self.replicas = config, protocol, config.replicas.count
     mesh = train_lib.create_mesh()
     self.model = build_model(config.model, mesh.devices.flat)
-    self.trainer = train_lib.Trainer(self.model, mesh, config.replicas)
+    self.trainer = train_lib.Trainer(self.model, mesh, config.replicas.count)
     self.data = data_source.DataSource(config)
     missing = FileNotFoundError(
       f'No {which} checkpoint under {workdir}/checkpoints: train first (python train.py --workdir {workdir} ...).'

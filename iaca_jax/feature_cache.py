@@ -41,7 +41,7 @@ def encoder_variables(config: ml_collections.ConfigDict, model: IACAModel, examp
   """Encoder variables: converted pretrained weights when configured, else a seeded initialisation."""
   inputs = {k: example[k] for k in ('video', 'audio')}
   variables = init_variables(model, inputs, jax.random.key(config.seed))
-  if config.pretrained:
+  if config.pretrained is not None:
     variables = pretrained.merge_pretrained(
       variables, pretrained.load_for_model(config.pretrained, config.model)
     )
@@ -137,6 +137,8 @@ def cache_features(config: ml_collections.ConfigDict, *, batch_size: int = 8) ->
   """
   if not config.model.freeze_encoders:
     raise ValueError('Feature caching needs frozen encoders (config.model.freeze_encoders=True).')
+  if config.dataset.features_dir is None:
+    raise ValueError('Set config.dataset.features_dir: the folder the cached features are written to.')
   out_dir = os.path.abspath(config.dataset.features_dir)
   storage_dtype(config)  # a bad setting stops before any work
   source = input_pipeline.get_builder(config.dataset.name, config.dataset.data_dir)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -25,7 +24,16 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from iaca_jax import faces, feature_cache, input_pipeline, metrics, pretrained, replicas, train_lib
+from iaca_jax import (
+  faces,
+  feature_cache,
+  input_pipeline,
+  metrics,
+  pretrained,
+  replicas,
+  run_config,
+  train_lib,
+)
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.fileio import atomic_write
 from iaca_jax.inference import predict_split
@@ -82,12 +90,12 @@ def _restore_run(config: ml_collections.ConfigDict, workdir: str, which: str) ->
   """A training run: encoders as the run had them (restored, or for a cached-feature run the seeded
   initialisation and `config.pretrained` that `feature_cache` used), the rest from the checkpoint."""
   mesh = train_lib.create_mesh()
-  trainer = train_lib.Trainer(build_model(config.model, mesh.devices.flat), mesh, config.replicas)
+  trainer = train_lib.Trainer(build_model(config.model, mesh.devices.flat), mesh, config.replicas.count)
   model = trainer.model
   sample_rate = model_sample_rate(config)
   raw = raw_inputs(sample_rate)
   variables, shapes = {}, raw
-  if config.dataset.features_dir:  # the checkpoint holds no encoder: set them up as feature_cache did
+  if config.dataset.features_dir is not None:  # no encoder in the checkpoint: set up as feature_cache did
     variables = feature_cache.encoder_variables(config, model, raw)
     video_f, audio_f = jax.eval_shape(lambda v: model.apply(v, raw, method=IACAModel.encode), variables)
     shapes = {'video_features': video_f, 'audio_features': audio_f}
@@ -138,9 +146,7 @@ def load_model(
   source = os.path.abspath(os.path.expanduser(source))
   config_path = os.path.join(source, train_lib.RUN_CONFIG_FILE)
   if os.path.isfile(config_path):
-    with open(config_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-    return _restore_run(config, source, which)
+    return _restore_run(run_config.read(config_path), source, which)  # also a run of the flat layout
   if os.path.isfile(os.path.join(source, pretrained.METADATA_FILE)):
     if base_config is None:
       raise PredictError(f'{source} holds converted weights: a base config is needed for them.')

@@ -1,16 +1,16 @@
-"""K independent seeds trained in one compiled step (`config.replicas = K`).
+"""K independent seeds trained in one compiled step (`config.replicas.count = K`).
 
 A replica state carries a leading replica axis (K, ...) on its step, trainable parameters, optimizer
 state and, when the encoders train, their BatchNorm statistics; frozen encoder weights and the batch
 are shared. The per-replica step is the plain step under `jax.vmap`, so replica k of a K-run computes
 exactly what a one-model run with replica k's seeds computes.
 
-Placement (`config.shard_replicas`): by default every device holds every replica and a share of the
+Placement (`config.replicas.shard`): by default every device holds every replica and a share of the
 batch (data parallelism, as for one model). Sharded, the mesh is ('replica', 'data'): the replica axis
 is split over gcd(K, devices) device groups, each training its K / groups replicas on the batch
 sharded over the group (`train_lib.create_mesh`); no gradient crosses groups.
 
-Seeds: replica r (r = `config.first_replica` + k) initialises from `seed + 2 r` and draws its dropout
+Seeds: replica r (r = `config.replicas.first` + k) initialises from `seed + 2 r` and draws its dropout
 from `seed + 2 r + 1`; replica 0 is therefore the plain run (init `seed`, dropout `seed + 1`). The data
 order follows `config.seed` alone and is shared. With random (not pretrained) frozen encoders, every
 replica uses replica 0's.
@@ -36,15 +36,15 @@ def replica_seeds(seed: int, first: int, count: int) -> list[tuple[int, int]]:
 
 def device_groups(config: ml_collections.ConfigDict, num_devices: int | None = None) -> int:
   """How many device groups the replicas are split over: gcd(K, devices) with
-  `config.shard_replicas`, else 1 (every device holds every replica)."""
-  if not config.shard_replicas or config.replicas == 1:
+  `config.replicas.shard`, else 1 (every device holds every replica)."""
+  if not config.replicas.shard or config.replicas.count == 1:
     return 1
   if jax.process_count() > 1:
     raise ValueError(
-      'config.shard_replicas needs one process: each replica group reads the whole batch, and the input '
+      'config.replicas.shard needs one process: each replica group reads the whole batch, and the input '
       'pipeline gives each process its own share of it. Leave it False on several hosts.'
     )
-  return math.gcd(config.replicas, num_devices or jax.device_count())
+  return math.gcd(config.replicas.count, num_devices or jax.device_count())
 
 
 def stack(trees: Sequence[Any]) -> Any:

@@ -61,20 +61,24 @@ def create_mesh(devices=None, replica_groups: int = 1) -> Mesh:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """Constant, then x`lr_decay` every `lr_decay_every_epochs` epochs from `lr_decay_start_epoch` on."""
+  """Constant `optimizer.learning_rate`, then x`schedule.decay` every `schedule.decay_every_epochs`
+  epochs from `schedule.decay_start_epoch` on."""
+  learning_rate, schedule = config.optimizer.learning_rate, config.schedule
   decay = optax.exponential_decay(
-    config.learning_rate * config.lr_decay,
-    transition_steps=config.lr_decay_every_epochs * steps_per_epoch,
-    decay_rate=config.lr_decay,
+    learning_rate * schedule.decay,
+    transition_steps=schedule.decay_every_epochs * steps_per_epoch,
+    decay_rate=schedule.decay,
     staircase=True,
   )
   return optax.join_schedules(
-    [optax.constant_schedule(config.learning_rate), decay], [config.lr_decay_start_epoch * steps_per_epoch]
+    [optax.constant_schedule(learning_rate), decay], [schedule.decay_start_epoch * steps_per_epoch]
   )
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  return optax.adamw(learning_rate_schedule(config, steps_per_epoch), weight_decay=config.weight_decay)
+  return optax.adamw(
+    learning_rate_schedule(config, steps_per_epoch), weight_decay=config.optimizer.weight_decay
+  )
 
 
 def _model_inputs(batch: Mapping[str, jnp.ndarray]) -> dict:
@@ -281,7 +285,8 @@ def abstract_model_state(config, model: IACAModel, data: DataSource, trainer: Tr
 
 def create_train_state(config, model: IACAModel, data: DataSource, trainer: Trainer, tx) -> TrainState:
   """A fresh state on the devices; converted weights from `config.pretrained` put in place."""
-  converted = pretrained.load_for_model(config.pretrained, config.model) if config.pretrained else None
+  path = config.pretrained  # None: no converted weights
+  converted = None if path is None else pretrained.load_for_model(path, config.model)
   return trainer.place_state(fresh_state(config, model, data.input_shapes(), tx, converted))
 
 
@@ -296,20 +301,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
   mesh = create_mesh(replica_groups=replicas_lib.device_groups(config))
   model = build_model(config.model, mesh.devices.flat)
-  trainer = Trainer(model, mesh, config.replicas)
+  trainer = Trainer(model, mesh, config.replicas.count)
   data = DataSource(config)
   steps_per_epoch = data.steps_per_epoch()
-  total_steps = config.num_epochs * steps_per_epoch
-  if config.max_steps > 0:
-    total_steps = min(total_steps, config.max_steps)
+  training = config.training
+  total_steps = training.num_epochs * steps_per_epoch
+  if training.max_steps is not None:
+    total_steps = min(total_steps, training.max_steps)
   tx = make_optimizer(config, steps_per_epoch)
-  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-  meta = validation.initial_meta(config.replicas)
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), training.keep_checkpoints)
+  meta = validation.initial_meta(config.replicas.count)
   restored = best_state = None  # best_state: each replica at its best validation (replicas only)
   if checkpoints.latest_step() is not None:
     abstract = abstract_train_state(config, model, data, trainer, tx)
     restored = checkpoints.restore(abstract)
-    if config.replicas > 1 and checkpoints.latest_step(best=True) is not None:
+    if config.replicas.count > 1 and checkpoints.latest_step(best=True) is not None:
       best_state = checkpoints.restore(abstract, best=True)[0]
   if restored is not None:
     state, meta = restored
@@ -322,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   base_rng = trainer.replicate(dropout_keys(config))
   in_flight = collections.deque()  # losses of the steps dispatched and maybe not yet done
   report_progress = periodic_actions.ReportProgress(
-    num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps, every_secs=None
+    num_train_steps=total_steps, writer=writer, every_steps=training.log_every_steps, every_secs=None
   )
   progress = tqdm.tqdm(
     total=total_steps, initial=step, disable=jax.process_index() != 0, desc='train', dynamic_ncols=True
@@ -357,21 +363,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
       batches = data.train_batches(epoch=epoch, start_batch=offset)
-      for device_batch in prefetch_to_devices(batches, trainer.shard_batch, config.prefetch_batches):
+      for device_batch in prefetch_to_devices(batches, trainer.shard_batch, config.dataset.prefetch_batches):
         with jax.transfer_guard('disallow'):  # an implicit transfer here would be a hidden sync
           state, step_metrics = trainer.train_step(state, device_batch, base_rng)
         pending.append(step_metrics)
-        wait_for_steps_in_flight(in_flight, step_metrics['loss'], config.max_steps_in_flight)
+        wait_for_steps_in_flight(in_flight, step_metrics['loss'], training.max_steps_in_flight)
         step += 1
         progress.update(1)
         report_progress(step)
-        if step % config.log_every_steps == 0:
+        if step % training.log_every_steps == 0:
           flush(step)
-        if step % config.checkpoint_every_steps == 0:
+        if step % training.checkpoint_every_steps == 0:
           save(step)
         if step >= total_steps:
           break
-      epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.eval_every_epochs == 0
+      epoch_done = (
+        step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.evaluation.every_epochs == 0
+      )
       if epoch_done or step >= total_steps:
         flush(step)
         scores = validation.evaluate_state(trainer, state, data, config.dataset.eval_split)
@@ -379,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.flush()
         improved = validation.improved_replicas(meta, scores, step)
         if improved.any():
-          if config.replicas > 1:
+          if config.replicas.count > 1:
             old = state if best_state is None else best_state
             best_state = trainer.select_replicas(improved, state, old)
           save(step, best=True)
@@ -389,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints.wait()
     checkpoints.close()
     writer.close()
-  result = dict(meta, steps=step, workdir=workdir, replicas=config.replicas)
+  result = dict(meta, steps=step, workdir=workdir, replicas=config.replicas.count)
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, 'train_result.json'), json.dumps(result, indent=1, default=float))
   return result

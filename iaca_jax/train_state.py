@@ -99,7 +99,7 @@ def init_replica_state(
 
 
 def init_keys(config: ml_collections.ConfigDict) -> jax.Array:
-  """The initialisation key of the run: one key, or (K,) keys with `config.replicas` = K > 1."""
+  """The initialisation key of the run: one key, or (K,) keys with `config.replicas.count` = K > 1."""
   return _seed_keys(config, 0)
 
 
@@ -109,21 +109,21 @@ def dropout_keys(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def _seed_keys(config: ml_collections.ConfigDict, which: int) -> jax.Array:
-  seeds = replicas_lib.replica_seeds(config.seed, config.first_replica, config.replicas)
-  if config.replicas == 1:
+  seeds = replicas_lib.replica_seeds(config.seed, config.replicas.first, config.replicas.count)
+  if config.replicas.count == 1:
     return jax.random.key(seeds[0][which])
   return jnp.stack([jax.random.key(pair[which]) for pair in seeds])
 
 
 def fresh_state(config, model: IACAModel, shapes, tx, converted=None) -> TrainState:
-  """A fresh (unplaced) state of the run: one model, or `config.replicas` of them."""
-  if config.replicas == 1:
+  """A fresh (unplaced) state of the run: one model, or `config.replicas.count` of them."""
+  if config.replicas.count == 1:
     return init_state(model, shapes, init_keys(config), tx, converted)
   return init_replica_state(model, shapes, init_keys(config), tx, converted)
 
 
 def fresh_model_state(config, model: IACAModel, shapes) -> dict[str, Any]:
   """`init_model_state` (or its replica form) of the run."""
-  if config.replicas == 1:
+  if config.replicas.count == 1:
     return init_model_state(model, shapes, init_keys(config))
   return init_replica_model_state(model, shapes, init_keys(config))

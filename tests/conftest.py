@@ -56,7 +56,7 @@ def tiny(tmp_path_factory):
   return types.SimpleNamespace(raw=raw, data_dir=str(root / 'tfds'), side=side, root=root)
 
 
-def make_config(data_dir, features_dir=''):
+def make_config(data_dir, features_dir=None):
   """configs/tiny.py reading the tiny set (and its cached features)."""
   config = tiny_config.get_config()
   config.dataset.data_dir = data_dir
@@ -86,7 +86,8 @@ def one_epoch_run(tiny, cached_features_dir):
   """One epoch of the tiny model on the cached features (8 devices, checkpoints every 3 steps),
   trained once per session for the tests that only read it: (config, workdir, train result)."""
   config = make_config(tiny.data_dir, cached_features_dir)
-  config.num_epochs, config.checkpoint_every_steps, config.log_every_steps = 1, 3, 3
+  training = config.training
+  training.num_epochs, training.checkpoint_every_steps, training.log_every_steps = 1, 3, 3
   workdir = tiny.root / 'one_epoch_run'
   with open(str(workdir) + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

@@ -14,7 +14,7 @@ def test_config_jitter_reaches_the_training_batches(tiny):
       input_pipeline.create_train_dataset(
         'synthetic_av',
         tiny.data_dir,
-        global_batch_size=config.batch_size,
+        global_batch_size=config.dataset.batch_size,
         seed=config.seed,
         features=DataSource(config).train_keys,
         jitter=None,

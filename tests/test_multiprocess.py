@@ -19,7 +19,7 @@ from iaca_jax import input_pipeline
 from iaca_jax.checkpoints import Checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEARTBEAT_S = 20  # config.distributed_timeout_s of the processes: a dead peer is noticed by then
+HEARTBEAT_S = 20  # config.cluster.timeout_s of the processes: a dead peer is noticed by then
 RUN_TIMEOUT_S = 600  # the most one launch may take on a busy 2-core machine
 
 
@@ -38,16 +38,16 @@ def start(args, log_prefix, *, by_env=False):
     cmd = [
       sys.executable,
       *args,
-      '--config.distributed=True',
-      f'--config.distributed_timeout_s={HEARTBEAT_S}',
+      '--config.cluster.distributed=True',
+      f'--config.cluster.timeout_s={HEARTBEAT_S}',
     ]
     if by_env:
       env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i))
     else:
       cmd += [
-        f'--config.coordinator_address={address}',
-        '--config.num_processes=2',
-        f'--config.process_id={i}',
+        f'--config.cluster.coordinator_address={address}',
+        '--config.cluster.num_processes=2',
+        f'--config.cluster.process_id={i}',
       ]
     with open(f'{log_prefix}.{i}.log', 'w') as log:
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -95,14 +95,14 @@ def final_params(workdir):
 def test_two_processes_train_as_one_and_resume_after_a_kill(one_epoch_run, tmp_path):
   config, one, reference = one_epoch_run.config, one_epoch_run.workdir, one_epoch_run.result  # 1 process
   assert jax.device_count() == 8
-  overrides = {k: config[k] for k in ('num_epochs', 'checkpoint_every_steps', 'log_every_steps')}
+  overrides = {k: config.training[k] for k in ('num_epochs', 'checkpoint_every_steps', 'log_every_steps')}
   total = reference['steps']
   assert total > 3
 
   two = str(tmp_path / 'two')
   args = ['train.py', '--config', 'configs/tiny.py', '--workdir', two]
   args += [f'--config.dataset.{k}={config.dataset[k]}' for k in ('data_dir', 'features_dir')]
-  args += [f'--config.{k}={v}' for k, v in overrides.items()]
+  args += [f'--config.training.{k}={v}' for k, v in overrides.items()]
   logs = str(tmp_path / 'train')
   procs = start(args, logs)
   deadline = time.monotonic() + RUN_TIMEOUT_S

@@ -5,6 +5,7 @@ The model is the tiny config, an initialised (untrained) state saved as a run's 
 its config.json, as train.py leaves them.
 """
 
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from iaca_jax import (
 from iaca_jax.kernel_choice import build_model
 from iaca_jax.models import IACAModel
 from iaca_jax.preprocessing import audio as audio_lib
+from tests.test_configs import old_flat_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_FRAMES = 96
@@ -202,6 +204,18 @@ def test_plot_overlay_and_challenge_files(prediction, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['face.mp4', 'face.png', 'face.txt']
 
 
+def test_a_run_recorded_in_the_old_flat_config_layout_loads_as_before(model, run_dir, tmp_path):
+  """config.json of a run from before the configs were grouped (flat keys, '' and -1 for unset)."""
+  old = str(tmp_path / 'old_run')
+  shutil.copytree(run_dir, old)
+  with open(os.path.join(old, train_lib.RUN_CONFIG_FILE), 'w') as f:
+    json.dump(old_flat_layout(model.config), f, indent=1)
+  loaded = predict_lib.load_model(old)
+  assert json.loads(loaded.config.to_json()) == json.loads(model.config.to_json())
+  for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(model.variables), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_a_cached_feature_run_gets_the_encoders_its_features_were_cached_with(cached, tmp_path):
   """A run trained on cached features has no encoder in its checkpoint: predict must rebuild the
   encoders that wrote the cache. Their features of a validation window equal the cached ones."""
@@ -299,7 +313,7 @@ def test_bad_videos_are_one_clear_error_naming_the_file(face_video, run_dir, tmp
 @pytest.mark.heavy
 def test_a_replica_run_predicts_the_mean_of_its_replicas(face_video, tmp_path):
   config = run_config()
-  config.replicas = 2
+  config.replicas.count = 2
   model = build_model(config.model)
   shapes = predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
   state = train_lib.init_replica_state(model, shapes, train_lib.init_keys(config), optax.sgd(0.1))

@@ -22,7 +22,7 @@ def train_replicas(devices, batches, replicas=K, shard_replicas=False, on_device
   """`replicas` replicas (seeds 0, 1, ...) over `batches` with plain SGD on `devices`;
   `on_device(state)` sees the last state before it leaves the devices."""
   config = tiny.get_config()
-  config.replicas, config.shard_replicas = replicas, shard_replicas
+  config.replicas.count, config.replicas.shard = replicas, shard_replicas
   model = kernel_choice.build_model(config.model)
   mesh = train_lib.create_mesh(devices, replicas_lib.device_groups(config, len(devices)))
   trainer = train_lib.Trainer(model, mesh, replicas)
@@ -79,7 +79,7 @@ def test_eight_devices_match_one_device_with_replicas(batches, one_device_replic
 
 @pytest.mark.xdist_group('one_device_replicas')  # one fixture build
 def test_replicas_sharded_over_device_groups_match_one_device(batches, one_device_replicas):
-  """K = 3 on 6 devices with config.shard_replicas: 3 groups of 2 devices, each group training one
+  """K = 3 on 6 devices with config.replicas.shard: 3 groups of 2 devices, each group training one
   replica on the batch split in two; the same parameters as all replicas on one device."""
   one, metrics_one = one_device_replicas
 
@@ -112,13 +112,13 @@ def latest_states(workdir):
 @pytest.mark.heavy
 def test_replica_run_resumes_exactly_keeps_each_best_and_is_scored_per_replica(cached, tmp_path):
   config = cached
-  config.replicas, config.num_epochs, config.keep_checkpoints = 2, 2, 20
-  config.checkpoint_every_steps, config.log_every_steps = 5, 5
+  config.replicas.count, config.training.num_epochs, config.training.keep_checkpoints = 2, 2, 20
+  config.training.checkpoint_every_steps, config.training.log_every_steps = 5, 5
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   result = train_lib.train_and_evaluate(config, straight)
-  config.max_steps = 5
+  config.training.max_steps = 5
   train_lib.train_and_evaluate(config, resumed)
-  config.max_steps = -1
+  config.training.max_steps = None
   train_lib.train_and_evaluate(config, resumed)
   latest, best, meta = latest_states(straight)
   latest_resumed, _, _ = latest_states(resumed)
@@ -148,15 +148,15 @@ def test_replica_run_resumes_exactly_keeps_each_best_and_is_scored_per_replica(c
 def test_a_run_with_replicas_sharded_over_devices_resumes_and_validates_as_the_default_layout(
   cached, tmp_path
 ):
-  """The loop with config.shard_replicas (2 replicas, 8 devices: 2 groups of 4): it restores a
+  """The loop with config.replicas.shard (2 replicas, 8 devices: 2 groups of 4): it restores a
   checkpoint into the sharded layout and resumes, and its validation during training gives each
   replica the scores the default-layout evaluator gives the saved best state."""
   config = cached
-  config.replicas, config.shard_replicas, config.max_steps = 2, True, 2
-  config.checkpoint_every_steps, config.eval_every_epochs = 2, 1
+  config.replicas.count, config.replicas.shard, config.training.max_steps = 2, True, 2
+  config.training.checkpoint_every_steps, config.evaluation.every_epochs = 2, 1
   workdir = str(tmp_path / 'run')
   train_lib.train_and_evaluate(config, workdir)
-  config.max_steps = 4
+  config.training.max_steps = 4
   result = train_lib.train_and_evaluate(config, workdir)
   assert result['steps'] == 4 and len(result['best_step']) == 2
   evaluator = evaluate_lib.Evaluator(config, workdir)  # the default layout: every replica everywhere

@@ -151,7 +151,7 @@ def test_guard_covers_inputs_outside_the_loss_and_infinite_updates():
 
 def test_learning_rate_schedule_follows_the_paper():
   config = tiny.get_config()
-  config.learning_rate, config.lr_decay_start_epoch = 1e-3, 5
+  config.optimizer.learning_rate, config.schedule.decay_start_epoch = 1e-3, 5
   schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10)
   expected = {0: 1e-3, 49: 1e-3, 50: 8e-4, 69: 8e-4, 70: 6.4e-4, 90: 5.12e-4}
   for step, lr in expected.items():
@@ -160,7 +160,7 @@ def test_learning_rate_schedule_follows_the_paper():
 
 def test_loss_falls_on_the_tiny_set(cached):
   config = cached
-  config.learning_rate = 3e-3
+  config.optimizer.learning_rate = 3e-3
   data = data_source.DataSource(config)
   model = kernel_choice.build_model(config.model)
   trainer = train_lib.Trainer(model, train_lib.create_mesh())
@@ -188,13 +188,13 @@ def final_params(workdir):
 @pytest.mark.heavy
 def test_resumed_run_equals_uninterrupted_run(one_epoch_run, tmp_path):
   config = one_epoch_run.config.copy_and_resolve_references()
-  config.checkpoint_every_steps = 5  # the checkpoints of the two runs need not be at the same steps
+  config.training.checkpoint_every_steps = 5  # the checkpoints of the two runs need not be at the same steps
   straight = one_epoch_run.workdir
   resumed = str(tmp_path / 'resumed')
-  config.max_steps = 5  # mid-epoch: the resumed run must skip the batches already seen
+  config.training.max_steps = 5  # mid-epoch: the resumed run must skip the batches already seen
   train_lib.train_and_evaluate(config, resumed)
   assert final_params(resumed)[0] == 5
-  config.max_steps = -1
+  config.training.max_steps = None
   result = train_lib.train_and_evaluate(config, resumed)
   step_a, params_a = final_params(straight)
   step_b, params_b = final_params(resumed)
@@ -250,7 +250,7 @@ from iaca_jax import train_lib
 
 config = tiny.get_config()
 config.dataset.data_dir, config.dataset.features_dir, workdir = sys.argv[1:4]
-config.log_every_steps, config.checkpoint_every_steps = 1, 2
+config.training.log_every_steps, config.training.checkpoint_every_steps = 1, 2
 prefetch_to_devices = train_lib.prefetch_to_devices
 
 def with_nan_in_third_batch(batches, *args):

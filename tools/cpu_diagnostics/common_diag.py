@@ -153,7 +153,7 @@ def compiled_case(case: str, dtype: str = 'fp32', model_overrides: dict | None =
   config = train_step.case_config(case, dtype)
   config.model.update(model_overrides or {})
   settings = train_step.case_settings(case, jax.default_backend() == 'cpu')
-  settings['batch'] = settings['batch'] or config.batch_size
+  settings['batch'] = settings['batch'] or config.dataset.batch_size
   mesh = train_lib.create_mesh()
   model = kernel_choice.build_model(config.model, mesh.devices.flat)  # config.model.kernels
   trainer = train_lib.Trainer(model, mesh)
