@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -84,9 +85,20 @@ def test_the_step_on_eight_devices_gathers_no_batch(choice):
 
 
 def test_the_check_sees_a_gathered_batch():
-  """The CPU kernels made for one device chunk the co-attention's rows in a loop: over 8 devices XLA
-  gathers the batch into it, which the test above would catch."""
-  assert 'all-gather' in _compiled_train_step(cpu_kernels(1))
+  """What the test above would catch: the one-device CPU kernels chunk the co-attention's rows in a
+  loop, and over 8 devices XLA gathers the batch into it (one co-attention layer's gradients here);
+  the same layer with the 8-device set gathers nothing."""
+  sharded = jax.sharding.NamedSharding(train_lib.create_mesh(), jax.P('data'))
+  x = jax.device_put(np.ones((16, 4, 8), np.float32), sharded)
+
+  def compiled(kernels) -> str:
+    layer = models.cross_attention.DenseCoAttentionLayer(dropout=0.0, kernels=kernels)
+    params = layer.init(jax.random.key(0), x, x, train=False)
+    loss = lambda p, a, b: sum(jnp.sum(y) for y in layer.apply(p, a, b, train=False))
+    return jax.jit(jax.grad(loss)).lower(params, x, x).compile().as_text()
+
+  assert 'all-gather' in compiled(cpu_kernels(1))
+  assert 'all-gather' not in compiled(cpu_kernels(8))
 
 
 def test_frozen_encoders_get_no_optimizer_state_and_stay_fixed():
