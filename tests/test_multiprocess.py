@@ -34,7 +34,9 @@ def start(args, log_prefix, *, by_env=False):
   address = f'127.0.0.1:{free_port()}'
   procs = []
   for i in range(2):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+    # 4 devices each, LLVM's optimisations off as in the suite's process (tests/conftest.py).
+    flags = '--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0'
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
     cmd = [
       sys.executable,
       *args,
