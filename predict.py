@@ -50,10 +50,19 @@ def predict(videos):
     raise FileNotFoundError(f'no such video file: {", ".join(missing)}')
   for path in videos:
     predict_lib.check_video(path)
-  output_dir = cli.check_writable_dir(FLAGS.output_dir, 'output_dir')
+  output_dir = os.path.abspath(os.path.expanduser(FLAGS.output_dir))
+  kinds = ['csv'] + ['plot'] * FLAGS.plot + ['abaw'] * (FLAGS.format == 'abaw') + ['overlay'] * FLAGS.overlay
+  plans = predict_outputs.plan_outputs(videos, output_dir, kinds)  # no output replaces an input
+  cli.check_writable_dir(output_dir, 'output_dir')
   model = predict_lib.load_model(FLAGS.workdir, which=FLAGS.checkpoint, base_config=default.get_config())
   print(f'Model: {model.source}')
-  for path in videos:
+  writers = {
+    'csv': predict_outputs.write_csv,
+    'plot': predict_outputs.plot,
+    'abaw': predict_outputs.write_abaw,
+    'overlay': predict_outputs.write_overlay,
+  }
+  for path, plan in zip(videos, plans):
     prediction = predict_lib.predict_video(
       model,
       path,
@@ -62,14 +71,7 @@ def predict(videos):
       detect_size=FLAGS.detect_size,
       crop_scale=FLAGS.crop_scale,
     )
-    name = predict_outputs.video_name(prediction)
-    written = [predict_outputs.write_csv(prediction, os.path.join(output_dir, f'{name}.csv'))]
-    if FLAGS.plot:
-      written.append(predict_outputs.plot(prediction, os.path.join(output_dir, f'{name}.png')))
-    if FLAGS.format == 'abaw':
-      written.append(predict_outputs.write_abaw(prediction, os.path.join(output_dir, f'{name}.txt')))
-    if FLAGS.overlay:
-      written.append(predict_outputs.write_overlay(prediction, os.path.join(output_dir, f'{name}.mp4')))
+    written = [writers[kind](prediction, out) for kind, out in plan.items()]
     track = prediction.faces.track
     print(
       f'{path}: {track.num_frames} frames, face in {track.present.mean():.1%}, '

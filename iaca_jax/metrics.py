@@ -59,22 +59,31 @@ def concordance_cc(x: np.ndarray, y: np.ndarray) -> float:
   return float(2.0 * np.mean(dx * dy) / den) if den > 0 else float('nan')
 
 
-def postprocess_video(pred_frames: np.ndarray, window: int) -> np.ndarray:
+def postprocess_video(pred_frames: np.ndarray, window: int, ends: str = 'zeros') -> np.ndarray:
   """One video's (N,) per-frame predictions of one dimension: clip to [-1, 1], then moving average.
 
-  The average is zero-padded at both ends and centred as scipy centres it (`origin=0`: for an even
-  window, output i covers frames i - window // 2 .. i + (window - 1) // 2). window 1: no smoothing.
+  The average is centred as scipy centres it (`origin=0`: for an even window, output i covers frames
+  i - window // 2 .. i + (window - 1) // 2). At the ends, `ends='zeros'` pads with zeros (the
+  challenge's evaluation: the first and last window // 2 frames are pulled toward 0); `ends='shrink'`
+  averages only the frames that exist (predict.py: no pull at the ends). window 1: no smoothing.
   Returns (N,) float64.
   """
   if window < 1:
     raise ValueError(f'postprocess_video: window must be >= 1, got {window}')
+  if ends not in ('zeros', 'shrink'):
+    raise ValueError(f"postprocess_video: ends must be 'zeros' or 'shrink', got {ends!r}")
   clipped = np.clip(np.asarray(pred_frames, np.float64), -1.0, 1.0)
-  return scipy.ndimage.uniform_filter1d(clipped, size=window, mode='constant', cval=0.0)
+  average = lambda x: scipy.ndimage.uniform_filter1d(x, size=window, mode='constant', cval=0.0)
+  if ends == 'zeros':
+    return average(clipped)
+  return average(clipped) / average(np.ones_like(clipped))
 
 
-def postprocess(predictions: np.ndarray, windows: Sequence[int] = DEFAULT_WINDOWS) -> np.ndarray:
+def postprocess(
+  predictions: np.ndarray, windows: Sequence[int] = DEFAULT_WINDOWS, ends: str = 'zeros'
+) -> np.ndarray:
   """`postprocess_video` on each column of one video's (N, D) predictions; returns (N, D)."""
-  return np.stack([postprocess_video(predictions[:, d], w) for d, w in enumerate(windows)], -1)
+  return np.stack([postprocess_video(predictions[:, d], w, ends) for d, w in enumerate(windows)], -1)
 
 
 def _decode(name) -> str:

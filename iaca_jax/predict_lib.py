@@ -320,7 +320,7 @@ class VideoPrediction:
 
   faces: VideoFaces
   raw: np.ndarray  # (N, 2) valence, arousal: the prediction of the clip ending on each frame
-  smoothed: np.ndarray  # (N, 2) after the evaluation's post-processing (clip, moving average)
+  smoothed: np.ndarray  # (N, 2) clipped and moving-averaged as evaluated, the ends not pulled to 0
   silent: np.ndarray  # bool (N,)
   audio_status: str
   audio_message: str
@@ -362,5 +362,10 @@ def predict_video(
     raise RuntimeError(f'{path}: the windows did not predict every frame once')  # a bug, not bad input
   silent = silent_frames(track.samples, model.sample_rate, video.fps, video.num_frames)
   return VideoPrediction(
-    video, frames, metrics.postprocess(frames), silent, track.status, track.message or 'audio ok'
+    video,
+    frames,
+    metrics.postprocess(frames, ends='shrink'),
+    silent,
+    track.status,
+    track.message or 'audio ok',
   )

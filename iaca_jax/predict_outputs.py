@@ -4,6 +4,7 @@ overlay video. Each is written to a temporary name and renamed when complete."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from fractions import Fraction
 
 import av
@@ -20,10 +21,40 @@ from iaca_jax.fileio import atomic_savefig, atomic_write  # noqa: E402
 from iaca_jax.predict_lib import PredictError, VideoPrediction, open_video  # noqa: E402
 
 CSV_HEADER = 'frame,time_s,valence,arousal,face'
+# What predict.py can write per video, by kind: the file's suffix after the video's name.
+SUFFIXES = {'csv': '.csv', 'plot': '.png', 'abaw': '.txt', 'overlay': '.mp4'}
 
 
 def video_name(prediction: VideoPrediction) -> str:
   return os.path.splitext(os.path.basename(prediction.faces.path))[0]
+
+
+def plan_outputs(videos: Sequence[str], output_dir: str, kinds: Sequence[str]) -> list[dict[str, str]]:
+  """Every output path of one predict command, before any work: per video, {kind: path} for `kinds`
+  (keys of SUFFIXES), named `<output_dir>/<video name><suffix>`.
+
+  No output replaces another: a video whose name an earlier one of the command already took gets
+  `-2`, `-3`, ... (`a/clip.mp4` and `b/clip.mov` -> `clip.csv`, `clip-2.csv`). No output replaces an
+  input: that raises PredictError naming both (e.g. `--overlay` with the input .mp4's own folder as
+  --output_dir).
+  """
+  inputs = {os.path.realpath(v): v for v in videos}
+  taken, plans = set(), []
+  for video in videos:
+    stem = os.path.splitext(os.path.basename(video))[0]
+    name, n = stem, 1
+    while name in taken:
+      n += 1
+      name = f'{stem}-{n}'
+    taken.add(name)
+    plan = {kind: os.path.join(output_dir, name + SUFFIXES[kind]) for kind in kinds}
+    for path in plan.values():
+      if os.path.realpath(path) in inputs:
+        raise PredictError(
+          f'{path} would replace the input video {inputs[os.path.realpath(path)]}; choose another --output_dir'
+        )
+    plans.append(plan)
+  return plans
 
 
 def write_csv(prediction: VideoPrediction, path: str) -> str:

@@ -36,6 +36,23 @@ def test_smoothing_long_sequence_and_centring():
   np.testing.assert_allclose(metrics.postprocess_video(impulse, 4), np.r_[[0] * 4, [0.25] * 4, [0] * 2])
 
 
+@pytest.mark.parametrize('size', [1, 4, 5, 20, 50])
+def test_shrinking_ends_average_only_the_frames_that_exist(size):
+  """predict's smoothing: a constant stays constant to the last frame (the challenge's zero padding
+  pulls the ends toward 0); inside, the same as the evaluation's."""
+  x = np.random.default_rng(size).uniform(-1.5, 1.5, 123)
+  clipped, half = np.clip(x, -1, 1), size // 2
+  want = [clipped[max(0, i - half) : i + (size - 1) // 2 + 1].mean() for i in range(len(x))]
+  np.testing.assert_allclose(metrics.postprocess_video(x, size, ends='shrink'), want, atol=1e-12)
+  np.testing.assert_allclose(metrics.postprocess_video(np.full(30, 0.75), size, ends='shrink'), 0.75)
+  inner = slice(half, len(x) - size)
+  np.testing.assert_allclose(
+    metrics.postprocess_video(x, size, 'shrink')[inner], metrics.postprocess_video(x, size)[inner]
+  )
+  if size > 1:
+    assert metrics.postprocess_video(np.full(30, 0.75), size)[0] < 0.75  # the evaluation's zero padding
+
+
 def test_postprocess_default_windows():
   rng = np.random.default_rng(9)
   v, a = rng.uniform(-1.2, 1.2, (2, 300))

@@ -161,7 +161,9 @@ def test_predictions_equal_the_same_crops_through_the_builder_and_the_evaluation
   evaluator = evaluate_lib.Evaluator(config, run_dir, 'best')
   frames = metrics.clips_to_frames(evaluator.predict('validation'))['face']['predictions']
   np.testing.assert_allclose(prediction.raw, frames, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(prediction.smoothed, metrics.postprocess(frames), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    prediction.smoothed, metrics.postprocess(frames, ends='shrink'), atol=1e-5, rtol=0
+  )
   assert np.ptp(frames, axis=0).min() > 1e-4  # the untrained model still responds to its inputs
 
 
@@ -279,6 +281,21 @@ def run_predict(*args: str) -> subprocess.CompletedProcess:
   )
 
 
+def test_no_output_replaces_an_input_or_another_output(tmp_path):
+  for folder in ('a', 'b'):
+    (tmp_path / folder).mkdir()
+  videos = [str(tmp_path / 'a' / 'clip.mp4'), str(tmp_path / 'b' / 'clip.mov'), str(tmp_path / 'clip-2.mp4')]
+  for v in videos:
+    open(v, 'wb').close()
+  out = str(tmp_path / 'out')
+  plans = predict_outputs.plan_outputs(videos, out, ['csv', 'overlay'])
+  names = [os.path.basename(p) for plan in plans for p in plan.values()]
+  assert names == ['clip.csv', 'clip.mp4', 'clip-2.csv', 'clip-2.mp4', 'clip-2-2.csv', 'clip-2-2.mp4']
+  with pytest.raises(predict_lib.PredictError, match=re.escape(f'would replace the input video {videos[0]}')):
+    predict_outputs.plan_outputs(videos, str(tmp_path / 'a'), ['csv', 'overlay'])
+  assert predict_outputs.plan_outputs(videos[:1], str(tmp_path / 'a'), ['csv', 'plot'])  # no .mp4 written
+
+
 def test_bad_videos_are_one_clear_error_naming_the_file(face_video, run_dir, tmp_path):
   truncated = tmp_path / 'truncated.mp4'
   data = open(face_video[0], 'rb').read()
@@ -308,6 +325,13 @@ def test_bad_videos_are_one_clear_error_naming_the_file(face_video, run_dir, tmp
     result.stderr.strip().splitlines()[-1] == f'error: {short} has 10 frames, fewer than one clip (32 frames)'
   )
   assert 'Traceback' not in result.stderr and not output_dir.exists()
+  # The overlay into the input's own folder would replace it: refused before any work.
+  video = tmp_path / 'face.mp4'
+  video.write_bytes(open(face_video[0], 'rb').read())
+  before = video.read_bytes()
+  result = run_predict(f'--workdir={run_dir}', f'--output_dir={tmp_path}', '--overlay', str(video))
+  assert result.returncode == 1 and 'would replace the input video' in result.stderr.splitlines()[-1]
+  assert video.read_bytes() == before and not (tmp_path / 'face.csv').exists()
 
 
 @pytest.mark.heavy
