@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
+from iaca_jax import run_config
+
 # Errors that a user's input or setting causes (DataError and ConversionError are ValueErrors). They are
 # reported as `error: <message>` with exit status 1; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -40,7 +42,18 @@ def run_reporting_user_errors(fn: Callable[[], object]) -> object:
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`: a bad flag or an unknown
   `--config.<key>` ends the process with one line (ml_collections raises AttributeError for the
-  latter, which absl would show as a traceback)."""
+  latter, which absl would show as a traceback). A field of the flat layout the configs had before they
+  were grouped gets its new name."""
+  for arg in argv[1:]:
+    key = arg.removeprefix('--config.').split('=')[0]
+    if arg.startswith('--config.') and key in run_config.FLAT_KEYS:
+      group, new = run_config.FLAT_KEYS[key]
+      print(
+        f'error: --config.{key} is now --config.{group}.{new} (the config is grouped: configs/default.py)',
+        file=sys.stderr,
+        flush=True,
+      )
+      sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

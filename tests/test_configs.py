@@ -10,7 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import default, gpu, synthetic_demo, tiny, tpu
-from iaca_jax import models, run_config
+from iaca_jax import cli, models, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {'default': default, 'gpu': gpu, 'tpu': tpu, 'synthetic_demo': synthetic_demo, 'tiny': tiny}
@@ -161,3 +161,12 @@ def test_a_grouped_run_config_reads_back_as_written(tmp_path):
   path = tmp_path / 'config.json'
   path.write_text(config.to_json(indent=1))
   assert json.loads(run_config.read(str(path)).to_json()) == json.loads(config.to_json())
+
+
+def test_a_flat_layout_override_gets_its_new_name(capsys):
+  with pytest.raises(SystemExit) as stop:
+    cli.parse_flags(['train.py', '--config.training.num_epochs=2', '--config.max_steps=3'])
+  assert stop.value.code == 2
+  assert capsys.readouterr().err.strip() == (
+    'error: --config.max_steps is now --config.training.max_steps (the config is grouped: configs/default.py)'
+  )
