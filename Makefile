@@ -33,7 +33,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 test: lint
-	$(PY) -m pytest -q -n 3 --dist=loadgroup --no-loadscope-reorder --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist=loadgroup --no-loadscope-reorder --durations=25 tests
 
 bench: setup
 	$(PY) bench/train_step.py
