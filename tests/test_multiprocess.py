@@ -93,7 +93,9 @@ def final_params(workdir):
   return step, jax.tree.map(np.asarray, params['params'])
 
 
-@pytest.mark.heavy
+# Not marked heavy, although it is the longest test: it needs the shared one-epoch run, which another
+# worker builds at the start, and run first its worker only waited for it (~70 s); in file order it
+# starts once the run exists.
 def test_two_processes_train_as_one_and_resume_after_a_kill(one_epoch_run, tmp_path):
   config, one, reference = one_epoch_run.config, one_epoch_run.workdir, one_epoch_run.result  # 1 process
   assert jax.device_count() == 8
