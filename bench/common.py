@@ -37,16 +37,6 @@ def profile_flags(xla_flags: str = '') -> str:
   return xla_flags if CPU_TRACE_FLAG in xla_flags else f'{xla_flags} {CPU_TRACE_FLAG}'.strip()
 
 
-def configure_process() -> None:
-  """The process settings the entry points make before JAX starts its backends
-  (`iaca_jax.runtime.configure_process`: NaN kept through XLA:CPU's fusions, single-device CPU steps
-  run inline unless IACA_CPU_ASYNC_DISPATCH=1), so that a benchmark times what train.py runs. Needs
-  the repository root on sys.path."""
-  from iaca_jax import runtime  # noqa: PLC0415 (the benchmarks' tests need no model code)
-
-  runtime.configure_process()
-
-
 def load_average() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 

@@ -36,7 +36,7 @@ import video_fixtures  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from configs import default, synthetic_demo  # noqa: E402
-from iaca_jax import faces, predict_lib, train_lib  # noqa: E402
+from iaca_jax import faces, predict_lib, runtime, train_lib  # noqa: E402
 from iaca_jax.inference import predict_split  # noqa: E402
 from iaca_jax.kernel_choice import build_model  # noqa: E402
 from iaca_jax.models import IACAModel  # noqa: E402
@@ -147,7 +147,7 @@ def paper_model(path: str, work_dir: str, video: predict_lib.VideoFaces, windows
 
 def main(argv):
   del argv
-  common.configure_process()  # as predict.py does, before any device is used
+  runtime.configure_process()  # as predict.py does, before any device is used
   logging.set_verbosity(logging.WARNING)
   work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix='iaca_bench_predict_')
   os.makedirs(work_dir, exist_ok=True)

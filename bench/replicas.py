@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default, synthetic_demo  # noqa: E402
-from iaca_jax import kernel_choice, train_lib  # noqa: E402
+from iaca_jax import kernel_choice, runtime, train_lib  # noqa: E402
 from iaca_jax.models import IACAModel  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -191,7 +191,7 @@ def wall_times(k: int) -> dict:
 
 def main(argv):
   del argv
-  common.configure_process()  # as train.py does, before any device is used
+  runtime.configure_process()  # as train.py does, before any device is used
   result = dict(machine=common.machine(), load_before=common.load_average(), cases=[])
   for case in FLAGS.case:
     result['cases'].append(run_case(case))

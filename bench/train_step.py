@@ -61,7 +61,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default, synthetic_demo  # noqa: E402
-from iaca_jax import data_source, input_pipeline, kernel_choice, train_lib  # noqa: E402
+from iaca_jax import data_source, input_pipeline, kernel_choice, runtime, train_lib  # noqa: E402
 from iaca_jax.models import IACAModel  # noqa: E402
 
 CASES = ('fusion', 'demo', 'full_frozen', 'full_trainable')
@@ -419,7 +419,7 @@ def _row(r: dict) -> dict:
 
 def main(argv):
   del argv
-  common.configure_process()  # as the entry points do, before any device is used
+  runtime.configure_process()  # as the entry points do, before any device is used
   if FLAGS.child_out:
     return child_main()
   cases, dtypes = _split(FLAGS.case, CASES), _split(FLAGS.dtype, ('fp32', 'bf16'))

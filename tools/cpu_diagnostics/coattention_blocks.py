@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iaca_jax import runtime  # noqa: E402
 from iaca_jax.cpu_kernels.coattention import coattend  # noqa: E402
 from iaca_jax.cpu_kernels.dropout import bernoulli  # noqa: E402
 
@@ -47,7 +48,7 @@ def dense(keys, joint, values, rng):
 
 def main(argv):
   del argv
-  common.configure_process()  # as the entry points do, before any device is used
+  runtime.configure_process()  # as the entry points do, before any device is used
   keys_ = jax.random.split(jax.random.key(0), 4)
   b = FLAGS.batch
   inputs = (

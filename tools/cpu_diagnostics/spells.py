@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from iaca_jax import runtime  # noqa: E402
 from iaca_jax.cpu_kernels import dropout  # noqa: E402
 
 flags.DEFINE_float('seconds', 60.0, 'How long to watch.')
@@ -47,7 +48,7 @@ def kernels() -> dict:
 
 def main(argv) -> None:
   del argv
-  common.configure_process()  # as the entry points do, before any device is used
+  runtime.configure_process()  # as the entry points do, before any device is used
   timed = {name: lambda _, fn=fn, arg=arg: fn(arg) for name, (fn, arg) in kernels().items()}
   for call in timed.values():
     common.time_calls(call, None, 1)  # compiles

@@ -30,6 +30,8 @@ import common_diag  # noqa: E402
 import train_step as cases  # noqa: E402 (bench/train_step.py: its case config; registers the flags used below)
 from absl import app, flags  # noqa: E402
 
+from iaca_jax import runtime  # noqa: E402
+
 # --case, --warmup and --out are bench/train_step.py's flags (one case here; fusion by default).
 flags.DEFINE_multi_string('variant', [], 'name:key=value,... over config.model fields; repeatable.')
 flags.DEFINE_integer('rounds', 12, 'Alternated rounds (one step of every variant each).')
@@ -58,7 +60,7 @@ def parse_variant(text: str, model_config) -> tuple[str, dict]:
 
 def main(argv) -> None:
   del argv
-  common.configure_process()  # as the entry points do, before any device is used
+  runtime.configure_process()  # as the entry points do, before any device is used
   case = common_diag.single_case()
   if not FLAGS.variant:
     raise app.UsageError('give at least one --variant=name:key=value,...')

@@ -28,6 +28,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'bench'), HERE]
 import common  # noqa: E402 (bench/common.py)
 import common_diag  # noqa: E402
 
+from iaca_jax import runtime  # noqa: E402
+
 os.environ['XLA_FLAGS'] = common.profile_flags(os.environ.get('XLA_FLAGS', ''))
 
 import train_step  # noqa: E402, F401 (bench/train_step.py: registers the case flags used below)
@@ -64,7 +66,7 @@ def instructions(hlo: str) -> dict[str, dict]:
 
 def main(argv) -> None:
   del argv
-  common.configure_process()  # as the entry points do, before any device is used
+  runtime.configure_process()  # as the entry points do, before any device is used
   case = common_diag.single_case()
   compiled, state, batch, rng, settings = common_diag.compiled_case(case)
   table = instructions(compiled.as_text())

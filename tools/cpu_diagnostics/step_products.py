@@ -34,6 +34,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'bench'), HERE]
 import common  # noqa: E402 (bench/common.py)
 import common_diag  # noqa: E402
 
+from iaca_jax import runtime  # noqa: E402
+
 os.environ['XLA_FLAGS'] = common.profile_flags(os.environ.get('XLA_FLAGS', ''))
 
 import jax  # noqa: E402
@@ -121,7 +123,7 @@ def calls_per_step(compiled, state, batch, rng, warmup: int) -> tuple[collection
 
 def main(argv) -> None:
   del argv
-  common.configure_process()  # as the entry points do, before any device is used
+  runtime.configure_process()  # as the entry points do, before any device is used
   case = common_diag.single_case()
   compiled, state, batch, rng, settings = common_diag.compiled_case(case)
   table = common_diag.hlo_products(compiled.as_text())
