@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jex_core
+
+from iaca_jax.compile_report import matmul_flops  # noqa: F401 (the benchmarks count FLOPs with it)
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 # XLA's CPU runtime records one trace event per HLO op (thunk) only with this flag.
@@ -120,32 +121,6 @@ def cost_flops(compiled) -> float | None:
     analysis = analysis[0] if analysis else {}
   flops = (analysis or {}).get('flops')
   return float(flops) if flops is not None else None
-
-
-def matmul_flops(jaxpr) -> float:
-  """FLOPs of the matrix products and convolutions of a (closed) jaxpr: 2 x output elements x
-  contraction size, summed through sub-jaxprs (scan bodies x their length; a while body counts once).
-
-  The usual numerator of MFU: XLA's cost analysis also counts elementwise and integer ops (e.g. a
-  dropout mask's hash), which no matmul peak bounds.
-  """
-  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    out = np.prod(eqn.outvars[0].aval.shape, dtype=float) if eqn.outvars else 0.0
-    if name == 'dot_general':
-      (lhs_contracting, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      total += 2.0 * out * np.prod([lhs[d] for d in lhs_contracting], dtype=float)
-    elif name == 'conv_general_dilated':
-      rhs = eqn.invars[1].aval.shape
-      out_features = rhs[eqn.params['dimension_numbers'].rhs_spec[0]]
-      total += 2.0 * out * np.prod(rhs, dtype=float) / out_features
-    repeat = eqn.params.get('length', 1) if name == 'scan' else 1
-    for sub in jex_core.jaxprs_in_params(eqn.params):
-      total += repeat * matmul_flops(sub)
-  return total
 
 
 def memory(compiled) -> dict:

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 from absl import flags
+from ml_collections.config_dict import FieldReference
 
 from iaca_jax import run_config
 
@@ -39,6 +40,22 @@ def run_reporting_user_errors(fn: Callable[[], object]) -> object:
     sys.exit(1)
 
 
+def _is_unset(arg: str) -> bool:
+  return arg.startswith('--config.') and arg.partition('=')[2] in ('None', 'none')
+
+
+def _unset_field(config, key: str) -> None:
+  """Sets an optional field (a `placeholder` of the config file, whose unset value is None) to None."""
+  *groups, name = key.split('.')
+  for group in groups:
+    config = config[group]
+  if name not in config:
+    raise KeyError(key)
+  if not isinstance(config._fields[name], FieldReference):  # noqa: SLF001 - how placeholders are stored
+    raise ValueError(f'--config.{key} cannot be None: the field needs a value')
+  config[name] = None
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`: a bad flag or an unknown
   `--config.<key>` ends the process with one line (ml_collections raises AttributeError for the
@@ -54,8 +71,15 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         flush=True,
       )
       sys.exit(2)
+  # `--config.<key>=None` unsets an optional field; ml_collections would store the text 'None' in a
+  # string field (a features_dir named 'None'), or refuse it for a number.
+  unset = [arg.split('=')[0].removeprefix('--config.') for arg in argv[1:] if _is_unset(arg)]
+  argv = [arg for arg in argv if not _is_unset(arg)]
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    for key in unset:
+      _unset_field(flags.FLAGS['config'].value, key)
+    return remaining
   except flags.Error as e:
     message = str(e)
   except (AttributeError, KeyError) as e:

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
 ENV_PROCESS_ID = 'JAX_PROCESS_ID'
@@ -93,3 +94,16 @@ def replicate(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
   return jax.tree.map(lambda x: _replicate_leaf(x, sharding), tree)
+
+
+def fetch(tree: Any) -> Any:
+  """Device arrays -> NumPy on every process, also arrays no process holds whole (a replica state
+  sharded over device groups on several hosts: each host holds its groups' replicas). Collective when
+  such an array is present: every process must call it at the same point."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)

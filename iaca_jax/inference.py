@@ -68,8 +68,11 @@ class RowGatherer:
   `shard_batch` places a batch (so they line up with the outputs of a replicated step). One process:
   the arrays themselves."""
 
-  def __init__(self, data_sharding: Any, replicated: Any):
+  def __init__(self, data_sharding: Any, replicated: Any, share_count: int | None = None):
+    """`share_count`: the processes' rows are 1/share_count of a batch each (`Trainer.batch_share`;
+    default one share per process)."""
     self.data_sharding = data_sharding
+    self.share_count = jax.process_count() if share_count is None else share_count
     self._identity = jax.jit(lambda tree: tree, out_shardings=replicated)
 
   def __call__(self, local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,7 +81,10 @@ class RowGatherer:
     names = {k for k, v in local.items() if np.asarray(v).dtype == object}
     arrays = {k: _names_to_rows(v) if k in names else np.asarray(v) for k, v in local.items()}
     global_arrays = {
-      k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in arrays.items()
+      k: jax.make_array_from_process_local_data(
+        self.data_sharding, v, (v.shape[0] * self.share_count,) + v.shape[1:]
+      )
+      for k, v in arrays.items()
     }
     gathered = jax.device_get(self._identity(global_arrays))
     return {k: _rows_to_names(v) if k in names else v for k, v in gathered.items()}
@@ -102,16 +108,19 @@ def predict_split(
       same number of batches on every process); `batches.first_window` is the split position of
       its first window. The outputs of every process are gathered to every process.
     silence_fraction: share of the valid clips of each (per-process) batch whose audio is replaced
-      by `silent_audio` (chosen with `seed` and the process index).
+      by `silent_audio` (chosen with `seed` and the process's share of the batch).
 
   Returns:
     arrays over the N real windows (model outputs (N, K, L, ...) from a K-replica trainer):
     `predictions` (N, L, 2), `score_audio` / `score_video` (N, L),
     `gate_<name>` (N, L, K), `silenced` (N, L), the clip keys and `video_name` (N,).
   """
-  process = jax.process_index()
-  rng = np.random.default_rng([seed, process] if process else seed)
-  gather = RowGatherer(trainer.data_sharding, trainer.replicated)
+  # Processes that feed the same rows (replica groups) silence the same clips.
+  share, share_count = (
+    trainer.batch_share() if hasattr(trainer, 'batch_share') else (jax.process_index(), None)
+  )
+  rng = np.random.default_rng([seed, share] if share else seed)
+  gather = RowGatherer(trainer.data_sharding, trainer.replicated, share_count)
   first = getattr(batches, 'first_window', 0)
   collected = collections.defaultdict(list)
   for batch in batches:

@@ -36,14 +36,10 @@ def replica_seeds(seed: int, first: int, count: int) -> list[tuple[int, int]]:
 
 def device_groups(config: ml_collections.ConfigDict, num_devices: int | None = None) -> int:
   """How many device groups the replicas are split over: gcd(K, devices) with
-  `config.replicas.shard`, else 1 (every device holds every replica)."""
+  `config.replicas.shard`, else 1 (every device holds every replica). On several hosts each group
+  reads the whole batch: the processes of a group share its rows (`train_lib.batch_share`)."""
   if not config.replicas.shard or config.replicas.count == 1:
     return 1
-  if jax.process_count() > 1:
-    raise ValueError(
-      'config.replicas.shard needs one process: each replica group reads the whole batch, and the input '
-      'pipeline gives each process its own share of it. Leave it False on several hosts.'
-    )
   return math.gcd(config.replicas.count, num_devices or jax.device_count())
 
 

@@ -12,7 +12,7 @@ import collections
 import functools
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -54,10 +54,22 @@ RUN_CONFIG_FILE = 'config.json'  # the run's config, in its workdir: what predic
 def create_mesh(devices=None, replica_groups: int = 1) -> Mesh:
   """The ('data',) mesh over `devices` (default all), or with `replica_groups` > 1 the
   ('replica', 'data') mesh of that many device groups, each holding its share of the replicas."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
+  devices = jax.devices() if devices is None else devices
+  # Process-major, so that each process holds one block of the 'data' axis (`batch_share`).
+  devices = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id)))
   if replica_groups == 1:
     return Mesh(devices, ('data',))
   return Mesh(devices.reshape(replica_groups, -1), ('replica', 'data'))
+
+
+def create_trainer(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Trainer:
+  """The run's mesh, model (kernels chosen for its devices) and compiled steps over `devices`: every
+  device of every process by default, or the devices of a TPU topology (`iaca_jax.topology`) to
+  compile for a slice this host does not have."""
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = create_mesh(devices, replica_groups=replicas_lib.device_groups(config, len(devices)))
+  model = build_model(config.model, mesh.devices.flat)
+  return Trainer(model, mesh, config.replicas.count)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -158,6 +170,7 @@ class Trainer:
       raise ValueError(f'{replicas} replicas cannot be split over {groups} device groups.')
     per_replica = NamedSharding(mesh, P('replica')) if groups > 1 else self.replicated
     self.layout = replicas_lib.Layout(per_replica, self.replicated)
+    self.share = batch_share(mesh, jax.process_index())
     key = (model, tuple(mesh.devices.flat), mesh.devices.shape, mesh.axis_names, replicas)
     self.train_step, self.eval_step, self.select_replicas = _jitted_steps(key, self.layout)
 
@@ -175,13 +188,45 @@ class Trainer:
     axes = replicas_lib.state_axes(state, not self.model.freeze_encoders)
     return replicas_lib.shardings(state, axes, self.layout.per_replica, self.replicated)
 
+  def batch_share(self) -> tuple[int, int]:
+    """(index, count): this process feeds rows [index B/count, (index + 1) B/count) of each global
+    batch of B (`batch_share`); the `share` of its `DataSource`."""
+    return self.share
+
   def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict:
-    """Host-local numeric arrays -> global arrays sharded on the batch axis (multi-host ready)."""
-    return {
-      k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(v))
-      for k, v in local_batch.items()
-      if k in DEVICE_KEYS
+    """This process's rows (its `batch_share`) -> global arrays sharded on the batch axis."""
+    count = self.share[1]
+
+    def to_global(rows):
+      rows = np.asarray(rows)
+      global_shape = (rows.shape[0] * count,) + rows.shape[1:]
+      return jax.make_array_from_process_local_data(self.data_sharding, rows, global_shape)
+
+    return {k: to_global(v) for k, v in local_batch.items() if k in DEVICE_KEYS}
+
+
+def batch_share(mesh: Mesh, process_index: int) -> tuple[int, int]:
+  """(index, count): the rows of a global batch that `process_index`'s devices hold, as the
+  share [index B/count, (index + 1) B/count) of its B rows, the batch being sharded over the mesh's
+  'data' axis. Processes whose devices sit at the same 'data' positions (in other replica groups)
+  get the same share, so they read the same windows."""
+  data_axis = mesh.axis_names.index('data')
+  positions = sorted(
+    {
+      index[data_axis]
+      for index, device in np.ndenumerate(mesh.devices)
+      if device.process_index == process_index
     }
+  )
+  if not positions:
+    raise ValueError(f'Process {process_index} has no device in the mesh {dict(mesh.shape)}.')
+  first, held, size = positions[0], len(positions), mesh.shape['data']
+  if positions != list(range(first, first + held)) or size % held or first % held:
+    raise ValueError(
+      f"Process {process_index} holds the 'data' positions {positions} of {size}: not one aligned block, "
+      'so it cannot feed a contiguous share of the batch. Order the devices by process.'
+    )
+  return first // held, size // held
 
 
 @functools.lru_cache(maxsize=16)
@@ -242,7 +287,7 @@ def wait_for_steps_in_flight(in_flight: collections.deque, newest: jax.Array, li
 
 def device_get_metrics(step_metrics: dict) -> dict:
   """Step metrics on the host: floats, or (K,) float arrays from a replica step."""
-  host = jax.device_get(step_metrics)
+  host = distributed.fetch(step_metrics)
   return {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64) for k, v in host.items()}
 
 
@@ -266,10 +311,10 @@ def abstract_like(tree, sharding: NamedSharding):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def abstract_train_state(config, model: IACAModel, data: DataSource, trainer: Trainer, tx) -> TrainState:
-  """The state's shapes, dtypes and shardings (nothing is computed): the target of a restore."""
-  shapes = data.input_shapes()
-  abstract = jax.eval_shape(lambda: fresh_state(config, model, shapes, tx))
+def abstract_train_state(config, trainer: Trainer, shapes: Mapping[str, Any], tx) -> TrainState:
+  """The state's shapes, dtypes and shardings (nothing is computed): the target of a restore, or of a
+  compile (`iaca_jax.compile_report`). `shapes`: the model inputs, `DataSource.input_shapes()`."""
+  abstract = jax.eval_shape(lambda: fresh_state(config, trainer.model, shapes, tx))
   return jax.tree.map(
     lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
     abstract,
@@ -299,10 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
-  mesh = create_mesh(replica_groups=replicas_lib.device_groups(config))
-  model = build_model(config.model, mesh.devices.flat)
-  trainer = Trainer(model, mesh, config.replicas.count)
-  data = DataSource(config)
+  trainer = create_trainer(config)
+  model = trainer.model
+  data = DataSource(config, trainer.batch_share())
   steps_per_epoch = data.steps_per_epoch()
   training = config.training
   total_steps = training.num_epochs * steps_per_epoch
@@ -313,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   meta = validation.initial_meta(config.replicas.count)
   restored = best_state = None  # best_state: each replica at its best validation (replicas only)
   if checkpoints.latest_step() is not None:
-    abstract = abstract_train_state(config, model, data, trainer, tx)
+    abstract = abstract_train_state(config, trainer, data.input_shapes(), tx)
     restored = checkpoints.restore(abstract)
     if config.replicas.count > 1 and checkpoints.latest_step(best=True) is not None:
       best_state = checkpoints.restore(abstract, best=True)[0]
@@ -324,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = create_train_state(config, model, data, trainer, tx)
   writer = create_metric_writer(workdir)
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  step = int(np.max(jax.device_get(state.step)))
+  step = int(np.max(distributed.fetch(state.step)))
   base_rng = trainer.replicate(dropout_keys(config))
   in_flight = collections.deque()  # losses of the steps dispatched and maybe not yet done
   report_progress = periodic_actions.ReportProgress(

@@ -1,5 +1,5 @@
-"""The accounting of bench/common.py that the benchmarks' figures rest on: FLOPs counted from a jaxpr,
-self times and components from a profiler trace, tables and result files."""
+"""The accounting of bench/common.py that the benchmarks' figures rest on (FLOPs counted from a jaxpr:
+tests/test_compile_report.py): self times and components from a profiler trace, tables and result files."""
 
 import os
 import sys
@@ -9,26 +9,6 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
 
 import common  # noqa: E402
-
-
-def test_matmul_flops_counts_dots_convolutions_and_scan_bodies():
-  import jax
-  import jax.numpy as jnp
-
-  def program(x, w, a, b, h, u, image, kernel):
-    plain = x @ w  # (64, 32) x (32, 16)
-    batched = jnp.einsum('bij,bjk->bik', a, b)  # 4 x (8, 16) x (16, 8)
-    looped = jax.lax.scan(lambda c, _: (jnp.tanh(c @ u), None), h, None, length=3)[
-      0
-    ]  # 3 x (8, 16) x (16, 16)
-    conv = jax.lax.conv_general_dilated(image, kernel, (1, 1), 'VALID')  # (1, 3, 8, 8) * (5, 3, 3, 3)
-    return plain.sum() + batched.sum() + looped.sum() + conv.sum() + jnp.tanh(x).sum()
-
-  shapes = [(64, 32), (32, 16), (4, 8, 16), (4, 16, 8), (8, 16), (16, 16), (1, 3, 8, 8), (5, 3, 3, 3)]
-  jaxpr = jax.make_jaxpr(program)(*[jnp.ones(s, jnp.float32) for s in shapes])
-  conv = 2 * (1 * 5 * 6 * 6) * (3 * 3 * 3)  # 2 x output elements x (input channels x window)
-  expected = 2 * 64 * 32 * 16 + 2 * 4 * 8 * 16 * 8 + 3 * 2 * 8 * 16 * 16 + conv
-  assert common.matmul_flops(jaxpr) == expected
 
 
 def test_self_times_leave_out_nested_events_of_the_same_thread():
