@@ -78,7 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.replicas.count = 1  # K
   config.replicas.first = 0  # index r of the first replica (K runs of 1 replica equal one run of K)
   # Replicas over devices: gcd(K, devices) device groups, each with its own replicas and the whole batch
-  # (mesh ('replica', 'data'); one process). False: every device holds every replica, the batch sharded.
+  # (mesh ('replica', 'data'); on several hosts too). False: every device holds every replica, the batch
+  # sharded.
   config.replicas.shard = False
 
   config.cluster = ml_collections.ConfigDict()  # several processes (iaca_jax/distributed.py, docs/SCALING.md)

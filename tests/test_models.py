@@ -21,6 +21,7 @@ from iaca_jax.models import (
   IACAModel,
   R2Plus1D18,
   ResNet18,
+  encoders,
   make_gate,
 )
 from iaca_jax.models.attention import torch_quirk_layout
@@ -107,6 +108,26 @@ def test_batchnorm_runs_frozen(frozen):
     jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'], updates['batch_stats'])
   )
   assert all(changed) if not frozen else not any(changed)
+
+
+def test_running_average_batchnorm_is_flax_batchnorm_in_the_compute_dtype():
+  """The bf16 encoders' inference BatchNorm: nn.BatchNorm's variables and value (NumPy's formula),
+  computed as one affine map in bf16 (float32 runs keep nn.BatchNorm itself)."""
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16)) * 3 + 1
+  flax_bn = nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5)
+  variables = jax.tree.map(
+    lambda a: a + jax.random.uniform(jax.random.key(2), a.shape), flax_bn.init(jax.random.key(1), x)
+  )
+  mine = encoders.RunningAverageBatchNorm(dtype=jnp.bfloat16)
+  assert jax.tree.map(jnp.shape, mine.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+  p, s = variables['params'], variables['batch_stats']
+  expected = (np.asarray(x) - s['mean']) / np.sqrt(s['var'] + 1e-5) * p['scale'] + p['bias']
+  out = mine.apply(variables, x.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  # bf16 keeps 8 significant bits: within a few of its ulps of the float32 value
+  np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2**-6, atol=2**-6)
+  assert isinstance(encoders._BatchNorm(use_running_average=True, dtype=jnp.float32), nn.BatchNorm)
+  assert isinstance(encoders._BatchNorm(use_running_average=False, dtype=jnp.bfloat16), nn.BatchNorm)
 
 
 # Every fusion block and every gate variant, each at least once: the gates read only the blocks'

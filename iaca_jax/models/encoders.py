@@ -18,7 +18,47 @@ import jax.numpy as jnp
 Dtype = Any
 
 # PyTorch BatchNorm: momentum 0.1 on the new value == Flax momentum 0.9 on the running value.
-_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+EPSILON = 1e-5
+
+
+class RunningAverageBatchNorm(nn.Module):
+  """BatchNorm on its running averages as one per-channel affine map in the compute dtype: the same
+  variables as `nn.BatchNorm` (params scale, bias; batch_stats mean, var) and its value up to the
+  rounding of that dtype.
+
+  Why not nn.BatchNorm: it normalises in float32 whatever its dtype, so a bf16 encoder's every
+  activation is written once more in float32 (plus its layout copies): the frozen R(2+1)D-18 at 8
+  sequences per TPU v5e chip needed 14.97 GiB of temporaries and 169 GB of memory traffic a step
+  (docs/SCALING.md, "What the compiles found").
+  """
+
+  dtype: Dtype = jnp.float32
+  epsilon: float = EPSILON
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    features = x.shape[-1]
+    mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32)).value
+    var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32)).value
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    multiplier = scale * jax.lax.rsqrt(var + self.epsilon)  # (C,) in float32
+    shift = bias - mean * multiplier
+    return x.astype(self.dtype) * multiplier.astype(self.dtype) + shift.astype(self.dtype)
+
+
+def _BatchNorm(
+  *, use_running_average: bool, dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.Module:
+  """nn.BatchNorm with PyTorch's momentum and epsilon; on running averages in a low-precision dtype,
+  `RunningAverageBatchNorm` (float32 runs keep nn.BatchNorm, bit for bit)."""
+  if use_running_average and jnp.dtype(dtype) != jnp.float32:
+    return RunningAverageBatchNorm(dtype=dtype, name=name)
+  return nn.BatchNorm(
+    use_running_average=use_running_average, momentum=0.9, epsilon=EPSILON, dtype=dtype, name=name
+  )
+
+
 BASE_WIDTHS = (64, 128, 256, 512)
 R2PLUS1D_STEM_WIDTH = 45
 
