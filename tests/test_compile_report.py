@@ -134,8 +134,16 @@ def slice_devices():
   return topology.topology_devices('v5e:2x2')
 
 
-def test_tiny_run_compiles_for_a_tpu_slice_data_parallel(slice_devices):
+def fusion_config():
+  """configs/tiny.py on cached features: the fusion model's step, which compiles in seconds (the shapes
+  come from the config; nothing is read)."""
   config = tiny_config.get_config()
+  config.dataset.features_dir = 'not-read'
+  return config
+
+
+def test_tiny_run_compiles_for_a_tpu_slice_data_parallel(slice_devices):
+  config = fusion_config()
   report = compile_report.compile_run(config, slice_devices)
   assert report['kernels'] == 'xla'  # the TPU's kernels, although this host is a CPU
   assert report['fits'] and report['devices'] == 4
@@ -153,7 +161,7 @@ def test_tiny_run_compiles_for_a_tpu_slice_data_parallel(slice_devices):
 
 
 def test_replica_groups_exchange_nothing_on_a_tpu_slice(slice_devices):
-  config = tiny_config.get_config()
+  config = fusion_config()
   config.replicas.count, config.replicas.shard = 2, True
   trainer = train_lib.create_trainer(config, slice_devices)
   assert dict(trainer.mesh.shape) == {'replica': 2, 'data': 2}
@@ -186,7 +194,7 @@ def test_a_run_too_large_for_a_chip_is_one_line_and_exit_1(tmp_path):
   report = tmp_path / 'report.json'
   proc = subprocess.run(
     [sys.executable, 'train_compile.py', '--config', 'configs/tiny.py', '--topology=v5e:2x2',
-     '--config.dataset.batch_size=4096', f'--report={report}'],
+     '--config.dataset.features_dir=not-read', '--config.dataset.batch_size=1048576', f'--report={report}'],
     cwd=REPO, capture_output=True, text=True, timeout=600,
   )  # fmt: skip
   assert proc.returncode == 1, proc.stderr[-3000:]
