@@ -144,7 +144,7 @@ def fusion_config():
 
 def test_tiny_run_compiles_for_a_tpu_slice_data_parallel(slice_devices):
   config = fusion_config()
-  report = compile_report.compile_run(config, slice_devices)
+  report = compile_report.compile_run(config, slice_devices, steps=('train',))
   assert report['kernels'] == 'xla'  # the TPU's kernels, although this host is a CPU
   assert report['fits'] and report['devices'] == 4
   train = report['steps']['train']
