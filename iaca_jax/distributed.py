@@ -101,9 +101,12 @@ def fetch(tree: Any) -> Any:
   sharded over device groups on several hosts: each host holds its groups' replicas). Collective when
   such an array is present: every process must call it at the same point."""
 
-  def one(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-  return jax.tree.map(one, tree)
+  spans_hosts = lambda x: isinstance(x, jax.Array) and not x.is_fully_addressable
+  if not any(spans_hosts(x) for x in jax.tree.leaves(tree)):
+    return jax.tree.map(np.asarray, jax.device_get(tree))  # one transfer for the whole tree
+  return jax.tree.map(
+    lambda x: np.asarray(
+      multihost_utils.process_allgather(x, tiled=True) if spans_hosts(x) else jax.device_get(x)
+    ),
+    tree,
+  )
