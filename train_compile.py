@@ -86,7 +86,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  name = f'{FLAGS.topology}' + (f'x{FLAGS.num_slices} slices' if FLAGS.num_slices > 1 else '')
+  name = FLAGS.topology + (f' x {FLAGS.num_slices} slices' if FLAGS.num_slices > 1 else '')
   devices = cli.run_reporting_user_errors(lambda: topology.topology_devices(FLAGS.topology, FLAGS.num_slices))
   path = FLAGS.report or f'train_compile_{FLAGS.topology.replace(":", "_")}.json'
   out = dict(topology=FLAGS.topology, num_slices=FLAGS.num_slices, config=config.to_dict())

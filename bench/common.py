@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iaca_jax import compile_report
 from iaca_jax.compile_report import matmul_flops  # noqa: F401 (the benchmarks count FLOPs with it)
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
@@ -112,26 +113,16 @@ def matmul_peak(dtype, n: int | None = None, reps: int | None = None) -> dict:
 
 
 def cost_flops(compiled) -> float | None:
-  """FLOPs of one call from XLA's cost analysis (a dict, or a list of one dict in older JAX)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  flops = (analysis or {}).get('flops')
-  return float(flops) if flops is not None else None
+  """FLOPs of one call from XLA's cost analysis (None if the backend has none)."""
+  return compile_report.cost(compiled).get('flops')
 
 
 def memory(compiled) -> dict:
   """XLA's buffer assignment: arguments, outputs (less donated aliases) and temporaries, in bytes."""
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001
+  stats = compile_report.memory(compiled)
+  if not stats:
     return {}
-  if stats is None:
-    return {}
-  out = {k: int(getattr(stats, f'{k}_size_in_bytes', 0)) for k in ('argument', 'output', 'alias', 'temp')}
+  out = {k: stats[k] for k in ('argument', 'output', 'alias', 'temp')}
   out['peak_estimate'] = out['argument'] + out['output'] - out['alias'] + out['temp']
   return out
 

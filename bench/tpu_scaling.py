@@ -12,6 +12,7 @@ OUT.json (every row's figures) and OUT.md (the table). A 2-core host takes 1-6 m
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -24,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from iaca_jax.fileio import atomic_write  # noqa: E402
+from iaca_jax.topology import parse_topology  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('rows', [], 'Rows to compile (default: all), e.g. v5e-8/raw,v5e-256/replicas.')
@@ -49,19 +51,11 @@ VALIDATION_WINDOWS = FRAMES / 16 * VALIDATION_VIDEOS / VIDEOS
 EPOCHS = 30
 
 
-def chips(topology: str) -> int:
-  dims = [int(n) for n in topology.split(':')[1].split('x')]
-  out = 1
-  for n in dims:
-    out *= n
-  return out
-
-
 def row_args(name: str) -> list[str]:
   """The train_compile.py arguments of row `<slice>/<raw|cached|replicas>`."""
   slice_name, kind = name.split('/')
   topology = SLICES[slice_name]
-  n = chips(topology)
+  n = math.prod(parse_topology(topology)[1])
   args = ['train_compile.py', '--config', 'configs/tpu.py', f'--topology={topology}']
   if kind == 'replicas':  # each group of gcd(32, chips) trains 32/groups replicas on the paper batch
     args += [f'--config.replicas.count={REPLICAS}', '--config.replicas.shard=True']

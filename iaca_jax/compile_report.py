@@ -103,8 +103,14 @@ def cost(compiled: Any) -> dict[str, float]:
 
 def memory(compiled: Any) -> dict[str, int]:
   """XLA's buffer assignment per device, in bytes: arguments, outputs, aliased (donated) bytes,
-  temporaries, generated code, and `total` = arguments + outputs - aliased + temporaries + code."""
-  stats = compiled.memory_analysis()
+  temporaries, generated code, and `total` = arguments + outputs - aliased + temporaries + code
+  (empty if unsupported)."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    stats = None
+  if stats is None:
+    return {}
   fields = ('argument', 'output', 'alias', 'temp', 'generated_code')
   out = {k: int(getattr(stats, f'{k}_size_in_bytes', 0) or 0) for k in fields}
   out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp'] + out['generated_code']
@@ -162,7 +168,7 @@ def replica_groups(text: str, num_devices: int) -> list[list[int]]:
   if text.startswith('{'):
     groups = [[int(i) for i in g.split(',') if i.strip()] for g in re.findall(r'\{([\d,\s]*)\}', text[1:-1])]
     return [g for g in groups if g] or [list(range(num_devices))]
-  return _iota(text.split('<=')[0] if '<=' not in text else text).tolist()
+  return _iota(text).tolist()
 
 
 def collectives(hlo_text: str, num_devices: int) -> list[dict[str, Any]]:
@@ -263,10 +269,6 @@ class CompiledStep:
     return out
 
 
-def _abstract(tree: Any, sharding: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 def abstract_inputs(config: ml_collections.ConfigDict, trainer: train_lib.Trainer) -> tuple[Any, dict, Any]:
   """(state, batch, rng) of the train step as shapes, dtypes and shardings: the global batch of the
   config (model inputs, labels (B, 16, 2), mask (B, 16)), the state placed as `train.py` places it."""
@@ -279,16 +281,15 @@ def abstract_inputs(config: ml_collections.ConfigDict, trainer: train_lib.Traine
     labels=jax.ShapeDtypeStruct((batch_size, CLIPS, 2), np.float32),
     mask=jax.ShapeDtypeStruct((batch_size, CLIPS), np.bool_),
   )
-  batch = {
-    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding) for k, v in batch.items()
-  }
-  rng = _abstract(jax.eval_shape(lambda: train_lib.dropout_keys(config)), trainer.replicated)
+  batch = train_lib.abstract_like(batch, trainer.data_sharding)
+  rng = train_lib.abstract_like(jax.eval_shape(lambda: train_lib.dropout_keys(config)), trainer.replicated)
   return state, batch, rng
 
 
 def _compile(name: str, jitted: Any, args: tuple, num_devices: int) -> CompiledStep:
   start = time.perf_counter()
-  lowered = jitted.lower(*args)
+  traced = jitted.trace(*args)  # one trace: its jaxpr for the model's FLOPs, its lowering to compile
+  lowered = traced.lower()
   try:
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XlaRuntimeError: its text says why
@@ -297,7 +298,7 @@ def _compile(name: str, jitted: Any, args: tuple, num_devices: int) -> CompiledS
     raise CompileFailed(f'{name} step: {text.splitlines()[0] if text else type(e).__name__}', oom) from e
   elapsed = time.perf_counter() - start
   counts = cost(compiled)
-  model_flops = matmul_flops(jax.make_jaxpr(jitted)(*args)) / num_devices
+  model_flops = matmul_flops(traced.jaxpr) / num_devices
   return CompiledStep(
     name=name,
     compile_s=elapsed,

@@ -116,9 +116,7 @@ def predict_split(
     `gate_<name>` (N, L, K), `silenced` (N, L), the clip keys and `video_name` (N,).
   """
   # Processes that feed the same rows (replica groups) silence the same clips.
-  share, share_count = (
-    trainer.batch_share() if hasattr(trainer, 'batch_share') else (jax.process_index(), None)
-  )
+  share, share_count = trainer.batch_share()
   rng = np.random.default_rng([seed, share] if share else seed)
   gather = RowGatherer(trainer.data_sharding, trainer.replicated, share_count)
   first = getattr(batches, 'first_window', 0)
