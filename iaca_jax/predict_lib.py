@@ -12,20 +12,17 @@ and best checkpoint) or from a directory of converted weights (its `conversion.j
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import re
 from collections.abc import Iterator
 
-import av
 import jax
 import ml_collections
 import numpy as np
 import tqdm
-from PIL import Image
 
 from iaca_jax import (
-  faces,
+  face_video,
   feature_cache,
   input_pipeline,
   metrics,
@@ -43,12 +40,12 @@ from iaca_jax.preprocessing import audio as audio_lib
 from iaca_jax.preprocessing import examples, windows
 from iaca_jax.preprocessing import mel as mel_lib
 
-JPEG_QUALITY = 95  # as the preprocessing stage re-encodes crops
 SILENT_RMS = 1e-4  # a frame whose audio has a lower RMS counts as silent (plot shading)
 
 
 class PredictError(ValueError):
-  """A video or model source that predict cannot use; the message names the file."""
+  """A model source or an output that predict cannot use; the message names the file (a video
+  that cannot be used raises `face_video.VideoError`)."""
 
 
 @dataclasses.dataclass
@@ -162,118 +159,7 @@ def load_model(
   )
 
 
-@dataclasses.dataclass
-class VideoFaces:
-  """The faces of one video: N frames at `fps`, the track and the 112x112 crop JPEG of each face frame."""
-
-  path: str
-  fps: float
-  width: int
-  height: int
-  video_start: float
-  track: faces.FaceTrack
-  crops: dict[int, bytes]  # 1-based frame -> JPEG bytes
-
-  @property
-  def num_frames(self) -> int:
-    return self.track.num_frames
-
-
-def open_video(path: str) -> av.container.InputContainer:
-  """Opens a video file; PredictError naming it when missing, unreadable or without a video stream."""
-  if not os.path.isfile(path):
-    raise PredictError(f'{path}: no such file')
-  try:
-    container = av.open(path)
-  except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-    raise PredictError(f'{path}: not a readable video ({e})') from None
-  if not container.streams.video:
-    container.close()
-    raise PredictError(f'{path} has no video stream')
-  return container
-
-
-def check_video(path: str) -> int:
-  """Checks what can be checked before any work: the file opens, has a video stream with a frame
-  rate and at least one clip of frames (counted from the packets). Returns the frame count.
-
-  Raises:
-    PredictError naming the file.
-  """
-  with open_video(path) as container:
-    stream = container.streams.video[0]
-    if not (stream.average_rate or stream.guessed_rate or stream.base_rate):
-      raise PredictError(f'{path}: the video stream has no frame rate')
-    try:
-      count = sum(1 for p in container.demux(stream) if p.size > 0)
-    except (av.error.FFmpegError, ValueError) as e:
-      raise PredictError(f'{path}: reading the video stream failed ({e})') from None
-  if count < windows.FRAMES_PER_CLIP:
-    raise PredictError(f'{path} has {count} frames, fewer than one clip ({windows.FRAMES_PER_CLIP} frames)')
-  return count
-
-
-def decode_frames(path: str) -> Iterator[np.ndarray]:
-  """The frames of the first video stream as (H, W, 3) uint8 RGB; a decoding failure names the file."""
-  with open_video(path) as container:
-    i = 0
-    try:
-      for frame in container.decode(video=0):
-        yield frame.to_ndarray(format='rgb24')
-        i += 1
-    except (av.error.FFmpegError, ValueError) as e:
-      raise PredictError(f'{path}: decoding stopped at frame {i + 1} ({e})') from None
-
-
-def find_faces(
-  path: str,
-  *,
-  detect_every: int = faces.DEFAULT_DETECT_EVERY,
-  detect_size: int = faces.DEFAULT_DETECT_SIZE,
-  crop_scale: float = faces.DEFAULT_CROP_SCALE,
-  progress: tqdm.tqdm | None = None,
-) -> VideoFaces:
-  """Two passes over the video: the detector on every `detect_every`-th frame, then the crops.
-
-  Raises:
-    PredictError naming the file: unreadable, no video stream, no frame rate, or fewer frames than one
-    clip (32).
-  """
-  with open_video(path) as container:
-    stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-  if not rate:
-    raise PredictError(f'{path}: the video stream has no frame rate')
-  detector = faces.FaceDetector(detect_size)
-  detections, num_frames, last = {}, 0, None
-  for i, rgb in enumerate(decode_frames(path)):
-    if i % detect_every == 0:
-      detections[i] = detector(rgb)
-    num_frames, last = i + 1, rgb
-    if progress is not None:
-      progress.update(1)
-  if num_frames < windows.FRAMES_PER_CLIP:
-    raise PredictError(
-      f'{path} has {num_frames} frames, fewer than one clip ({windows.FRAMES_PER_CLIP} frames)'
-    )
-  if (num_frames - 1) % detect_every:  # the last frame is always detected: no extrapolated tail
-    detections[num_frames - 1] = detector(last)
-  size = last.shape[:2]
-  track = faces.build_track(detections, num_frames, crop_scale)
-  crops = {}
-  for i, rgb in enumerate(decode_frames(path)):
-    if i < num_frames and track.present[i]:
-      crop = faces.crop_face(rgb, track.centre[i], track.side[i], track.angle[i], examples.FACE_SIZE)
-      buf = io.BytesIO()
-      Image.fromarray(crop).save(buf, format='JPEG', quality=JPEG_QUALITY)
-      crops[i + 1] = buf.getvalue()
-    if progress is not None:
-      progress.update(1)
-  return VideoFaces(path, float(rate), size[1], size[0], start, track, crops)
-
-
-def read_audio(video: VideoFaces, sample_rate: int) -> audio_lib.AudioTrack:
+def read_audio(video: face_video.VideoFaces, sample_rate: int) -> audio_lib.AudioTrack:
   """The video's own audio track at `sample_rate`, sample 0 at the first frame (zeros where missing)."""
   return audio_lib.decode_audio(
     video.path, sample_rate, video_start=video.video_start, expected_duration=video.num_frames / video.fps
@@ -318,7 +204,7 @@ def _batches(windows_iter, name: str, batch_size: int, progress: tqdm.tqdm | Non
 class VideoPrediction:
   """Per-frame results of one video (N frames)."""
 
-  faces: VideoFaces
+  faces: face_video.VideoFaces
   raw: np.ndarray  # (N, 2) valence, arousal: the prediction of the clip ending on each frame
   smoothed: np.ndarray  # (N, 2) clipped and moving-averaged as evaluated, the ends not pulled to 0
   silent: np.ndarray  # bool (N,)
@@ -335,15 +221,15 @@ def predict_video(
     model: from `load_model`.
     path: any video file PyAV reads.
     batch_size: windows per model call (default: the device count); a multiple of the device count.
-    face_options: `find_faces` options (detect_every, detect_size, crop_scale).
+    face_options: `face_video.find_faces` options (detector, detect_every, detect_size, crop_scale).
   """
   name = os.path.splitext(os.path.basename(path))[0]
   batch_size = batch_size or jax.device_count()
-  count = check_video(path)  # the frame count from the packets; errors before any decoding
+  count = face_video.check_video(path)  # the frame count from the packets; errors before any decoding
   with tqdm.tqdm(
-    total=2 * count, desc=f'{name}: faces', unit='frame', disable=not show_progress, leave=False
-  ) as bar:  # two passes: detection, then crops
-    video = find_faces(path, progress=bar, **face_options)
+    total=count, desc=f'{name}: faces', unit='frame', disable=not show_progress, leave=False
+  ) as bar:  # two passes over the frames: detection, then crops
+    video = face_video.find_faces(path, progress=bar, **face_options)
     track = read_audio(video, model.sample_rate)
     settings = mel_lib.mel_settings(model.sample_rate)
     clips = windows.window_clip_ends(video.num_frames)

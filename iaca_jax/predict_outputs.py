@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from iaca_jax.evaluate_lib import submission_lines  # noqa: E402
+from iaca_jax.face_video import open_video  # noqa: E402
 from iaca_jax.fileio import atomic_savefig, atomic_write  # noqa: E402
-from iaca_jax.predict_lib import PredictError, VideoPrediction, open_video  # noqa: E402
+from iaca_jax.predict_lib import PredictError, VideoPrediction  # noqa: E402
 
 CSV_HEADER = 'frame,time_s,valence,arousal,face'
 # What predict.py can write per video, by kind: the file's suffix after the video's name.

@@ -34,6 +34,7 @@ from iaca_jax import (
   replicas,
   train_lib,
 )
+from iaca_jax.face_video import VideoError, check_video, find_faces
 from iaca_jax.kernel_choice import build_model
 from iaca_jax.models import IACAModel
 from iaca_jax.preprocessing import audio as audio_lib
@@ -96,13 +97,13 @@ def test_the_detector_finds_the_face_where_it_is_and_not_in_blank_frames(predict
   centre = track.centre[truth]
   np.testing.assert_array_less(np.abs(centre[:, 0] - (x + 0.47 * side)), 0.12 * side)
   np.testing.assert_array_less(np.abs(centre[:, 1] - (y + 0.47 * side)), 0.12 * side)
-  ratio = track.side[truth] / (0.475 * side * faces.DEFAULT_CROP_SCALE)
+  ratio = track.side[truth] / (0.475 * side * faces.DEFAULT_CROP_SCALES['haar'])
   assert ratio.min() > 0.75 and ratio.max() < 1.35, (ratio.min(), ratio.max())
 
 
 def test_detecting_every_fifth_frame_errs_only_next_to_a_change(face_video):
   truth = ~np.isnan(face_video[1][:, 0])
-  track = predict_lib.find_faces(face_video[0], detect_every=5).track
+  track = find_faces(face_video[0], detect_every=5).track
   assert set(np.flatnonzero(track.detected)) == set(range(0, NUM_FRAMES, 5)) | {NUM_FRAMES - 1}
   wrong = np.flatnonzero(track.present != truth)
   assert all(min(abs(i - b) for b in BLANK) <= 2 for i in wrong), wrong
@@ -316,8 +317,8 @@ def test_bad_videos_are_one_clear_error_naming_the_file(face_video, run_dir, tmp
     short: 'has 10 frames, fewer than one clip (32 frames)',
   }
   for path, reason in expected.items():
-    with pytest.raises(predict_lib.PredictError, match=re.escape(path) + '.*' + re.escape(reason)):
-      predict_lib.check_video(path)
+    with pytest.raises(VideoError, match=re.escape(path) + '.*' + re.escape(reason)):
+      check_video(path)
   output_dir = tmp_path / 'out'
   result = run_predict(f'--workdir={run_dir}', f'--output_dir={output_dir}', face_video[0], short)
   assert result.returncode == 1
