@@ -3,10 +3,14 @@ r"""Builds the TFRecord shards of a dataset (the Python entry point; no tfds CLI
     python -m data.build --dataset=synthetic_av --manual_dir=/tmp/synthetic_av_raw \
         --data_dir=/tmp/tfds [--config=sr44100 | --sample_rate=16000] [--overwrite]
     python -m data.build --dataset=aff_wild2 --manual_dir=/path/to/Aff-Wild2 --data_dir=/tmp/tfds
+    python -m data.build --dataset=aff_wild2 --manual_dir=/path/to/my_videos --data_dir=/tmp/tfds \
+        --crops=detect [--detector=mtcnn|haar] [--detect_every=5]
 
 The shards land in <data_dir>/<dataset>/<config>/1.0.0/. For synthetic_av a
 missing or empty manual directory is first filled by the generator (seed 0,
-default size) unless --nogenerate_if_missing. `tfds build data/<dataset>` runs
+default size) unless --nogenerate_if_missing. --crops=detect first makes the face crops of a dataset
+that ships raw videos only (annotations and raw_videos/), with predict.py's detector and alignment,
+into <manual_dir>/cropped_aligned/ (iaca_jax/preprocessing/detect_crops.py). `tfds build data/<dataset>` runs
 the same builders but needs apache-beam and mlcroissant, which conflict with
 this project's pins (see docs/DATA.md).
 """
@@ -24,8 +28,11 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
 from data.synthetic_av import generate
+from iaca_jax import faces
+from iaca_jax.preprocessing import detect_crops
 
 DATASETS = ('synthetic_av', 'aff_wild2')
+CROPS = ('given', 'detect')
 
 
 def builder_class(dataset: str):
@@ -78,10 +85,15 @@ def build(
   min_valid_clips: int | None = None,
   overwrite: bool = False,
   num_shards: int | None = None,
+  crops: str = 'given',
+  detector: str = faces.DEFAULT_DETECTOR,
+  detect_every: int = faces.DEFAULT_DETECT_EVERY,
 ):
   """Prepares the dataset (no-op if already built, unless `overwrite`); returns the builder.
 
   `num_shards` fixes the number of TFRecord files per split (default: tfds picks by size).
+  `crops='detect'` first writes the missing crop folders from the raw videos
+  (`detect_crops.detect_crops` with `detector` on every `detect_every`-th frame).
 
   Raises:
     iaca_jax.preprocessing.DataError on input that cannot be used; nothing
@@ -95,6 +107,11 @@ def build(
     if overwrite
     else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   )
+  if crops not in CROPS:
+    raise ValueError(f'crops must be one of {CROPS}, got {crops!r}')
+  if crops == 'detect':
+    stats = detect_crops.detect_crops(manual_dir, detector=detector, detect_every=detect_every)
+    logging.info('%s crops: %s', dataset, stats.summary())
   started = time.time()
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(
@@ -135,6 +152,11 @@ def _define_flags():
     'generate_if_missing', True, 'synthetic_av only: generate the raw set into an empty/missing manual_dir.'
   )
   flags.DEFINE_integer('synthetic_seed', 0, 'Seed when generating the synthetic set.')
+  flags.DEFINE_enum(
+    'crops', 'given', CROPS, "detect: make the missing face crops from raw_videos/ (predict.py's aligner)."
+  )
+  flags.DEFINE_enum('detector', faces.DEFAULT_DETECTOR, faces.DETECTORS, 'Face detector of --crops=detect.')
+  flags.DEFINE_integer('detect_every', faces.DEFAULT_DETECT_EVERY, '--crops=detect: detector every N frames.')
   flags.DEFINE_enum('synthetic_size', 'default', ['default', 'tiny'], 'Size preset when generating.')
 
 
@@ -157,6 +179,9 @@ def main(argv):
     sample_rate=f.sample_rate,
     min_valid_clips=f.min_valid_clips,
     overwrite=f.overwrite,
+    crops=f.crops,
+    detector=f.detector,
+    detect_every=f.detect_every,
   )
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f'{f.dataset}: {splits} windows in {builder.data_dir} ({time.time() - start:.1f} s)')

@@ -38,6 +38,7 @@ from iaca_jax.face_video import VideoError, check_video, find_faces
 from iaca_jax.kernel_choice import build_model
 from iaca_jax.models import IACAModel
 from iaca_jax.preprocessing import audio as audio_lib
+from iaca_jax.preprocessing.errors import DataError
 from tests.test_configs import old_flat_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,15 +138,16 @@ def test_the_csv_has_one_row_per_frame(prediction, tmp_path):
   assert os.listdir(tmp_path) == ['face.csv']  # no temporary file left
 
 
-def write_aff_wild2_layout(root, name: str, video_path: str, crops: dict, num_frames: int) -> None:
-  """The crops and the raw video as an Aff-Wild2 validation video (and a copy as the train split)."""
+def write_aff_wild2_layout(root, name: str, video_path: str, crops: dict | None, num_frames: int) -> None:
+  """The crops (None: no crop folder) and the raw video as an Aff-Wild2 validation video (and a copy
+  as the train split)."""
   va = root / '8th_ABAW_Annotations' / 'VA_Estimation_Challenge'
   for split_dir, video in (('Train_Set', f'{name}_train'), ('Validation_Set', name)):
     (va / split_dir).mkdir(parents=True)
     (va / split_dir / f'{video}.txt').write_text('valence,arousal\n' + '0.1,0.2\n' * num_frames)
-    crop_dir = root / 'cropped_aligned' / video
-    crop_dir.mkdir(parents=True)
-    for frame, jpeg in crops.items():
+    for frame, jpeg in (crops or {}).items():
+      crop_dir = root / 'cropped_aligned' / video
+      crop_dir.mkdir(parents=True, exist_ok=True)
       (crop_dir / f'{frame:05d}.jpg').write_bytes(jpeg)
     (root / 'raw_videos').mkdir(exist_ok=True)
     shutil.copy(video_path, root / 'raw_videos' / f'{video}.mp4')
@@ -166,6 +168,37 @@ def test_predictions_equal_the_same_crops_through_the_builder_and_the_evaluation
     prediction.smoothed, metrics.postprocess(frames, ends='shrink'), atol=1e-5, rtol=0
   )
   assert np.ptp(frames, axis=0).min() > 1e-4  # the untrained model still responds to its inputs
+
+
+def test_a_dataset_of_raw_videos_gets_predicts_crops_and_predictions(
+  prediction, run_dir, face_video, tmp_path
+):
+  """`data.build --crops=detect` on a dataset with raw videos and annotations only: the crops written
+  are predict's crops of the same video, byte for byte, and the evaluation of the built set gives
+  predict's numbers."""
+  raw = tmp_path / 'raw'
+  write_aff_wild2_layout(raw, 'face', face_video[0], None, NUM_FRAMES)
+  builder = build.build(
+    'aff_wild2', str(raw), str(tmp_path / 'tfds'), min_valid_clips=1, crops='detect', detect_every=1
+  )
+  for video in ('face', 'face_train'):
+    folder = raw / 'cropped_aligned' / video
+    written = {int(p.stem): p.read_bytes() for p in folder.iterdir()}
+    assert written == prediction.faces.crops
+  assert sorted(os.listdir(raw / 'cropped_aligned')) == ['face', 'face_train']  # no temporary folder
+  config = run_config()
+  config.dataset.name = str(builder.data_dir)
+  frames = metrics.clips_to_frames(evaluate_lib.Evaluator(config, run_dir, 'best').predict('validation'))
+  np.testing.assert_allclose(prediction.raw, frames['face']['predictions'], atol=1e-5, rtol=0)
+
+
+def test_detecting_crops_without_a_raw_video_names_the_video(face_video, tmp_path):
+  raw = tmp_path / 'raw'
+  write_aff_wild2_layout(raw, 'face', face_video[0], None, NUM_FRAMES)
+  shutil.rmtree(raw / 'raw_videos')
+  with pytest.raises(DataError, match=re.escape(f'validation video face: no raw video for face under {raw}')):
+    build.build('aff_wild2', str(raw), str(tmp_path / 'tfds'), crops='detect')
+  assert os.listdir(raw / 'cropped_aligned') == []  # nothing half-written
 
 
 def test_the_synthetic_sets_raw_videos_run_through_predict(model, tiny):
