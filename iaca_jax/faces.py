@@ -98,7 +98,12 @@ class FaceTrack:
 
 def similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
   """(2, 3): the similarity transform (rotation, uniform scale, translation; no reflection) that maps
-  the (K, 2) points `source` closest to `target` in least squares (Umeyama, PAMI 1991)."""
+  the (K, 2) points `source` closest to `target` in least squares (Umeyama, PAMI 1991).
+
+  Written here rather than taken from a library: OpenCV's `estimateAffinePartial2D` is a robust fit
+  (RANSAC or LMedS) that may leave landmarks out, and scikit-image's `SimilarityTransform` (the tests'
+  reference) is not a run-time dependency.
+  """
   source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
   mu_s, mu_t = source.mean(0), target.mean(0)
   s, t = source - mu_s, target - mu_t
