@@ -16,7 +16,7 @@ export GLIBC_TUNABLES = $(HOST_MALLOC)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e '.[dev,torch,tpu]'
+	$(PY) -m pip install -q -e '.[dev,torch,tpu,beam]'
 	touch $(STAMP)
 
 setup: $(STAMP)

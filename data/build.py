@@ -2,7 +2,8 @@ r"""Builds the TFRecord shards of a dataset (the Python entry point; no tfds CLI
 
     python -m data.build --dataset=synthetic_av --manual_dir=/tmp/synthetic_av_raw \
         --data_dir=/tmp/tfds [--config=sr44100 | --sample_rate=16000] [--overwrite]
-    python -m data.build --dataset=aff_wild2 --manual_dir=/path/to/Aff-Wild2 --data_dir=/tmp/tfds
+    python -m data.build --dataset=aff_wild2 --manual_dir=/path/to/Aff-Wild2 --data_dir=/tmp/tfds \
+        [--beam_pipeline_options=runner=DirectRunner,direct_running_mode=multi_processing,direct_num_workers=8]
     python -m data.build --dataset=aff_wild2 --manual_dir=/path/to/my_videos --data_dir=/tmp/tfds \
         --crops=detect [--detector=mtcnn|haar] [--detect_every=5]
 
@@ -10,9 +11,9 @@ The shards land in <data_dir>/<dataset>/<config>/1.0.0/. For synthetic_av a
 missing or empty manual directory is first filled by the generator (seed 0,
 default size) unless --nogenerate_if_missing. --crops=detect first makes the face crops of a dataset
 that ships raw videos only (annotations and raw_videos/), with predict.py's detector and alignment,
-into <manual_dir>/cropped_aligned/ (iaca_jax/preprocessing/detect_crops.py). `tfds build data/<dataset>` runs
-the same builders but needs apache-beam and mlcroissant, which conflict with
-this project's pins (see docs/DATA.md).
+into <manual_dir>/cropped_aligned/ (iaca_jax/preprocessing/detect_crops.py).
+--beam_pipeline_options makes the windows with Apache Beam (N cores, or a cluster); `tfds build
+data/<dataset>` runs the same builders and takes the same options (docs/DATA.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import glob
 import importlib
 import os
+import re
 import shutil
 import time
 
@@ -29,7 +31,8 @@ from absl import app, flags, logging
 
 from data.synthetic_av import generate
 from iaca_jax import faces
-from iaca_jax.preprocessing import detect_crops
+from iaca_jax.preprocessing import detect_crops, tfds_builder
+from iaca_jax.preprocessing.errors import DataError
 
 DATASETS = ('synthetic_av', 'aff_wild2')
 CROPS = ('given', 'detect')
@@ -88,12 +91,15 @@ def build(
   crops: str = 'given',
   detector: str = faces.DEFAULT_DETECTOR,
   detect_every: int = faces.DEFAULT_DETECT_EVERY,
+  beam_pipeline_options: str | None = None,
 ):
   """Prepares the dataset (no-op if already built, unless `overwrite`); returns the builder.
 
   `num_shards` fixes the number of TFRecord files per split (default: tfds picks by size).
   `crops='detect'` first writes the missing crop folders from the raw videos
   (`detect_crops.detect_crops` with `detector` on every `detect_every`-th frame).
+  `beam_pipeline_options` ('runner=DirectRunner,direct_num_workers=4,...', as `tfds build` takes
+  them) makes the windows in an Apache Beam pipeline (docs/DATA.md); None: in this process.
 
   Raises:
     iaca_jax.preprocessing.DataError on input that cannot be used; nothing
@@ -113,15 +119,48 @@ def build(
     stats = detect_crops.detect_crops(manual_dir, detector=detector, detect_every=detect_every)
     logging.info('%s crops: %s', dataset, stats.summary())
   started = time.time()
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.abspath(manual_dir), download_mode=mode, num_shards=num_shards
-    )
+  download_config = tfds.download.DownloadConfig(
+    manual_dir=os.path.abspath(manual_dir),
+    download_mode=mode,
+    num_shards=num_shards,
+    beam_options=beam_options(beam_pipeline_options),
   )
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except DataError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (Beam re-raises a worker's error wrapped)
+    cause = worker_data_error(e)
+    empty = re.search(r'generated examples is 0 for split (\w+)', str(e))
+    if cause is None and empty:  # tfds's Beam writer stops a split without a window
+      cause = tfds_builder.no_window_error(
+        builder.generation_settings(empty.group(1), os.path.abspath(manual_dir))
+      )
+    if cause is None:
+      raise
+    raise cause from None
   remove_stale_partial_builds(builder.data_dir, older_than=started)
   for split, stats in getattr(builder, 'build_stats', {}).items():
     logging.info('%s %s: %s', dataset, split, stats.summary())
   return builder
+
+
+def beam_options(text: str | None):
+  """Beam's PipelineOptions from `key=value,key=value` (the syntax of `tfds build
+  --beam_pipeline_options`), or None."""
+  if not text:
+    return None
+  beam = tfds.core.lazy_imports.apache_beam
+  return beam.options.pipeline_options.PipelineOptions(
+    [f'--{option}' for option in text.split(',') if option]
+  )
+
+
+def worker_data_error(error: BaseException) -> DataError | None:
+  """The DataError a Beam worker raised, from the error the runner re-raised in this process (its
+  text holds the worker's traceback); None when there was none."""
+  match = re.search(r'DataError: (.+)', str(error))
+  return DataError(match.group(1).strip()) if match else None
 
 
 def remove_stale_partial_builds(version_dir: str, *, older_than: float) -> list[str]:
@@ -157,6 +196,12 @@ def _define_flags():
   )
   flags.DEFINE_enum('detector', faces.DEFAULT_DETECTOR, faces.DETECTORS, 'Face detector of --crops=detect.')
   flags.DEFINE_integer('detect_every', faces.DEFAULT_DETECT_EVERY, '--crops=detect: detector every N frames.')
+  flags.DEFINE_string(
+    'beam_pipeline_options',
+    None,
+    'Make the windows with Apache Beam, e.g. runner=DirectRunner,direct_running_mode=multi_processing,'
+    'direct_num_workers=8 (docs/DATA.md for Dataflow, Flink, Spark).',
+  )
   flags.DEFINE_enum('synthetic_size', 'default', ['default', 'tiny'], 'Size preset when generating.')
 
 
@@ -182,6 +227,7 @@ def main(argv):
     crops=f.crops,
     detector=f.detector,
     detect_every=f.detect_every,
+    beam_pipeline_options=f.beam_pipeline_options,
   )
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f'{f.dataset}: {splits} windows in {builder.data_dir} ({time.time() - start:.1f} s)')

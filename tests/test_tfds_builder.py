@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
 import av
 import numpy as np
 import pytest
+import soundfile as sf
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -137,11 +139,13 @@ def test_bad_header_stops_the_build_before_writing(raw, tmp_path):
   _nothing_complete(data_dir)
 
 
-def test_no_training_window_kept_is_a_clear_error(micro, tmp_path):
-  """The micro videos (70-90 frames) are too short for the default keep rule (8 valid clips)."""
+@pytest.mark.parametrize('beam_options', [None, 'runner=DirectRunner'])
+def test_no_training_window_kept_is_a_clear_error(micro, tmp_path, beam_options):
+  """The micro videos (70-90 frames) are too short for the default keep rule (8 valid clips); a Beam
+  build says the same."""
   data_dir = str(tmp_path / 'tfds')
-  with pytest.raises(DataError, match='no window kept'):
-    build.build('synthetic_av', micro, data_dir)
+  with pytest.raises(DataError, match=re.escape(f'split train of {micro}: no window kept (')):
+    build.build('synthetic_av', micro, data_dir, beam_pipeline_options=beam_options)
   _nothing_complete(data_dir)
 
 
@@ -344,7 +348,7 @@ def _pipeline(root, data_dir, split):
   """What a build does short of writing: plan every split, then generate the examples of `split`."""
   builder = build.make_builder('synthetic_av', data_dir, min_valid_clips=1)
   plans = tfds_builder.plan_splits(root, builder.builder_config, True, builder.build_stats)
-  out = dict(builder._generate_examples(plans[split], split, root))
+  out = dict(builder._generate_examples(plans[split], builder.generation_settings(split, root)))
   return out, [m for s in builder.build_stats.values() for m in s.messages]
 
 
@@ -421,3 +425,62 @@ def test_damaged_inputs_never_pass_silently(micro, tmp_path):
       assert named or _same(out, references[split]), (
         f'{how} {path}: the result changed and no message names it'
       )
+
+
+# ------------------------------------------------------------ Apache Beam
+TWO_WORKERS = 'runner=DirectRunner,direct_running_mode=multi_processing,direct_num_workers=2'
+
+
+def _decoded(builder) -> dict:
+  """{split: {(video, clip ends): example}} of a built dataset, every feature decoded."""
+  return {
+    split: {
+      (ex['video_name'], tuple(ex['end_frame'])): ex
+      for ex in builder.as_dataset(split=split).as_numpy_iterator()
+    }
+    for split in builder.info.splits
+  }
+
+
+@pytest.mark.heavy
+def test_a_beam_build_gives_the_one_process_builds_examples_counts_and_errors(raw, tmp_path):
+  """The same raw set built in this process and by Beam with 2 worker processes: equal examples,
+  split sizes, metadata and counted skips; a bad input a worker meets stops the build with the
+  one-process build's error, and leaves no dataset."""
+  side = _side(raw)
+  shutil.rmtree(os.path.join(raw, 'cropped_aligned', 'syn001'))  # skipped while planning
+  test = next(v for v, d in side.items() if d['split'] == 'test')
+  crops = os.path.join(raw, 'cropped_aligned', test)
+  _write(os.path.join(crops, sorted(os.listdir(crops))[5]), 'not a jpeg')  # skipped by a worker
+  plain = build.build('synthetic_av', raw, str(tmp_path / 'plain'), min_valid_clips=1)
+  beam = build.build(
+    'synthetic_av', raw, str(tmp_path / 'beam'), min_valid_clips=1, beam_pipeline_options=TWO_WORKERS
+  )
+  assert {k: v.num_examples for k, v in beam.info.splits.items()} == {
+    k: v.num_examples for k, v in plain.info.splits.items()
+  }
+  assert beam.info.metadata == plain.info.metadata and repr(beam.info.features) == repr(plain.info.features)
+  assert {k: dict(v.counts) for k, v in beam.build_stats.items()} == {
+    k: dict(v.counts) for k, v in plain.build_stats.items()
+  }
+  assert beam.build_stats['test'].counts['unreadable_jpegs'] == 1
+  ours, theirs = _decoded(beam), _decoded(plain)
+  for split in theirs:
+    assert ours[split].keys() == theirs[split].keys()
+    for key, example in theirs[split].items():
+      for name, value in example.items():
+        np.testing.assert_array_equal(ours[split][key][name], value, err_msg=f'{split} {key} {name}')
+
+  # A validation video whose audio holds NaN: the workers' error, as the one-process build's.
+  val = _val_video(raw)
+  os.remove(os.path.join(raw, 'raw_videos', val + '.mp4'))
+  samples = np.zeros(44_100 * 10, np.float32)
+  samples[:1000] = np.nan
+  sf.write(os.path.join(raw, 'raw_videos', val + '.wav'), samples, 44_100, subtype='FLOAT')
+  errors = []
+  for name, options in (('plain2', None), ('beam2', TWO_WORKERS)):
+    with pytest.raises(DataError) as error:
+      build.build('synthetic_av', raw, str(tmp_path / name), min_valid_clips=1, beam_pipeline_options=options)
+    errors.append(str(error.value))
+    _nothing_complete(str(tmp_path / name))
+  assert errors[0] == errors[1] and f'{val}: the clip ending at frame 1 has non-finite audio' in errors[0]

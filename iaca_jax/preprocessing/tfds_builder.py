@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import os
 
@@ -155,55 +156,185 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     )
 
   # --------------------------------------------------------------- planning
+  def _generate_splits(self, dl_manager, download_config):
+    # [decision] Beam only when asked for (a runner or pipeline options, as `tfds build
+    # --beam_pipeline_options=...` or `data.build --beam_pipeline_options=...` give): tfds runs a
+    # Beam pipeline in-process otherwise too, slower than the plain generator on one core. tfds passes
+    # the download config to no public hook; this private one is stable in the pinned 4.9.10.
+    self._beam = download_config.beam_runner is not None or download_config.beam_options is not None
+    return super()._generate_splits(dl_manager, download_config)
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
-    return {
-      split: self._generate_examples(plan, split, root)
-      for split, plan in plan_splits(
-        root, self.builder_config, self.HAS_CORRUPTIONS, self.build_stats
-      ).items()
-    }
+    plans = plan_splits(root, self.builder_config, self.HAS_CORRUPTIONS, self.build_stats)
+    settings = {split: self.generation_settings(split, root) for split in plans}
+    if getattr(self, '_beam', False):
+      return {split: beam_examples(plan, settings[split]) for split, plan in plans.items()}
+    return {split: self._generate_examples(plan, settings[split]) for split, plan in plans.items()}
 
   # ------------------------------------------------------------- generation
-  def _generate_examples(self, plan: list[VideoPlan], split: str, root: str):
-    stats = self.build_stats.setdefault(split, examples.BuildStats())
-    mel = self.mel_settings
-    side = None
-    if self.HAS_CORRUPTIONS:
-      side = corruptions.read_corruptions(os.path.join(root, corruptions.FILENAME))
+  def generation_settings(self, split: str, root: str) -> GenerationSettings:
+    return GenerationSettings(
+      split=split,
+      root=root,
+      mel=self.mel_settings,
+      min_valid_clips=self.builder_config.min_valid_clips,
+      has_corruptions=self.HAS_CORRUPTIONS,
+    )
+
+  def _generate_examples(self, plan: list[VideoPlan], settings: GenerationSettings):
+    """The examples of one split in this process (tfds's generator path)."""
+    stats = self.build_stats.setdefault(settings.split, examples.BuildStats())
+    side = settings.corruptions()
     cache: collections.OrderedDict[str, audio_lib.AudioTrack] = collections.OrderedDict()
-    for v in tqdm.tqdm(plan, desc=f'{self.name} {split}', unit='video'):
-      track = _cached_audio(cache, v, mel.sample_rate, stats)
-      crops = examples.load_crops(layout.list_crops(v.crop_dir), v.num_frames, v.name, stats)
-      stats.count('videos')
-      stats.count('frames', v.num_frames)
-      stats.count('frames_without_face', v.num_frames - len(crops))
-      face_mask = audio_mask = None
-      if side is not None:
-        if v.name not in side:
-          raise DataError(f'video {v.name} is missing from {corruptions.FILENAME} in {root}')
-        face_mask = corruptions.frame_mask(side[v.name].get('face', []), v.num_frames)
-        audio_mask = corruptions.frame_mask(side[v.name].get('audio', []), v.num_frames)
-      video = examples.VideoInput(
-        name=v.name,
-        num_frames=v.num_frames,
-        fps=v.fps,
-        crops=crops,
-        audio=track.samples,
-        labels=v.labels,
-        corrupt_face=face_mask,
-        corrupt_audio=audio_mask,
-      )
-      yield from examples.video_examples(
-        video, mel, train=(split == 'train'), min_valid_clips=self.builder_config.min_valid_clips, stats=stats
-      )
-    logging.info('%s %s: %s', self.name, split, stats.summary())
-    if not stats.counts['windows']:
-      raise DataError(
-        f'split {split} of {root}: no window kept ({len(plan)} videos; a training window needs '
-        f'{self.builder_config.min_valid_clips} valid clips, i.e. videos of at least '
-        f'{32 * (self.builder_config.min_valid_clips - 1) + 1} frames; see --min_valid_clips)'
-      )
+    for v in tqdm.tqdm(plan, desc=f'{self.name} {settings.split}', unit='video'):
+      track = _cached_audio(cache, v, settings.mel.sample_rate, stats)
+      yield from plan_examples(v, track, settings, side, stats)
+    logging.info('%s %s: %s', self.name, settings.split, stats.summary())
+    check_windows_kept(stats, len(plan), settings)
+
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    """After a Beam build: the workers' counters into `build_stats`. (A split without a window
+    stops tfds's writer first: `data.build` names it as the generator path does.)"""
+    for split, counts in beam_counts(pipeline_result).items():
+      stats = self.build_stats.setdefault(split, examples.BuildStats())
+      stats.counts.update(counts)
+      logging.info('%s %s: %s', self.name, split, stats.summary())
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+  """What generating one split's examples needs besides the videos: picklable for Beam's workers."""
+
+  split: str
+  root: str
+  mel: mel_lib.MelSettings
+  min_valid_clips: int
+  has_corruptions: bool
+
+  def corruptions(self) -> dict | None:
+    if not self.has_corruptions:
+      return None
+    return corruptions.read_corruptions(os.path.join(self.root, corruptions.FILENAME))
+
+
+def plan_examples(
+  v: VideoPlan,
+  track: audio_lib.AudioTrack,
+  settings: GenerationSettings,
+  side: dict | None,
+  stats: examples.BuildStats,
+):
+  """The (key, example) windows of one planned video whose audio `track` is decoded."""
+  crops = examples.load_crops(layout.list_crops(v.crop_dir), v.num_frames, v.name, stats)
+  stats.count('videos')
+  stats.count('frames', v.num_frames)
+  stats.count('frames_without_face', v.num_frames - len(crops))
+  face_mask = audio_mask = None
+  if side is not None:
+    if v.name not in side:
+      raise DataError(f'video {v.name} is missing from {corruptions.FILENAME} in {settings.root}')
+    face_mask = corruptions.frame_mask(side[v.name].get('face', []), v.num_frames)
+    audio_mask = corruptions.frame_mask(side[v.name].get('audio', []), v.num_frames)
+  video = examples.VideoInput(
+    name=v.name,
+    num_frames=v.num_frames,
+    fps=v.fps,
+    crops=crops,
+    audio=track.samples,
+    labels=v.labels,
+    corrupt_face=face_mask,
+    corrupt_audio=audio_mask,
+  )
+  yield from examples.video_examples(
+    video,
+    settings.mel,
+    train=settings.split == 'train',
+    min_valid_clips=settings.min_valid_clips,
+    stats=stats,
+  )
+
+
+def no_window_error(settings: GenerationSettings, num_videos: int | None = None) -> DataError:
+  """The error of a split that kept no window (a build with nothing to train or evaluate on)."""
+  videos = f'{num_videos} videos; ' if num_videos is not None else ''
+  return DataError(
+    f'split {settings.split} of {settings.root}: no window kept ({videos}a training window needs '
+    f'{settings.min_valid_clips} valid clips, i.e. videos of at least '
+    f'{32 * (settings.min_valid_clips - 1) + 1} frames; see --min_valid_clips)'
+  )
+
+
+def check_windows_kept(
+  stats: examples.BuildStats, num_videos: int | None, settings: GenerationSettings
+) -> None:
+  if not stats.counts['windows']:
+    raise no_window_error(settings, num_videos)
+
+
+# ------------------------------------------------------------------- Beam
+BEAM_NAMESPACE = 'iaca_build'  # of the Beam counters that carry BuildStats' counts
+
+
+class BeamStats(examples.BuildStats):
+  """BuildStats on a Beam worker: every count is also a Beam counter (`<split>/<kind>`), which the
+  runner sums over workers; warnings go to the worker's log."""
+
+  def __init__(self, split: str):
+    super().__init__()
+    self.split = split
+
+  def _counter(self, kind: str, n: int) -> None:
+    beam = tfds.core.lazy_imports.apache_beam
+    beam.metrics.Metrics.counter(BEAM_NAMESPACE, f'{self.split}/{kind}').inc(n)
+
+  def warn(self, kind: str, message: str, n: int = 1):
+    super().warn(kind, message, n)
+    self._counter(kind, n)
+
+  def count(self, kind: str, n: int = 1):
+    super().count(kind, n)
+    self._counter(kind, n)
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_corruptions(settings: GenerationSettings) -> dict | None:
+  return settings.corruptions()  # read once per worker process
+
+
+def raw_file_examples(group: tuple[str, list[VideoPlan]], settings: GenerationSettings):
+  """(raw file, the planned videos it holds the audio of) -> their examples; the audio is decoded
+  once for all of them (Aff-Wild2's `_left` / `_right`)."""
+  _, videos = group
+  stats = BeamStats(settings.split)
+  side = _worker_corruptions(settings)
+  cache: collections.OrderedDict[str, audio_lib.AudioTrack] = collections.OrderedDict()
+  for v in sorted(videos, key=lambda v: v.name):
+    track = _cached_audio(cache, v, settings.mel.sample_rate, stats)
+    yield from plan_examples(v, track, settings, side, stats)
+
+
+def beam_examples(plan: list[VideoPlan], settings: GenerationSettings):
+  """The examples of one split as a Beam PTransform: the planned videos, grouped by raw file, each
+  group's windows made on a worker."""
+  beam = tfds.core.lazy_imports.apache_beam
+  return (
+    beam.Create(plan)
+    | 'by raw file' >> beam.GroupBy(lambda v: v.raw_path or v.name)
+    | 'windows' >> beam.FlatMap(raw_file_examples, settings)
+  )
+
+
+def beam_counts(pipeline_result) -> dict[str, collections.Counter]:
+  """{split: counts} summed by the runner from the workers' BeamStats counters."""
+  beam = tfds.core.lazy_imports.apache_beam
+  query = pipeline_result.metrics().query(beam.metrics.MetricsFilter().with_namespace(BEAM_NAMESPACE))
+  counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for counter in query['counters']:
+    split, kind = counter.key.metric.name.split('/', 1)
+    value = counter.committed if counter.committed is not None else counter.attempted
+    counts[split][kind] += int(value)
+  return counts
 
 
 def _cached_audio(cache, v: VideoPlan, sample_rate: int, stats: examples.BuildStats):
