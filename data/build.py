@@ -3,7 +3,7 @@ r"""Builds the TFRecord shards of a dataset (the Python entry point; no tfds CLI
     python -m data.build --dataset=synthetic_av --manual_dir=/tmp/synthetic_av_raw \
         --data_dir=/tmp/tfds [--config=sr44100 | --sample_rate=16000] [--overwrite]
     python -m data.build --dataset=aff_wild2 --manual_dir=/path/to/Aff-Wild2 --data_dir=/tmp/tfds \
-        [--beam_pipeline_options=runner=DirectRunner,direct_running_mode=multi_processing,direct_num_workers=8]
+        [--num_workers=8 | --beam_pipeline_options=runner=DataflowRunner,...]
     python -m data.build --dataset=aff_wild2 --manual_dir=/path/to/my_videos --data_dir=/tmp/tfds \
         --crops=detect [--detector=mtcnn|haar] [--detect_every=5]
 
@@ -12,8 +12,9 @@ missing or empty manual directory is first filled by the generator (seed 0,
 default size) unless --nogenerate_if_missing. --crops=detect first makes the face crops of a dataset
 that ships raw videos only (annotations and raw_videos/), with predict.py's detector and alignment,
 into <manual_dir>/cropped_aligned/ (iaca_jax/preprocessing/detect_crops.py).
---beam_pipeline_options makes the windows with Apache Beam (N cores, or a cluster); `tfds build
-data/<dataset>` runs the same builders and takes the same options (docs/DATA.md).
+--num_workers=N makes the windows in N worker processes (the same shards); --beam_pipeline_options
+with Apache Beam (a cluster); `tfds build data/<dataset>` runs the same builders and takes the same
+Beam options (docs/DATA.md).
 """
 
 from __future__ import annotations
@@ -92,14 +93,16 @@ def build(
   detector: str = faces.DEFAULT_DETECTOR,
   detect_every: int = faces.DEFAULT_DETECT_EVERY,
   beam_pipeline_options: str | None = None,
+  num_workers: int = 1,
 ):
   """Prepares the dataset (no-op if already built, unless `overwrite`); returns the builder.
 
   `num_shards` fixes the number of TFRecord files per split (default: tfds picks by size).
   `crops='detect'` first writes the missing crop folders from the raw videos
   (`detect_crops.detect_crops` with `detector` on every `detect_every`-th frame).
-  `beam_pipeline_options` ('runner=DirectRunner,direct_num_workers=4,...', as `tfds build` takes
-  them) makes the windows in an Apache Beam pipeline (docs/DATA.md); None: in this process.
+  `num_workers` > 1 makes the windows in that many worker processes (the shards are those of the
+  one-process build, byte for byte). `beam_pipeline_options` ('runner=DataflowRunner,...', as
+  `tfds build` takes them) makes them in an Apache Beam pipeline instead (docs/DATA.md).
 
   Raises:
     iaca_jax.preprocessing.DataError on input that cannot be used; nothing
@@ -113,6 +116,10 @@ def build(
     if overwrite
     else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   )
+  if num_workers < 1:
+    raise ValueError(f'num_workers must be >= 1, got {num_workers}')
+  if num_workers > 1 and beam_pipeline_options:
+    raise ValueError('give num_workers or beam_pipeline_options, not both (Beam has its own workers)')
   if crops not in CROPS:
     raise ValueError(f'crops must be one of {CROPS}, got {crops!r}')
   if crops == 'detect':
@@ -125,6 +132,7 @@ def build(
     num_shards=num_shards,
     beam_options=beam_options(beam_pipeline_options),
   )
+  builder.num_workers = num_workers
   try:
     builder.download_and_prepare(download_config=download_config)
   except DataError:
@@ -187,6 +195,7 @@ def _define_flags():
   flags.DEFINE_integer('sample_rate', None, 'Custom audio sample rate (builds config sr<rate>).')
   flags.DEFINE_integer('min_valid_clips', None, 'Custom keep rule for training windows.')
   flags.DEFINE_bool('overwrite', False, 'Rebuild even if the dataset exists.')
+  flags.DEFINE_integer('num_shards', None, 'TFRecord files per split (default: from the split size).')
   flags.DEFINE_bool(
     'generate_if_missing', True, 'synthetic_av only: generate the raw set into an empty/missing manual_dir.'
   )
@@ -196,11 +205,11 @@ def _define_flags():
   )
   flags.DEFINE_enum('detector', faces.DEFAULT_DETECTOR, faces.DETECTORS, 'Face detector of --crops=detect.')
   flags.DEFINE_integer('detect_every', faces.DEFAULT_DETECT_EVERY, '--crops=detect: detector every N frames.')
+  flags.DEFINE_integer('num_workers', 1, 'Worker processes that make the windows (e.g. the core count).')
   flags.DEFINE_string(
     'beam_pipeline_options',
     None,
-    'Make the windows with Apache Beam, e.g. runner=DirectRunner,direct_running_mode=multi_processing,'
-    'direct_num_workers=8 (docs/DATA.md for Dataflow, Flink, Spark).',
+    'Make the windows with Apache Beam, e.g. runner=DataflowRunner,project=P,... (docs/DATA.md).',
   )
   flags.DEFINE_enum('synthetic_size', 'default', ['default', 'tiny'], 'Size preset when generating.')
 
@@ -224,10 +233,12 @@ def main(argv):
     sample_rate=f.sample_rate,
     min_valid_clips=f.min_valid_clips,
     overwrite=f.overwrite,
+    num_shards=f.num_shards,
     crops=f.crops,
     detector=f.detector,
     detect_every=f.detect_every,
     beam_pipeline_options=f.beam_pipeline_options,
+    num_workers=f.num_workers,
   )
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f'{f.dataset}: {splits} windows in {builder.data_dir} ({time.time() - start:.1f} s)')

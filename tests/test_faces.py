@@ -120,10 +120,8 @@ def test_the_still_photographs_eyes_land_near_the_templates(mtcnn):
 
 
 def test_the_carphone_face_is_found_on_nine_frames_in_ten(mtcnn):
-  every_frame = find_faces(CARPHONE, mtcnn, detect_every=1).track
-  assert every_frame.num_frames == 120 and every_frame.present.mean() >= 0.9
-  default = find_faces(CARPHONE, mtcnn).track
-  assert default.present.mean() >= 0.9
+  default = find_faces(CARPHONE, mtcnn).track  # the detector on every 5th frame
+  assert default.num_frames == 120 and default.present.mean() >= 0.9
   # The face stays in the car's window: the crop centres move by less than a face side.
   centres = default.centre[default.present]
   assert np.ptp(centres, axis=0).max() < default.side[default.present].mean()

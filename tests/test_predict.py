@@ -178,13 +178,15 @@ def test_a_dataset_of_raw_videos_gets_predicts_crops_and_predictions(
   predict's numbers."""
   raw = tmp_path / 'raw'
   write_aff_wild2_layout(raw, 'face', face_video[0], None, NUM_FRAMES)
+  kept = raw / 'cropped_aligned' / 'face_train'  # a crop folder already there is kept as it is
+  kept.mkdir(parents=True)
+  (kept / '00001.jpg').write_bytes(prediction.faces.crops[1])
   builder = build.build(
     'aff_wild2', str(raw), str(tmp_path / 'tfds'), min_valid_clips=1, crops='detect', detect_every=1
   )
-  for video in ('face', 'face_train'):
-    folder = raw / 'cropped_aligned' / video
-    written = {int(p.stem): p.read_bytes() for p in folder.iterdir()}
-    assert written == prediction.faces.crops
+  written = {int(p.stem): p.read_bytes() for p in (raw / 'cropped_aligned' / 'face').iterdir()}
+  assert written == prediction.faces.crops
+  assert os.listdir(kept) == ['00001.jpg']
   assert sorted(os.listdir(raw / 'cropped_aligned')) == ['face', 'face_train']  # no temporary folder
   config = run_config()
   config.dataset.name = str(builder.data_dir)

@@ -15,16 +15,19 @@ so a failed build never leaves a complete-looking dataset folder.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import logging
+import multiprocessing
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from iaca_jax.preprocessing import annotations, corruptions, examples, layout, windows
+from iaca_jax.preprocessing import annotations, corruptions, examples, layout, serialization, windows
 from iaca_jax.preprocessing import audio as audio_lib
 from iaca_jax.preprocessing import mel as mel_lib
 from iaca_jax.preprocessing.errors import DataError
@@ -135,6 +138,7 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     self.build_stats: dict[str, examples.BuildStats] = {}
+    self.num_workers = 1  # worker processes of the generator path (`data.build --num_workers`)
 
   @property
   def mel_settings(self) -> mel_lib.MelSettings:
@@ -162,7 +166,11 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # Beam pipeline in-process otherwise too, slower than the plain generator on one core. tfds passes
     # the download config to no public hook; this private one is stable in the pinned 4.9.10.
     self._beam = download_config.beam_runner is not None or download_config.beam_options is not None
-    return super()._generate_splits(dl_manager, download_config)
+    with serialization.packed_floats():  # tfds's serialization, faster (serialization.py)
+      split_infos = super()._generate_splits(dl_manager, download_config)
+    if self._beam:
+      check_beam_output(split_infos, self.build_stats)
+    return split_infos
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
@@ -183,13 +191,25 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     )
 
   def _generate_examples(self, plan: list[VideoPlan], settings: GenerationSettings):
-    """The examples of one split in this process (tfds's generator path)."""
+    """The examples of one split (tfds's generator path): made in this process, or by
+    `self.num_workers` worker processes a raw file at a time, yielded in the plan's order."""
     stats = self.build_stats.setdefault(settings.split, examples.BuildStats())
-    side = settings.corruptions()
-    cache: collections.OrderedDict[str, audio_lib.AudioTrack] = collections.OrderedDict()
-    for v in tqdm.tqdm(plan, desc=f'{self.name} {settings.split}', unit='video'):
-      track = _cached_audio(cache, v, settings.mel.sample_rate, stats)
-      yield from plan_examples(v, track, settings, side, stats)
+    groups = raw_file_groups(plan)
+    bar = tqdm.tqdm(total=len(plan), desc=f'{self.name} {settings.split}', unit='video')
+    if self.num_workers > 1:
+      for made, counts, messages in ordered_map(
+        functools.partial(made_in_worker, settings=settings), groups, self.num_workers
+      ):
+        stats.counts.update(counts)
+        stats.messages.extend(messages)
+        bar.update(len(made))
+        yield from made
+    else:
+      side = settings.corruptions()
+      for videos in groups:
+        yield from group_examples(videos, settings, side, stats)
+        bar.update(len(videos))
+    bar.close()
     logging.info('%s %s: %s', self.name, settings.split, stats.summary())
     check_windows_kept(stats, len(plan), settings)
 
@@ -272,6 +292,54 @@ def check_windows_kept(
     raise no_window_error(settings, num_videos)
 
 
+def raw_file_groups(plan: list[VideoPlan]) -> list[list[VideoPlan]]:
+  """The planned videos grouped by the raw file they take their audio from (Aff-Wild2's `_left` /
+  `_right` share one), in the plan's order."""
+  groups: dict[str, list[VideoPlan]] = {}
+  for v in plan:
+    groups.setdefault(v.raw_path or f'<missing:{v.name}>', []).append(v)
+  return list(groups.values())
+
+
+def group_examples(
+  videos: list[VideoPlan], settings: GenerationSettings, side: dict | None, stats: examples.BuildStats
+):
+  """The (key, example) windows of videos sharing one raw file, its audio decoded once."""
+  cache: collections.OrderedDict[str, audio_lib.AudioTrack] = collections.OrderedDict()
+  for v in videos:
+    track = _cached_audio(cache, v, settings.mel.sample_rate, stats)
+    yield from plan_examples(v, track, settings, side, stats)
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_corruptions(settings: GenerationSettings) -> dict | None:
+  return settings.corruptions()  # read once per worker process
+
+
+def made_in_worker(videos: list[VideoPlan], settings: GenerationSettings):
+  """`group_examples` in a worker process: (the examples, the counts, the messages)."""
+  stats = examples.BuildStats()
+  made = list(group_examples(videos, settings, _worker_corruptions(settings), stats))
+  return made, stats.counts, stats.messages
+
+
+def ordered_map(fn, items: list, num_workers: int):
+  """fn(item) for every item, computed by `num_workers` fresh ('spawn') processes and yielded in
+  order, at most 2 x num_workers results in flight (memory stays bounded however long the list).
+  A worker's exception is raised here."""
+  context = multiprocessing.get_context('spawn')  # no fork of a process running TensorFlow threads
+  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+    pending: collections.deque = collections.deque()
+    items = iter(items)
+    for item in itertools.islice(items, 2 * num_workers):
+      pending.append(pool.submit(fn, item))
+    while pending:
+      result = pending.popleft().result()
+      for item in itertools.islice(items, 1):
+        pending.append(pool.submit(fn, item))
+      yield result
+
+
 # ------------------------------------------------------------------- Beam
 BEAM_NAMESPACE = 'iaca_build'  # of the Beam counters that carry BuildStats' counts
 
@@ -297,21 +365,12 @@ class BeamStats(examples.BuildStats):
     self._counter(kind, n)
 
 
-@functools.lru_cache(maxsize=4)
-def _worker_corruptions(settings: GenerationSettings) -> dict | None:
-  return settings.corruptions()  # read once per worker process
-
-
 def raw_file_examples(group: tuple[str, list[VideoPlan]], settings: GenerationSettings):
-  """(raw file, the planned videos it holds the audio of) -> their examples; the audio is decoded
-  once for all of them (Aff-Wild2's `_left` / `_right`)."""
+  """(raw file, the planned videos it holds the audio of) -> their examples, on a Beam worker."""
   _, videos = group
-  stats = BeamStats(settings.split)
-  side = _worker_corruptions(settings)
-  cache: collections.OrderedDict[str, audio_lib.AudioTrack] = collections.OrderedDict()
-  for v in sorted(videos, key=lambda v: v.name):
-    track = _cached_audio(cache, v, settings.mel.sample_rate, stats)
-    yield from plan_examples(v, track, settings, side, stats)
+  yield from group_examples(
+    sorted(videos, key=lambda v: v.name), settings, _worker_corruptions(settings), BeamStats(settings.split)
+  )
 
 
 def beam_examples(plan: list[VideoPlan], settings: GenerationSettings):
@@ -323,6 +382,19 @@ def beam_examples(plan: list[VideoPlan], settings: GenerationSettings):
     | 'by raw file' >> beam.GroupBy(lambda v: v.raw_path or v.name)
     | 'windows' >> beam.FlatMap(raw_file_examples, settings)
   )
+
+
+def check_beam_output(split_infos, build_stats: dict[str, examples.BuildStats]) -> None:
+  """DataError unless every split holds as many examples as its workers made (committed counters):
+  tfds renames the dataset into place only after this, so a runner that lost examples leaves no
+  complete-looking dataset."""
+  for info in split_infos:
+    made = build_stats.get(info.name, examples.BuildStats()).counts['windows']
+    if info.num_examples != made:
+      raise DataError(
+        f'the Beam runner wrote {info.num_examples} examples of split {info.name} but its workers made '
+        f'{made}: nothing was kept; build again, or with --num_workers instead of Beam (docs/DATA.md)'
+      )
 
 
 def beam_counts(pipeline_result) -> dict[str, collections.Counter]:
