@@ -32,7 +32,7 @@ from absl import app, flags, logging
 
 from data.synthetic_av import generate
 from iaca_jax import faces
-from iaca_jax.preprocessing import detect_crops, tfds_builder
+from iaca_jax.preprocessing import detect_crops, generation
 from iaca_jax.preprocessing.errors import DataError
 
 DATASETS = ('synthetic_av', 'aff_wild2')
@@ -141,7 +141,7 @@ def build(
     cause = worker_data_error(e)
     empty = re.search(r'generated examples is 0 for split (\w+)', str(e))
     if cause is None and empty:  # tfds's Beam writer stops a split without a window
-      cause = tfds_builder.no_window_error(
+      cause = generation.no_window_error(
         builder.generation_settings(empty.group(1), os.path.abspath(manual_dir))
       )
     if cause is None:

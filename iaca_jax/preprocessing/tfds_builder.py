@@ -15,19 +15,25 @@ so a failed build never leaves a complete-looking dataset folder.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
-import multiprocessing
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from iaca_jax.preprocessing import annotations, corruptions, examples, layout, serialization, windows
+from iaca_jax.preprocessing import (
+  annotations,
+  corruptions,
+  examples,
+  generation,
+  layout,
+  serialization,
+  windows,
+)
 from iaca_jax.preprocessing import audio as audio_lib
 from iaca_jax.preprocessing import mel as mel_lib
 from iaca_jax.preprocessing.errors import DataError
@@ -88,19 +94,6 @@ def features_dict(mel: mel_lib.MelSettings) -> tfds.features.FeaturesDict:
       'corrupt_audio': f.Tensor(shape=(L,), dtype=np.bool_),
     }
   )
-
-
-@dataclasses.dataclass
-class VideoPlan:
-  """One video of a split, checked before anything is written."""
-
-  name: str
-  crop_dir: str
-  raw_path: str | None
-  num_frames: int
-  fps: float
-  video_start: float
-  labels: np.ndarray | None
 
 
 class LocalDatasetInfo(tfds.core.DatasetInfo):
@@ -166,7 +159,10 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # Beam pipeline in-process otherwise too, slower than the plain generator on one core. tfds passes
     # the download config to no public hook; this private one is stable in the pinned 4.9.10.
     self._beam = download_config.beam_runner is not None or download_config.beam_options is not None
-    with serialization.packed_floats():  # tfds's serialization, faster (serialization.py)
+    with contextlib.ExitStack() as stack:
+      stack.enter_context(serialization.packed_floats())  # tfds's serialization, faster
+      if self.num_workers > 1 and not self._beam:  # one pool for every split: workers start once
+        self._pool = stack.enter_context(generation.worker_pool(self.num_workers))
       split_infos = super()._generate_splits(dl_manager, download_config)
     if self._beam:
       check_beam_output(split_infos, self.build_stats)
@@ -181,8 +177,8 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(plan, settings[split]) for split, plan in plans.items()}
 
   # ------------------------------------------------------------- generation
-  def generation_settings(self, split: str, root: str) -> GenerationSettings:
-    return GenerationSettings(
+  def generation_settings(self, split: str, root: str) -> generation.GenerationSettings:
+    return generation.GenerationSettings(
       split=split,
       root=root,
       mel=self.mel_settings,
@@ -190,15 +186,15 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       has_corruptions=self.HAS_CORRUPTIONS,
     )
 
-  def _generate_examples(self, plan: list[VideoPlan], settings: GenerationSettings):
+  def _generate_examples(self, plan: list[generation.VideoPlan], settings: generation.GenerationSettings):
     """The examples of one split (tfds's generator path): made in this process, or by
     `self.num_workers` worker processes a raw file at a time, yielded in the plan's order."""
     stats = self.build_stats.setdefault(settings.split, examples.BuildStats())
-    groups = raw_file_groups(plan)
+    groups = generation.raw_file_groups(plan)
     bar = tqdm.tqdm(total=len(plan), desc=f'{self.name} {settings.split}', unit='video')
     if self.num_workers > 1:
-      for made, counts, messages in ordered_map(
-        functools.partial(made_in_worker, settings=settings), groups, self.num_workers
+      for made, counts, messages in generation.ordered_map(
+        functools.partial(generation.made_in_worker, settings=settings), groups, self._pool
       ):
         stats.counts.update(counts)
         stats.messages.extend(messages)
@@ -207,11 +203,11 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     else:
       side = settings.corruptions()
       for videos in groups:
-        yield from group_examples(videos, settings, side, stats)
+        yield from generation.group_examples(videos, settings, side, stats)
         bar.update(len(videos))
     bar.close()
     logging.info('%s %s: %s', self.name, settings.split, stats.summary())
-    check_windows_kept(stats, len(plan), settings)
+    generation.check_windows_kept(stats, len(plan), settings)
 
   def _process_pipeline_result(self, pipeline_result) -> None:
     """After a Beam build: the workers' counters into `build_stats`. (A split without a window
@@ -220,124 +216,6 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       stats = self.build_stats.setdefault(split, examples.BuildStats())
       stats.counts.update(counts)
       logging.info('%s %s: %s', self.name, split, stats.summary())
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationSettings:
-  """What generating one split's examples needs besides the videos: picklable for Beam's workers."""
-
-  split: str
-  root: str
-  mel: mel_lib.MelSettings
-  min_valid_clips: int
-  has_corruptions: bool
-
-  def corruptions(self) -> dict | None:
-    if not self.has_corruptions:
-      return None
-    return corruptions.read_corruptions(os.path.join(self.root, corruptions.FILENAME))
-
-
-def plan_examples(
-  v: VideoPlan,
-  track: audio_lib.AudioTrack,
-  settings: GenerationSettings,
-  side: dict | None,
-  stats: examples.BuildStats,
-):
-  """The (key, example) windows of one planned video whose audio `track` is decoded."""
-  crops = examples.load_crops(layout.list_crops(v.crop_dir), v.num_frames, v.name, stats)
-  stats.count('videos')
-  stats.count('frames', v.num_frames)
-  stats.count('frames_without_face', v.num_frames - len(crops))
-  face_mask = audio_mask = None
-  if side is not None:
-    if v.name not in side:
-      raise DataError(f'video {v.name} is missing from {corruptions.FILENAME} in {settings.root}')
-    face_mask = corruptions.frame_mask(side[v.name].get('face', []), v.num_frames)
-    audio_mask = corruptions.frame_mask(side[v.name].get('audio', []), v.num_frames)
-  video = examples.VideoInput(
-    name=v.name,
-    num_frames=v.num_frames,
-    fps=v.fps,
-    crops=crops,
-    audio=track.samples,
-    labels=v.labels,
-    corrupt_face=face_mask,
-    corrupt_audio=audio_mask,
-  )
-  yield from examples.video_examples(
-    video,
-    settings.mel,
-    train=settings.split == 'train',
-    min_valid_clips=settings.min_valid_clips,
-    stats=stats,
-  )
-
-
-def no_window_error(settings: GenerationSettings, num_videos: int | None = None) -> DataError:
-  """The error of a split that kept no window (a build with nothing to train or evaluate on)."""
-  videos = f'{num_videos} videos; ' if num_videos is not None else ''
-  return DataError(
-    f'split {settings.split} of {settings.root}: no window kept ({videos}a training window needs '
-    f'{settings.min_valid_clips} valid clips, i.e. videos of at least '
-    f'{32 * (settings.min_valid_clips - 1) + 1} frames; see --min_valid_clips)'
-  )
-
-
-def check_windows_kept(
-  stats: examples.BuildStats, num_videos: int | None, settings: GenerationSettings
-) -> None:
-  if not stats.counts['windows']:
-    raise no_window_error(settings, num_videos)
-
-
-def raw_file_groups(plan: list[VideoPlan]) -> list[list[VideoPlan]]:
-  """The planned videos grouped by the raw file they take their audio from (Aff-Wild2's `_left` /
-  `_right` share one), in the plan's order."""
-  groups: dict[str, list[VideoPlan]] = {}
-  for v in plan:
-    groups.setdefault(v.raw_path or f'<missing:{v.name}>', []).append(v)
-  return list(groups.values())
-
-
-def group_examples(
-  videos: list[VideoPlan], settings: GenerationSettings, side: dict | None, stats: examples.BuildStats
-):
-  """The (key, example) windows of videos sharing one raw file, its audio decoded once."""
-  cache: collections.OrderedDict[str, audio_lib.AudioTrack] = collections.OrderedDict()
-  for v in videos:
-    track = _cached_audio(cache, v, settings.mel.sample_rate, stats)
-    yield from plan_examples(v, track, settings, side, stats)
-
-
-@functools.lru_cache(maxsize=4)
-def _worker_corruptions(settings: GenerationSettings) -> dict | None:
-  return settings.corruptions()  # read once per worker process
-
-
-def made_in_worker(videos: list[VideoPlan], settings: GenerationSettings):
-  """`group_examples` in a worker process: (the examples, the counts, the messages)."""
-  stats = examples.BuildStats()
-  made = list(group_examples(videos, settings, _worker_corruptions(settings), stats))
-  return made, stats.counts, stats.messages
-
-
-def ordered_map(fn, items: list, num_workers: int):
-  """fn(item) for every item, computed by `num_workers` fresh ('spawn') processes and yielded in
-  order, at most 2 x num_workers results in flight (memory stays bounded however long the list).
-  A worker's exception is raised here."""
-  context = multiprocessing.get_context('spawn')  # no fork of a process running TensorFlow threads
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-    pending: collections.deque = collections.deque()
-    items = iter(items)
-    for item in itertools.islice(items, 2 * num_workers):
-      pending.append(pool.submit(fn, item))
-    while pending:
-      result = pending.popleft().result()
-      for item in itertools.islice(items, 1):
-        pending.append(pool.submit(fn, item))
-      yield result
 
 
 # ------------------------------------------------------------------- Beam
@@ -365,15 +243,18 @@ class BeamStats(examples.BuildStats):
     self._counter(kind, n)
 
 
-def raw_file_examples(group: tuple[str, list[VideoPlan]], settings: GenerationSettings):
+def raw_file_examples(group: tuple[str, list[generation.VideoPlan]], settings: generation.GenerationSettings):
   """(raw file, the planned videos it holds the audio of) -> their examples, on a Beam worker."""
   _, videos = group
-  yield from group_examples(
-    sorted(videos, key=lambda v: v.name), settings, _worker_corruptions(settings), BeamStats(settings.split)
+  yield from generation.group_examples(
+    sorted(videos, key=lambda v: v.name),
+    settings,
+    generation.corruptions_once(settings),
+    BeamStats(settings.split),
   )
 
 
-def beam_examples(plan: list[VideoPlan], settings: GenerationSettings):
+def beam_examples(plan: list[generation.VideoPlan], settings: generation.GenerationSettings):
   """The examples of one split as a Beam PTransform: the planned videos, grouped by raw file, each
   group's windows made on a worker."""
   beam = tfds.core.lazy_imports.apache_beam
@@ -409,37 +290,9 @@ def beam_counts(pipeline_result) -> dict[str, collections.Counter]:
   return counts
 
 
-def _cached_audio(cache, v: VideoPlan, sample_rate: int, stats: examples.BuildStats):
-  """Decodes the audio of a video once per raw file (`_left`/`_right` share one).
-
-  A missing, unreadable, audio-less, truncated or silent track is warned about
-  and counted once per video that uses it; its missing part is zeros.
-  """
-  key = v.raw_path or f'<missing:{v.name}>'
-  if key in cache:
-    cache.move_to_end(key)
-    track = cache[key]
-  else:
-    track = audio_lib.decode_audio(
-      v.raw_path, sample_rate, video_start=v.video_start, expected_duration=v.num_frames / v.fps
-    )
-    cache[key] = track
-    while len(cache) > 2:
-      cache.popitem(last=False)
-  if track.status == audio_lib.MISSING_FILE:
-    stats.warn(
-      'audio_missing_file',
-      f'{v.name}: no raw video for it nor for '
-      f'{layout.audio_source_name(v.name)} under {layout.RAW_VIDEOS_DIR}/: its audio is zeros',
-    )
-  elif track.status != audio_lib.OK:
-    stats.warn(f'audio_{track.status}', f'{v.name}: {track.message}')
-  return track
-
-
 def plan_splits(
   root: str, config: AvConfig, has_corruptions: bool, build_stats: dict | None = None
-) -> dict[str, list[VideoPlan]]:
+) -> dict[str, list[generation.VideoPlan]]:
   """Lists and checks the videos of every split; raises DataError on what cannot be skipped.
 
   Skipped (logged and counted): a training video without a crop folder.
@@ -459,7 +312,7 @@ def plan_splits(
       raise DataError(f'missing corruption sidecar {side_path}')
     side = corruptions.read_corruptions(side_path)
   raw_index = layout.index_raw_videos(root)
-  plans: dict[str, list[VideoPlan]] = {}
+  plans: dict[str, list[generation.VideoPlan]] = {}
   for split in ('train', 'validation'):
     stats = build_stats.setdefault(split, examples.BuildStats())
     plans[split] = []
@@ -517,7 +370,7 @@ def plan_splits(
 
 def _plan_video(
   root, name, raw_index, split, stats, *, labels=None, annotation_path=None, tolerance=0
-) -> VideoPlan | None:
+) -> generation.VideoPlan | None:
   folder = layout.crop_dir(root, name)
   if not os.path.isdir(folder):
     if split == 'train':
@@ -570,6 +423,6 @@ def _plan_video(
     num_frames = max(crops)
     stats.warn('length_from_crops', f'test video {name}: length taken from its last crop ({num_frames})')
   start = info.video_start if info else 0.0
-  return VideoPlan(
+  return generation.VideoPlan(
     name=name, crop_dir=folder, raw_path=raw, num_frames=num_frames, fps=fps, video_start=start, labels=labels
   )
