@@ -491,13 +491,15 @@ def test_worker_and_beam_builds_give_the_one_process_builds_examples_counts_and_
       for name, value in example.items():
         np.testing.assert_array_equal(ours[split][key][name], value, err_msg=f'{split} {key} {name}')
 
-  # A validation video whose audio holds NaN: the workers' error, as the one-process build's.
-  val = _val_video(raw)
-  os.remove(os.path.join(raw, 'raw_videos', val + '.mp4'))
+  # The first training video's audio holds NaN: every build stops with the one-process build's error.
+  os.remove(os.path.join(raw, 'raw_videos', 'syn000.mp4'))  # the audio of syn000_left and _right
   samples = np.zeros(44_100 * 10, np.float32)
   samples[:1000] = np.nan
-  sf.write(os.path.join(raw, 'raw_videos', val + '.wav'), samples, 44_100, subtype='FLOAT')
-  errors = []
+  sf.write(os.path.join(raw, 'raw_videos', 'syn000.wav'), samples, 44_100, subtype='FLOAT')
+  expected = (
+    'syn000_left: the clip ending at frame 1 has non-finite audio samples (the decoded track holds NaN '
+    'or infinity)'
+  )
   for name, options in (
     ('plain2', {}),
     ('workers2', {'num_workers': 2}),
@@ -505,12 +507,8 @@ def test_worker_and_beam_builds_give_the_one_process_builds_examples_counts_and_
   ):
     with pytest.raises(DataError) as error:
       build.build('synthetic_av', raw, str(tmp_path / name), min_valid_clips=1, **options)
-    errors.append(str(error.value))
+    assert str(error.value) == expected, name
     _nothing_complete(str(tmp_path / name))
-  assert (
-    errors[0] == errors[1] == errors[2]
-    and f'{val}: the clip ending at frame 1 has non-finite audio' in errors[0]
-  )
 
 
 def test_a_beam_build_that_lost_examples_is_an_error():
