@@ -108,7 +108,7 @@ def check_windows_kept(
 
 def raw_file_groups(plan: list[VideoPlan]) -> list[list[VideoPlan]]:
   """The planned videos grouped by the raw file they take their audio from (Aff-Wild2's `_left` /
-  `_right` share one), in the plan's order."""
+  `_right` share one; a video without one is a group of its own), in the plan's order."""
   groups: dict[str, list[VideoPlan]] = {}
   for v in plan:
     groups.setdefault(v.raw_path or f'<missing:{v.name}>', []).append(v)
@@ -118,10 +118,16 @@ def raw_file_groups(plan: list[VideoPlan]) -> list[list[VideoPlan]]:
 def group_examples(
   videos: list[VideoPlan], settings: GenerationSettings, side: dict | None, stats: examples.BuildStats
 ):
-  """The (key, example) windows of videos sharing one raw file, its audio decoded once."""
-  cache: collections.OrderedDict[str, audio_lib.AudioTrack] = collections.OrderedDict()
+  """The (key, example) windows of one `raw_file_groups` group, its audio decoded once."""
+  first = videos[0]
+  track = audio_lib.decode_audio(
+    first.raw_path,
+    settings.mel.sample_rate,
+    video_start=first.video_start,
+    expected_duration=first.num_frames / first.fps,
+  )
   for v in videos:
-    track = _cached_audio(cache, v, settings.mel.sample_rate, stats)
+    _count_audio_problem(track, v, stats)
     yield from plan_examples(v, track, settings, side, stats)
 
 
@@ -143,10 +149,9 @@ def worker_pool(num_workers: int) -> concurrent.futures.ProcessPoolExecutor:
   return concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context('spawn'))
 
 
-def ordered_map(fn, items: list, pool: concurrent.futures.ProcessPoolExecutor) -> Iterator:
-  """fn(item) for every item, computed by the pool's processes and yielded in order, at most two per
-  process in flight (memory stays bounded however long the list). A worker's exception is raised here."""
-  ahead = 2 * pool._max_workers  # noqa: SLF001 - the pool's size, as given to it
+def ordered_map(fn, items: list, pool: concurrent.futures.ProcessPoolExecutor, ahead: int) -> Iterator:
+  """fn(item) for every item, computed by the pool's processes and yielded in order, at most `ahead`
+  in flight (memory stays bounded however long the list). A worker's exception is raised here."""
   pending: collections.deque = collections.deque()
   items = iter(items)
   for item in itertools.islice(items, ahead):
@@ -158,23 +163,9 @@ def ordered_map(fn, items: list, pool: concurrent.futures.ProcessPoolExecutor) -
     yield result
 
 
-def _cached_audio(cache, v: VideoPlan, sample_rate: int, stats: examples.BuildStats):
-  """Decodes the audio of a video once per raw file (`_left`/`_right` share one).
-
-  A missing, unreadable, audio-less, truncated or silent track is warned about
-  and counted once per video that uses it; its missing part is zeros.
-  """
-  key = v.raw_path or f'<missing:{v.name}>'
-  if key in cache:
-    cache.move_to_end(key)
-    track = cache[key]
-  else:
-    track = audio_lib.decode_audio(
-      v.raw_path, sample_rate, video_start=v.video_start, expected_duration=v.num_frames / v.fps
-    )
-    cache[key] = track
-    while len(cache) > 2:
-      cache.popitem(last=False)
+def _count_audio_problem(track: audio_lib.AudioTrack, v: VideoPlan, stats: examples.BuildStats) -> None:
+  """A missing, unreadable, audio-less, truncated or silent track is warned about and counted once per
+  video that uses it; its missing part is zeros."""
   if track.status == audio_lib.MISSING_FILE:
     stats.warn(
       'audio_missing_file',
@@ -183,4 +174,3 @@ def _cached_audio(cache, v: VideoPlan, sample_rate: int, stats: examples.BuildSt
     )
   elif track.status != audio_lib.OK:
     stats.warn(f'audio_{track.status}', f'{v.name}: {track.message}')
-  return track

@@ -194,7 +194,10 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     bar = tqdm.tqdm(total=len(plan), desc=f'{self.name} {settings.split}', unit='video')
     if self.num_workers > 1:
       for made, counts, messages in generation.ordered_map(
-        functools.partial(generation.made_in_worker, settings=settings), groups, self._pool
+        functools.partial(generation.made_in_worker, settings=settings),
+        groups,
+        self._pool,
+        2 * self.num_workers,
       ):
         stats.counts.update(counts)
         stats.messages.extend(messages)
@@ -243,25 +246,19 @@ class BeamStats(examples.BuildStats):
     self._counter(kind, n)
 
 
-def raw_file_examples(group: tuple[str, list[generation.VideoPlan]], settings: generation.GenerationSettings):
-  """(raw file, the planned videos it holds the audio of) -> their examples, on a Beam worker."""
-  _, videos = group
+def raw_file_examples(videos: list[generation.VideoPlan], settings: generation.GenerationSettings):
+  """One `generation.raw_file_groups` group -> its examples, on a Beam worker."""
   yield from generation.group_examples(
-    sorted(videos, key=lambda v: v.name),
-    settings,
-    generation.corruptions_once(settings),
-    BeamStats(settings.split),
+    videos, settings, generation.corruptions_once(settings), BeamStats(settings.split)
   )
 
 
 def beam_examples(plan: list[generation.VideoPlan], settings: generation.GenerationSettings):
-  """The examples of one split as a Beam PTransform: the planned videos, grouped by raw file, each
-  group's windows made on a worker."""
+  """The examples of one split as a Beam PTransform: the planned videos' raw-file groups (made while
+  planning), each group's windows made on a worker."""
   beam = tfds.core.lazy_imports.apache_beam
-  return (
-    beam.Create(plan)
-    | 'by raw file' >> beam.GroupBy(lambda v: v.raw_path or v.name)
-    | 'windows' >> beam.FlatMap(raw_file_examples, settings)
+  return beam.Create(generation.raw_file_groups(plan)) | 'windows' >> beam.FlatMap(
+    raw_file_examples, settings
   )
 
 
