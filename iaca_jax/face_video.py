@@ -7,19 +7,16 @@ raw videos only), so that both make the same crops from the same video.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from collections.abc import Iterator
 
 import av
 import numpy as np
 import tqdm
-from PIL import Image
 
 from iaca_jax import faces
+from iaca_jax.preprocessing import audio as audio_lib
 from iaca_jax.preprocessing import examples, windows
-
-JPEG_QUALITY = 95  # as the preprocessing stage re-encodes crops
 
 
 class VideoError(ValueError):
@@ -67,7 +64,7 @@ def check_video(path: str, min_frames: int = windows.FRAMES_PER_CLIP) -> int:
   """
   with open_video(path) as container:
     stream = container.streams.video[0]
-    if not (stream.average_rate or stream.guessed_rate or stream.base_rate):
+    if not audio_lib.frame_rate(stream):
       raise VideoError(f'{path}: the video stream has no frame rate')
     try:
       count = sum(1 for p in container.demux(stream) if p.size > 0)
@@ -88,13 +85,6 @@ def decode_frames(path: str) -> Iterator[np.ndarray]:
         i += 1
     except (av.error.FFmpegError, ValueError) as e:
       raise VideoError(f'{path}: decoding stopped at frame {i + 1} ({e})') from None
-
-
-def encode_crop(crop: np.ndarray) -> bytes:
-  """(size, size, 3) uint8 RGB -> JPEG bytes, as the preprocessing stage stores crops."""
-  buf = io.BytesIO()
-  Image.fromarray(crop).save(buf, format='JPEG', quality=JPEG_QUALITY)
-  return buf.getvalue()
 
 
 def find_faces(
@@ -127,8 +117,8 @@ def find_faces(
     raise ValueError(f'detect_every must be >= 1, got {detect_every}')
   with open_video(path) as container:
     stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    rate = audio_lib.frame_rate(stream)
+    start = audio_lib.start_seconds(stream)
   if not rate:
     raise VideoError(f'{path}: the video stream has no frame rate')
   if isinstance(detector, str):
@@ -153,7 +143,7 @@ def find_faces(
   crops = {}
   for i, rgb in enumerate(decode_frames(path)):
     if i < num_frames and track.present[i]:
-      crops[i + 1] = encode_crop(
+      crops[i + 1] = examples.encode_jpeg(
         faces.crop_face(rgb, track.centre[i], track.side[i], track.angle[i], examples.FACE_SIZE)
       )
     if progress is not None:

@@ -50,6 +50,16 @@ class AudioTrack:
     return len(self.samples) / self.sample_rate
 
 
+def frame_rate(stream: av.video.stream.VideoStream):
+  """The video stream's frame rate (a Fraction) from whichever field the container fills, or None."""
+  return stream.average_rate or stream.guessed_rate or stream.base_rate
+
+
+def start_seconds(stream: av.stream.Stream) -> float:
+  """The stream's first timestamp in seconds (0 when the container gives none)."""
+  return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
 def probe_media(path: str) -> MediaInfo:
   """Frame rate, frame count and streams of a raw video.
 
@@ -61,9 +71,9 @@ def probe_media(path: str) -> MediaInfo:
     if not container.streams.video:
       return MediaInfo(path, None, None, 0.0, has_audio)
     stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    rate = frame_rate(stream)
     fps = float(rate) if rate else None
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    start = start_seconds(stream)
     num_frames = int(stream.frames) if stream.frames else None
     if not num_frames:
       try:

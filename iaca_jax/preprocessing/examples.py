@@ -60,16 +60,24 @@ class VideoInput:
   corrupt_audio: np.ndarray | None = None  # bool (N,) or None
 
 
+JPEG_QUALITY = 95  # of every face crop this stage encodes (converted crops, the zero frame, detected faces)
 _ZERO_JPEG = None
+
+
+def encode_jpeg(image: np.ndarray | Image.Image) -> bytes:
+  """An RGB image ((H, W, 3) uint8 or PIL) as the JPEG bytes the shards store."""
+  buf = io.BytesIO()
+  (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(
+    buf, format='JPEG', quality=JPEG_QUALITY
+  )
+  return buf.getvalue()
 
 
 def zero_frame_jpeg() -> bytes:
   """A black 112x112 JPEG: the frame stored where a clip has no chosen face."""
   global _ZERO_JPEG
   if _ZERO_JPEG is None:
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((FACE_SIZE, FACE_SIZE, 3), np.uint8)).save(buf, format='JPEG', quality=95)
-    _ZERO_JPEG = buf.getvalue()
+    _ZERO_JPEG = encode_jpeg(np.zeros((FACE_SIZE, FACE_SIZE, 3), np.uint8))
   return _ZERO_JPEG
 
 
@@ -96,11 +104,10 @@ def check_jpeg(data: bytes, path: str) -> tuple[bytes, str | None]:
         im = im.resize((FACE_SIZE, FACE_SIZE), Image.BILINEAR)
   except Image.UnidentifiedImageError:
     raise ValueError(f'not an image file ({len(data)} bytes)') from None
-  buf = io.BytesIO()
-  im.save(buf, format='JPEG', quality=95)
+  data = encode_jpeg(im)
   if size != (FACE_SIZE, FACE_SIZE):
-    return buf.getvalue(), f'resized from {size[0]}x{size[1]} to {FACE_SIZE}x{FACE_SIZE}'
-  return buf.getvalue(), f'converted from {kind} {mode} to an RGB JPEG'
+    return data, f'resized from {size[0]}x{size[1]} to {FACE_SIZE}x{FACE_SIZE}'
+  return data, f'converted from {kind} {mode} to an RGB JPEG'
 
 
 def load_crops(
