@@ -5,8 +5,9 @@ r"""Per-frame valence and arousal for any video file. Thin entry point; see iaca
 
 --workdir is a training run (its config.json and best checkpoint) or a directory of converted
 weights (its conversion.json; the rest of the settings from configs/default.py). Per video it writes
-<name>.csv (frame,time_s,valence,arousal,face), <name>.png (the plot), with --overlay <name>.mp4 and
-with --format=abaw <name>.txt (the challenge layout).
+<name>.csv (frame,time_s,valence,arousal,face,audio), <name>.png (the plot), with --overlay <name>.mp4
+and with --format=abaw <name>.txt (the challenge layout). A video that cannot be used is reported in
+one line and the others still get their files; the exit status is then 1.
 """
 
 import os
@@ -58,41 +59,62 @@ def main(argv):
 def predict(videos):
   if FLAGS.detect_every < 1:
     raise ValueError(f'--detect_every must be >= 1, got {FLAGS.detect_every}')
-  missing = [v for v in videos if not os.path.isfile(v)]
-  if missing:
-    raise FileNotFoundError(f'no such video file: {", ".join(missing)}')
-  for path in videos:
-    face_video.check_video(path)
   output_dir = os.path.abspath(os.path.expanduser(FLAGS.output_dir))
   kinds = ['csv'] + ['plot'] * FLAGS.plot + ['abaw'] * (FLAGS.format == 'abaw') + ['overlay'] * FLAGS.overlay
   plans = predict_outputs.plan_outputs(videos, output_dir, kinds)  # no output replaces an input
   cli.check_writable_dir(output_dir, 'output_dir')
-  model = predict_lib.load_model(FLAGS.workdir, which=FLAGS.checkpoint, base_config=default.get_config())
-  detector = faces.make_detector(FLAGS.detector, FLAGS.detect_size)
-  print(
-    f'Model: {model.source}; {detector.name} face detector; ready in {time.perf_counter() - STARTED:.1f} s'
-  )
-  writers = {
-    'csv': predict_outputs.write_csv,
-    'plot': predict_outputs.plot,
-    'abaw': predict_outputs.write_abaw,
-    'overlay': predict_outputs.write_overlay,
-  }
-  for path, plan in zip(videos, plans):
-    prediction = predict_lib.predict_video(
-      model,
-      path,
-      batch_size=FLAGS.batch_size,
-      detector=detector,
-      detect_every=FLAGS.detect_every,
-      crop_scale=FLAGS.crop_scale,
-    )
-    written = [writers[kind](prediction, out) for kind, out in plan.items()]
-    track = prediction.faces.track
+  failed = {}
+  for path in videos:  # what can be checked before the model loads: each bad video one line
+    try:
+      face_video.check_video(path)
+    except face_video.VideoError as e:
+      failed[path] = report_failure(e)
+  if len(failed) < len(videos):
+    model = predict_lib.load_model(FLAGS.workdir, which=FLAGS.checkpoint, base_config=default.get_config())
+    detector = faces.make_detector(FLAGS.detector, FLAGS.detect_size)
     print(
-      f'{path}: {track.num_frames} frames, face in {track.present.mean():.1%}, '
-      f'silent {prediction.silent.mean():.1%} ({prediction.audio_message}); wrote {", ".join(written)}'
+      f'Model: {model.source}; {detector.name} face detector; ready in {time.perf_counter() - STARTED:.1f} s'
     )
+  for path, plan in zip(videos, plans):
+    if path not in failed:
+      try:
+        predict_one(model, detector, path, plan, output_dir)
+      except cli.USER_ERRORS as e:  # the next video still gets its outputs
+        failed[path] = report_failure(e)
+  if failed:
+    done = len(videos) - len(failed)
+    raise PredictFailed(f'{len(failed)} of {len(videos)} videos failed ({", ".join(failed)}); {done} done')
+
+
+class PredictFailed(ValueError):
+  """Some videos of the command failed (each reported as it failed); the others have their outputs."""
+
+
+def report_failure(error: Exception) -> str:
+  message = str(error)
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  return message
+
+
+def predict_one(model, detector, path: str, plan: dict[str, str], output_dir: str) -> None:
+  prediction = predict_lib.predict_video(
+    model,
+    path,
+    batch_size=FLAGS.batch_size,
+    detector=detector,
+    detect_every=FLAGS.detect_every,
+    crop_scale=FLAGS.crop_scale,
+  )
+  written = [WRITERS[kind](prediction, out) for kind, out in plan.items()]
+  print(predict_outputs.summary(path, prediction, written, output_dir), flush=True)
+
+
+WRITERS = {
+  'csv': predict_outputs.write_csv,
+  'plot': predict_outputs.plot,
+  'abaw': predict_outputs.write_abaw,
+  'overlay': predict_outputs.write_overlay,
+}
 
 
 if __name__ == '__main__':

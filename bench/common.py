@@ -295,3 +295,22 @@ def write_json(path: str, obj: Any) -> None:
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
+
+
+def make_run(workdir: str, config) -> str:
+  """A training workdir as train.py leaves it (config.json, an initial state as the best checkpoint)
+  for predict.py: its speed and memory do not depend on the weights."""
+  import optax
+
+  from iaca_jax import predict_lib, train_lib
+  from iaca_jax.kernel_choice import build_model
+  from iaca_jax.models import IACAModel
+
+  model = build_model(config.model)
+  shapes = predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
+  if config.dataset.features_dir is not None:
+    variables = jax.eval_shape(lambda r: model.init(r, shapes), jax.random.key(0))
+    video_f, audio_f = jax.eval_shape(lambda v: model.apply(v, shapes, method=IACAModel.encode), variables)
+    shapes = {'video_features': video_f, 'audio_features': audio_f}
+  state = train_lib.init_state(model, shapes, jax.random.key(config.seed + 1), optax.adamw(1e-3))
+  return predict_lib.write_run(workdir, config, state)

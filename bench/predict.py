@@ -40,15 +40,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import video_fixtures  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from configs import default, synthetic_demo  # noqa: E402
-from iaca_jax import face_video, faces, predict_lib, runtime, train_lib  # noqa: E402
+from iaca_jax import face_video, faces, predict_lib, runtime  # noqa: E402
 from iaca_jax.inference import predict_split  # noqa: E402
-from iaca_jax.kernel_choice import build_model  # noqa: E402
-from iaca_jax.models import IACAModel  # noqa: E402
+from iaca_jax.preprocessing import audio as audio_lib  # noqa: E402
 from iaca_jax.preprocessing import examples, windows  # noqa: E402
 from iaca_jax.preprocessing import mel as mel_lib  # noqa: E402
 
@@ -57,18 +55,6 @@ flags.DEFINE_integer('paper_windows', 2, 'Timed windows of the paper-size model 
 flags.DEFINE_string('work_dir', '', 'Where the video and runs go (default: a temporary folder).')
 flags.DEFINE_string('out', os.path.join(ROOT, 'bench', 'results', 'predict_cpu.json'), 'JSON result file.')
 FLAGS = flags.FLAGS
-
-
-def make_run(workdir: str, config) -> str:
-  """config.json and an initial state as the best checkpoint, for the inputs the run would train on."""
-  model = build_model(config.model)
-  shapes = predict_lib.raw_inputs(predict_lib.model_sample_rate(config))
-  if config.dataset.features_dir is not None:
-    variables = jax.eval_shape(lambda r: model.init(r, shapes), jax.random.key(0))
-    video_f, audio_f = jax.eval_shape(lambda v: model.apply(v, shapes, method=IACAModel.encode), variables)
-    shapes = {'video_features': video_f, 'audio_features': audio_f}
-  state = train_lib.init_state(model, shapes, jax.random.key(config.seed + 1), optax.adamw(1e-3))
-  return predict_lib.write_run(workdir, config, state)
 
 
 class DetectorTimer:
@@ -106,10 +92,10 @@ def time_stages(
   whole_s = time.perf_counter() - start
   detector_s, calls = timer.seconds, timer.calls
   start = time.perf_counter()
-  video = face_video.find_faces(path, found, detect_every=detect_every)
+  video, _ = face_video.find_faces(path, found, detect_every=detect_every)
   faces_s = time.perf_counter() - start
   start = time.perf_counter()
-  track = predict_lib.read_audio(video, model.sample_rate)
+  track = read_audio(video, model.sample_rate)
   audio_s = time.perf_counter() - start
   n = video.num_frames
   return dict(
@@ -129,21 +115,29 @@ def time_stages(
   )
 
 
-def paper_model(path: str, work_dir: str, video: face_video.VideoFaces, windows_timed: int) -> dict:
+def read_audio(video: face_video.VideoFaces, sample_rate: int) -> audio_lib.AudioTrack:
+  """The video's whole track, as predict streams it."""
+  duration = video.num_frames / video.fps
+  return audio_lib.decode_audio(
+    video.path, sample_rate, video_start=video.video_start, expected_duration=duration
+  )
+
+
+def paper_model(
+  path: str, work_dir: str, video: face_video.VideoFaces, crops: dict[int, bytes], windows_timed: int
+) -> dict:
   """The paper-size model on the first windows of the video: seconds per window after a warm-up."""
   config = default.get_config()
   start = time.perf_counter()
-  run = make_run(os.path.join(work_dir, 'paper_run'), config)
+  run = common.make_run(os.path.join(work_dir, 'paper_run'), config)
   model = predict_lib.load_model(run)
   setup_s = time.perf_counter() - start
-  track = predict_lib.read_audio(video, model.sample_rate)
-  item = examples.VideoInput('bench', video.num_frames, video.fps, video.crops, track.samples)
+  track = read_audio(video, model.sample_rate)
+  item = examples.VideoInput('bench', video.num_frames, video.fps, crops, track.samples)
   settings = mel_lib.mel_settings(model.sample_rate)
   batch_size = jax.device_count()
   seconds = []
-  iterator = predict_lib._batches(
-    examples.video_examples(item, settings, train=False), 'bench', batch_size, None
-  )
+  iterator = predict_lib._batches(examples.video_examples(item, settings, train=False), 'bench', batch_size)
   for i, batch in enumerate(iterator):
     if i > windows_timed:
       break
@@ -175,7 +169,7 @@ def detection_rates(path: str) -> dict:
   for name in faces.DETECTORS:
     detector = faces.make_detector(name)
     found = [detector(rgb).box is not None for rgb in face_video.decode_frames(path)]
-    track = face_video.find_faces(path, detector).track
+    track = face_video.detect_faces(path, detector).track
     rates[name] = dict(
       frames=len(found),
       found_every_frame=round(float(np.mean(found)), 4),
@@ -221,7 +215,7 @@ def main(argv):
   result = {'machine': common.machine(), 'load_average_before': common.load_average(), 'video': path}
   demo_config = synthetic_demo.get_config()
   start = time.perf_counter()
-  demo = predict_lib.load_model(make_run(os.path.join(work_dir, 'demo_run'), demo_config))
+  demo = predict_lib.load_model(common.make_run(os.path.join(work_dir, 'demo_run'), demo_config))
   result['demo_setup_s'] = round(time.perf_counter() - start, 1)
   predict_lib.predict_video(demo, path, show_progress=False)  # compile the model once
   result['demo'] = [
@@ -235,8 +229,8 @@ def main(argv):
   print(f'startup: {json.dumps(result["startup"])}', flush=True)
   result['detection_carphone'] = detection_rates(CARPHONE)
   print(f'detection on the carphone clip: {json.dumps(result["detection_carphone"])}', flush=True)
-  video = face_video.find_faces(path)
-  paper = paper_model(path, work_dir, video, FLAGS.paper_windows)
+  video, crops = face_video.find_faces(path)
+  paper = paper_model(path, work_dir, video, crops, FLAGS.paper_windows)
   demo_default = result['demo'][1]  # mtcnn every 5th frame, the default
   host_per_frame = (demo_default['faces_s'] + demo_default['audio_s']) / demo_default['frames']
   paper['frames_per_s'] = round(1.0 / (host_per_frame + 1.0 / paper['model_frames_per_s']), 3)

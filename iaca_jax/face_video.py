@@ -1,7 +1,9 @@
 """A video file -> its face track and the aligned 112x112 crop of every frame with a face.
 
 Shared by predict.py (any video) and the preprocessing stage's `--crops=detect` (a dataset that ships
-raw videos only), so that both make the same crops from the same video.
+raw videos only), so that both make the same crops from the same video. Frames are read upright: a
+phone video stored sideways with a display rotation is turned as a player shows it. Two passes over
+the frames, neither holding more than a frame: `detect_faces` (the track), then `face_crops`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class VideoError(ValueError):
 
 @dataclasses.dataclass
 class VideoFaces:
-  """The faces of one video: N frames at `fps`, the track and the crop JPEG of each face frame."""
+  """The face track of one video: N frames at `fps`, `width` x `height` as displayed (rotated upright);
+  `face_crops` makes their crops."""
 
   path: str
   fps: float
@@ -33,7 +36,6 @@ class VideoFaces:
   height: int
   video_start: float  # seconds: the first frame's time in the container
   track: faces.FaceTrack
-  crops: dict[int, bytes]  # 1-based frame -> JPEG bytes
   detector: str
 
   @property
@@ -75,19 +77,27 @@ def check_video(path: str, min_frames: int = windows.FRAMES_PER_CLIP) -> int:
   return count
 
 
+def upright(rgb: np.ndarray, rotation: float) -> np.ndarray:
+  """The frame as a player shows it: turned counterclockwise by the container's display rotation
+  (`av.VideoFrame.rotation`, degrees; rounded to a quarter turn)."""
+  quarters = int(round(rotation / 90)) % 4
+  return np.ascontiguousarray(np.rot90(rgb, quarters)) if quarters else rgb
+
+
 def decode_frames(path: str) -> Iterator[np.ndarray]:
-  """The frames of the first video stream as (H, W, 3) uint8 RGB; a decoding failure names the file."""
+  """The frames of the first video stream as (H, W, 3) uint8 RGB, upright (`upright`); a decoding
+  failure names the file."""
   with open_video(path) as container:
     i = 0
     try:
       for frame in container.decode(video=0):
-        yield frame.to_ndarray(format='rgb24')
+        yield upright(frame.to_ndarray(format='rgb24'), frame.rotation)
         i += 1
     except (av.error.FFmpegError, ValueError) as e:
       raise VideoError(f'{path}: decoding stopped at frame {i + 1} ({e})') from None
 
 
-def find_faces(
+def detect_faces(
   path: str,
   detector: faces.MtcnnDetector | faces.HaarDetector | str = faces.DEFAULT_DETECTOR,
   *,
@@ -98,8 +108,8 @@ def find_faces(
   min_frames: int = windows.FRAMES_PER_CLIP,
   progress: tqdm.tqdm | None = None,
 ) -> VideoFaces:
-  """Two passes over the video: the detector on every `detect_every`-th frame (and the last), then the
-  crops of the track (`faces.build_track`).
+  """The face track of a video: the detector on every `detect_every`-th frame (and the last), then
+  `faces.build_track`. One pass over the frames, one frame in memory at a time.
 
   Args:
     path: any video file PyAV reads.
@@ -107,7 +117,7 @@ def find_faces(
     crop_scale: the crop side over what the detector defines (default: the detector's own,
       `faces.DEFAULT_CROP_SCALES`).
     prefer: which face starts the track when there are several (`faces.choose_face`).
-    progress: a bar advanced by one per frame of each pass (its total reset for the second).
+    progress: a bar advanced by one per frame.
 
   Raises:
     VideoError naming the file: unreadable, no video stream, no frame rate, or fewer frames than
@@ -136,16 +146,24 @@ def find_faces(
     raise VideoError(f'{path} has {num_frames} frames, fewer than one clip ({min_frames} frames)')
   if (num_frames - 1) % detect_every:  # the last frame is always detected: no extrapolated tail
     detections[num_frames - 1] = detector(last)
-  size = last.shape[:2]
+  height, width = last.shape[:2]
   track = faces.build_track(detections, num_frames, scale)
-  if progress is not None:
-    progress.reset(total=num_frames)
-  crops = {}
-  for i, rgb in enumerate(decode_frames(path)):
-    if i < num_frames and track.present[i]:
-      crops[i + 1] = examples.encode_jpeg(
-        faces.crop_face(rgb, track.centre[i], track.side[i], track.angle[i], examples.FACE_SIZE)
-      )
+  return VideoFaces(path, float(rate), width, height, start, track, detector.name)
+
+
+def face_crops(video: VideoFaces, progress: tqdm.tqdm | None = None) -> Iterator[tuple[int, bytes]]:
+  """(1-based frame, JPEG of its aligned crop) for every frame of `video.track` with a face, in frame
+  order: the second pass over the frames (a bar in `progress` advances by one per frame)."""
+  track = video.track
+  for i, rgb in enumerate(decode_frames(video.path)):
+    if i < track.num_frames and track.present[i]:
+      crop = faces.crop_face(rgb, track.centre[i], track.side[i], track.angle[i], examples.FACE_SIZE)
+      yield i + 1, examples.encode_jpeg(crop)
     if progress is not None:
       progress.update(1)
-  return VideoFaces(path, float(rate), size[1], size[0], start, track, crops, detector.name)
+
+
+def find_faces(path: str, detector=faces.DEFAULT_DETECTOR, **options) -> tuple[VideoFaces, dict[int, bytes]]:
+  """`detect_faces` and every crop of `face_crops` in memory (short videos; predict streams them)."""
+  video = detect_faces(path, detector, **options)
+  return video, dict(face_crops(video))

@@ -29,6 +29,7 @@ from iaca_jax import (
   pretrained,
   replicas,
   run_config,
+  streaming,
   train_lib,
 )
 from iaca_jax.checkpoints import Checkpoints
@@ -159,23 +160,12 @@ def load_model(
   )
 
 
-def read_audio(video: face_video.VideoFaces, sample_rate: int) -> audio_lib.AudioTrack:
-  """The video's own audio track at `sample_rate`, sample 0 at the first frame (zeros where missing)."""
-  return audio_lib.decode_audio(
-    video.path, sample_rate, video_start=video.video_start, expected_duration=video.num_frames / video.fps
-  )
+def frame_bounds(num_frames: int, fps: float, sample_rate: int) -> np.ndarray:
+  """(N + 1,) int64: the track index of each frame's first sample, and of the end of the last."""
+  return np.round(np.arange(num_frames + 1) * sample_rate / fps).astype(np.int64)
 
 
-def silent_frames(track: np.ndarray, sample_rate: int, fps: float, num_frames: int) -> np.ndarray:
-  """bool (N,): frames whose stretch of the track is missing or has an RMS below SILENT_RMS."""
-  bounds = np.round(np.arange(num_frames + 1) * sample_rate / fps).astype(np.int64)
-  power = np.concatenate([[0.0], np.cumsum(np.asarray(track, np.float64) ** 2)])
-  lo, hi = np.minimum(bounds[:-1], len(track)), np.minimum(bounds[1:], len(track))
-  rms = np.sqrt((power[hi] - power[lo]) / np.maximum(bounds[1:] - bounds[:-1], 1))
-  return (hi <= lo) | (rms < SILENT_RMS)
-
-
-def _batches(windows_iter, name: str, batch_size: int, progress: tqdm.tqdm | None) -> Iterator[dict]:
+def _batches(windows_iter, name: str, batch_size: int) -> Iterator[dict]:
   """Windows of `video_examples` -> the evaluation pipeline's batches (faces decoded and normalised
   by `input_pipeline`), padded with invalid windows to `batch_size`."""
   rows = []
@@ -191,8 +181,6 @@ def _batches(windows_iter, name: str, batch_size: int, progress: tqdm.tqdm | Non
     window = {k: np.asarray(v) for k, v in input_pipeline.prepare_eval_window(example).items()}
     window['video_name'] = np.asarray(name.encode(), object)
     rows.append(window)
-    if progress is not None:
-      progress.update(1)
     if len(rows) == batch_size:
       yield stack(rows)
       rows = []
@@ -207,9 +195,39 @@ class VideoPrediction:
   faces: face_video.VideoFaces
   raw: np.ndarray  # (N, 2) valence, arousal: the prediction of the clip ending on each frame
   smoothed: np.ndarray  # (N, 2) clipped and moving-averaged as evaluated, the ends not pulled to 0
-  silent: np.ndarray  # bool (N,)
-  audio_status: str
-  audio_message: str
+  silent: np.ndarray  # bool (N,): the frame's audio is missing or below SILENT_RMS
+  audio_status: str  # `preprocessing.audio` status of the track
+  audio_message: str  # what is wrong with the track, naming the file; '' when nothing is
+
+  @property
+  def face(self) -> np.ndarray:
+    """bool (N,): the frame has a face."""
+    return self.faces.track.present
+
+
+def _run_model(
+  model: LoadedModel, video: face_video.VideoFaces, name: str, batch_size: int, progress: tqdm.tqdm | None
+) -> tuple[dict[str, np.ndarray], audio_lib.AudioStream, np.ndarray]:
+  """The second pass: the video's crops and audio streamed through the windows and the model.
+  Returns the clip outputs of `predict_split`, the audio stream (read to its end) and the silent
+  frames."""
+  sample_rate = model.sample_rate
+  settings = mel_lib.mel_settings(sample_rate)
+  stream = audio_lib.AudioStream(video.path, sample_rate, video_start=video.video_start)
+  keep_samples = int(np.ceil(streaming.KEEP_FRAMES * sample_rate / video.fps)) + settings.clip_samples
+  audio = streaming.SlidingAudio(stream, keep_samples, frame_bounds(video.num_frames, video.fps, sample_rate))
+  crop_iter = face_video.face_crops(video, progress)
+  try:
+    crops = streaming.SlidingCrops(np.flatnonzero(video.track.present) + 1, crop_iter)
+    item = examples.VideoInput(name, video.num_frames, video.fps, crops, audio)
+    windows_iter = examples.video_examples(item, settings, train=False, stats=examples.BuildStats())
+    outputs = predict_split(model.trainer, model.variables, _batches(windows_iter, name, batch_size))
+    for _ in crop_iter:  # the frames after the last face: the bar reaches the end
+      pass
+  finally:
+    crop_iter.close()
+  audio.read_all()
+  return outputs, stream, audio.silent_frames(SILENT_RMS)
 
 
 def predict_video(
@@ -217,41 +235,30 @@ def predict_video(
 ) -> VideoPrediction:
   """Per-frame valence and arousal of the video at `path` (see the module docstring).
 
+  Two passes over the frames: the face track (`face_video.detect_faces`), then the crops and the
+  audio streamed through the windows and the model (`streaming`): memory does not grow with the
+  video's length, but for a few numbers per frame.
+
   Args:
     model: from `load_model`.
     path: any video file PyAV reads.
     batch_size: windows per model call (default: the device count); a multiple of the device count.
-    face_options: `face_video.find_faces` options (detector, detect_every, detect_size, crop_scale).
+    face_options: `face_video.detect_faces` options (detector, detect_every, detect_size, crop_scale).
   """
   name = os.path.splitext(os.path.basename(path))[0]
   batch_size = batch_size or jax.device_count()
   count = face_video.check_video(path)  # the frame count from the packets; errors before any decoding
-  with tqdm.tqdm(
-    total=count, desc=f'{name}: faces', unit='frame', disable=not show_progress, leave=False
-  ) as bar:  # two passes over the frames: detection, then crops
-    video = face_video.find_faces(path, progress=bar, **face_options)
-    track = read_audio(video, model.sample_rate)
-    settings = mel_lib.mel_settings(model.sample_rate)
-    clips = windows.window_clip_ends(video.num_frames)
-    bar.reset(total=len(clips))
-    bar.unit = 'window'
-    bar.set_description(f'{name}: model')
-    stats = examples.BuildStats()
-    item = examples.VideoInput(name, video.num_frames, video.fps, video.crops, track.samples)
-    windows_iter = examples.video_examples(item, settings, train=False, stats=stats)
-    batches = _batches(windows_iter, name, batch_size, bar)
-    outputs = predict_split(model.trainer, model.variables, batches)
+  bar = lambda what, total: tqdm.tqdm(
+    total=total, desc=f'{name}: {what}', unit='frame', disable=not show_progress, leave=False
+  )
+  with bar('faces', count) as progress:
+    video = face_video.detect_faces(path, progress=progress, **face_options)
+  with bar('model', video.num_frames) as progress:
+    outputs, stream, silent = _run_model(model, video, name, batch_size, progress)
   if model.trainer.replicas > 1:  # the replicas' mean prediction, as evaluate.py's submission
     outputs = replicas.ensemble_clips(outputs)
   frames = metrics.clips_to_frames(outputs)[name]['predictions']
   if frames.shape[0] != video.num_frames or np.isnan(frames).any():
     raise RuntimeError(f'{path}: the windows did not predict every frame once')  # a bug, not bad input
-  silent = silent_frames(track.samples, model.sample_rate, video.fps, video.num_frames)
-  return VideoPrediction(
-    video,
-    frames,
-    metrics.postprocess(frames, ends='shrink'),
-    silent,
-    track.status,
-    track.message or 'audio ok',
-  )
+  status, message = stream.finish(expected_duration=video.num_frames / video.fps)
+  return VideoPrediction(video, frames, metrics.postprocess(frames, ends='shrink'), silent, status, message)

@@ -1,7 +1,7 @@
 """The process settings the project's entry points make, in one explicit call before JAX starts.
 
 `configure_process()` (called first by train.py, evaluate.py, predict.py, cache_features.py,
-experiments.py and the tests' conftest) makes two settings:
+experiments.py and the tests' conftest) makes three settings:
 
 1. Non-finite values stay non-finite on XLA:CPU (`XLA_FLAGS`). jaxlib 0.10.2's XLA:CPU hands
    reductions fused with elementwise ops to YNNPACK (the fusion kind `reduce`, on by default beside
@@ -18,6 +18,13 @@ experiments.py and the tests' conftest) makes two settings:
    Run inline, they come from the main arena, which the Makefile's HOST_MALLOC keeps
    (docs/PERFORMANCE.md). The input pipeline's threads keep reading during the step.
 
+3. Compiled programs are kept between commands in JAX's persistent compilation cache, in
+   `$XDG_CACHE_HOME/iaca_jax/jit` (`~/.cache/iaca_jax/jit`), so that the second predict.py or
+   evaluate.py of a model loads its programs instead of compiling them again (docs/PREDICT.md has the
+   start-up before and after). JAX_COMPILATION_CACHE_DIR chooses another folder; IACA_JIT_CACHE=0
+   turns the cache off. A cache entry's key holds the program, the XLA flags, the devices and the
+   jax version, so a hit is the same executable.
+
 XLA reads XLA_FLAGS once, when JAX starts its backends: a call after that warns.
 """
 
@@ -29,6 +36,7 @@ import warnings
 NAME = 'xla_cpu_experimental_ynn_fusion_type'
 FLAG = f'--{NAME}=individual_dot,individual_convolution'  # the default kinds less `reduce`
 ASYNC_DISPATCH_ENV = 'IACA_CPU_ASYNC_DISPATCH'
+JIT_CACHE_ENV = 'IACA_JIT_CACHE'
 
 
 def _backends_started() -> bool:
@@ -63,7 +71,26 @@ def run_cpu_steps_inline() -> None:
     jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 
+def default_cache_dir() -> str:
+  """`$XDG_CACHE_HOME/iaca_jax/jit`, `~/.cache/iaca_jax/jit` without it."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'iaca_jax', 'jit')
+
+
+def keep_compiled_programs() -> str | None:
+  """JAX's persistent compilation cache on, in JAX_COMPILATION_CACHE_DIR or `default_cache_dir()`,
+  unless IACA_JIT_CACHE=0. Returns the folder (None when off)."""
+  if os.environ.get(JIT_CACHE_ENV, '1') == '0':
+    return None
+  import jax
+
+  folder = os.environ.get('JAX_COMPILATION_CACHE_DIR') or default_cache_dir()
+  jax.config.update('jax_compilation_cache_dir', folder)
+  return folder
+
+
 def configure_process() -> None:
-  """Both settings of this module; call it before anything uses JAX's devices."""
+  """The three settings of this module; call it before anything uses JAX's devices."""
   keep_nan_through_fusions()
   run_cpu_steps_inline()
+  keep_compiled_programs()

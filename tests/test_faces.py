@@ -13,7 +13,7 @@ import video_fixtures  # tests/video_fixtures.py
 from skimage import data, transform
 
 from iaca_jax import faces
-from iaca_jax.face_video import find_faces
+from iaca_jax.face_video import decode_frames, detect_faces, find_faces
 
 # Its module-scoped detector and videos are made once: the module runs on one xdist worker.
 pytestmark = pytest.mark.xdist_group('faces')
@@ -101,7 +101,7 @@ def test_a_photograph_moved_scaled_and_turned_is_aligned_as_the_still_photograph
     frames[i] = cv2.warpAffine(photo, motions[i], (320, 240), borderValue=(128, 128, 128))
   path = str(tmp_path / f'{name}.mp4')
   video_fixtures.write_video(path, frames, None)
-  track = find_faces(path, mtcnn).track  # detector on every 5th frame, the default
+  track = detect_faces(path, mtcnn).track  # detector on every 5th frame, the default
   wrong = np.flatnonzero(track.present != [i in motions for i in range(num_frames)])
   assert all(min(abs(i - b) for b in blank) <= 2 for i in wrong), wrong  # the nearer detection's answer
   for i, motion in motions.items():
@@ -120,7 +120,7 @@ def test_the_still_photographs_eyes_land_near_the_templates(mtcnn):
 
 
 def test_the_carphone_face_is_found_on_nine_frames_in_ten(mtcnn):
-  default = find_faces(CARPHONE, mtcnn).track  # the detector on every 5th frame
+  default = detect_faces(CARPHONE, mtcnn).track  # the detector on every 5th frame
   assert default.num_frames == 120 and default.present.mean() >= 0.9
   # The face stays in the car's window: the crop centres move by less than a face side.
   centres = default.centre[default.present]
@@ -133,16 +133,30 @@ def test_a_blank_video_has_no_face(mtcnn, tmp_path):
   frames[20:] = 0
   video_fixtures.write_video(path, frames, None)
   for detector in (mtcnn, faces.make_detector('haar')):
-    video = find_faces(path, detector, detect_every=1)
-    assert not video.track.present.any() and not video.crops
+    video, crops = find_faces(path, detector, detect_every=1)
+    assert not video.track.present.any() and not crops
 
 
 def test_the_haar_detector_finds_the_moving_face_and_not_the_blank_frames(tmp_path):
   path = str(tmp_path / 'face.mp4')
   truth = ~np.isnan(video_fixtures.write_face_video(path, 48, (20, 28), with_audio=False)[:, 0])
-  video = find_faces(path, 'haar', detect_every=1)
+  video = detect_faces(path, 'haar', detect_every=1)
   assert video.detector == 'haar'
   np.testing.assert_array_equal(video.track.present, truth)
+
+
+@pytest.mark.parametrize('rotation', [90, -90, 180])
+def test_a_video_stored_sideways_is_read_upright(tmp_path, rotation):
+  """A phone's portrait video: frames stored turned, with the display rotation that turns them back."""
+  frames, truth = video_fixtures.face_frames(24, (10, 14))
+  path = str(tmp_path / 'phone.mp4')
+  video_fixtures.write_video(path, frames, None, rotation=rotation)
+  first = next(decode_frames(path))
+  assert first.shape == frames[0].shape
+  assert np.abs(first.astype(int) - frames[0]).mean() < 3  # the codec's error, not a turned picture
+  video = detect_faces(path, 'haar', detect_every=1, min_frames=1)
+  assert (video.width, video.height) == (frames.shape[2], frames.shape[1])
+  np.testing.assert_array_equal(video.track.present, ~np.isnan(truth[:, 0]))
 
 
 def test_left_and_right_tracks_start_on_that_side():

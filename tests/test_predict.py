@@ -34,7 +34,7 @@ from iaca_jax import (
   replicas,
   train_lib,
 )
-from iaca_jax.face_video import VideoError, check_video, find_faces
+from iaca_jax.face_video import VideoError, check_video, detect_faces, find_faces
 from iaca_jax.kernel_choice import build_model
 from iaca_jax.models import IACAModel
 from iaca_jax.preprocessing import audio as audio_lib
@@ -84,6 +84,12 @@ def model(run_dir):
 
 
 @pytest.fixture(scope='module')
+def crops(face_video):
+  """The crops predict streams through the model (the `prediction` fixture's settings), in memory."""
+  return find_faces(face_video[0], detect_every=1)[1]
+
+
+@pytest.fixture(scope='module')
 def prediction(model, face_video):
   return predict_lib.predict_video(model, face_video[0], detect_every=1, show_progress=False)
 
@@ -104,7 +110,7 @@ def test_the_detector_finds_the_face_where_it_is_and_not_in_blank_frames(predict
 
 def test_detecting_every_fifth_frame_errs_only_next_to_a_change(face_video):
   truth = ~np.isnan(face_video[1][:, 0])
-  track = find_faces(face_video[0], detect_every=5).track
+  track = detect_faces(face_video[0], detect_every=5).track
   assert set(np.flatnonzero(track.detected)) == set(range(0, NUM_FRAMES, 5)) | {NUM_FRAMES - 1}
   wrong = np.flatnonzero(track.present != truth)
   assert all(min(abs(i - b) for b in BLANK) <= 2 for i in wrong), wrong
@@ -129,12 +135,13 @@ def read_csv(path: str) -> tuple[str, np.ndarray]:
 def test_the_csv_has_one_row_per_frame(prediction, tmp_path):
   path = predict_outputs.write_csv(prediction, str(tmp_path / 'face.csv'))
   header, rows = read_csv(path)
-  assert header == 'frame,time_s,valence,arousal,face'
-  assert rows.shape == (NUM_FRAMES, 5)
+  assert header == 'frame,time_s,valence,arousal,face,audio'
+  assert rows.shape == (NUM_FRAMES, 6)
   np.testing.assert_array_equal(rows[:, 0], np.arange(1, NUM_FRAMES + 1))
   np.testing.assert_allclose(rows[:, 1], np.arange(NUM_FRAMES) / video_fixtures.FPS, atol=1e-4)
   np.testing.assert_allclose(rows[:, 2:4], prediction.smoothed, atol=1e-6)
   np.testing.assert_array_equal(rows[:, 4], prediction.faces.track.present)
+  np.testing.assert_array_equal(rows[:, 5], ~prediction.silent)
   assert os.listdir(tmp_path) == ['face.csv']  # no temporary file left
 
 
@@ -154,10 +161,12 @@ def write_aff_wild2_layout(root, name: str, video_path: str, crops: dict | None,
 
 
 def test_predictions_equal_the_same_crops_through_the_builder_and_the_evaluation(
-  prediction, run_dir, face_video, tmp_path
+  prediction, crops, run_dir, face_video, tmp_path
 ):
+  """predict streams the crops and the audio through the windows; the builder and the evaluation
+  hold them whole: the same numbers."""
   raw = tmp_path / 'raw'
-  write_aff_wild2_layout(raw, 'face', face_video[0], prediction.faces.crops, NUM_FRAMES)
+  write_aff_wild2_layout(raw, 'face', face_video[0], crops, NUM_FRAMES)
   builder = build.build('aff_wild2', str(raw), str(tmp_path / 'tfds'), min_valid_clips=1)
   config = run_config()
   config.dataset.name = str(builder.data_dir)  # the prepared version folder (44.1 kHz, keep 1)
@@ -171,7 +180,7 @@ def test_predictions_equal_the_same_crops_through_the_builder_and_the_evaluation
 
 
 def test_a_dataset_of_raw_videos_gets_predicts_crops_and_predictions(
-  prediction, run_dir, face_video, tmp_path
+  prediction, crops, run_dir, face_video, tmp_path
 ):
   """`data.build --crops=detect` on a dataset with raw videos and annotations only: the crops written
   are predict's crops of the same video, byte for byte, and the evaluation of the built set gives
@@ -180,12 +189,12 @@ def test_a_dataset_of_raw_videos_gets_predicts_crops_and_predictions(
   write_aff_wild2_layout(raw, 'face', face_video[0], None, NUM_FRAMES)
   kept = raw / 'cropped_aligned' / 'face_train'  # a crop folder already there is kept as it is
   kept.mkdir(parents=True)
-  (kept / '00001.jpg').write_bytes(prediction.faces.crops[1])
+  (kept / '00001.jpg').write_bytes(crops[1])
   builder = build.build(
     'aff_wild2', str(raw), str(tmp_path / 'tfds'), min_valid_clips=1, crops='detect', detect_every=1
   )
   written = {int(p.stem): p.read_bytes() for p in (raw / 'cropped_aligned' / 'face').iterdir()}
-  assert written == prediction.faces.crops
+  assert written == crops
   assert os.listdir(kept) == ['00001.jpg']
   assert sorted(os.listdir(raw / 'cropped_aligned')) == ['face', 'face_train']  # no temporary folder
   config = run_config()
@@ -354,13 +363,22 @@ def test_bad_videos_are_one_clear_error_naming_the_file(face_video, run_dir, tmp
   for path, reason in expected.items():
     with pytest.raises(VideoError, match=re.escape(path) + '.*' + re.escape(reason)):
       check_video(path)
+  # One command with a good video between bad ones: each bad one is one line, the good one gets its
+  # files, and the command ends with the count and a non-zero status.
   output_dir = tmp_path / 'out'
-  result = run_predict(f'--workdir={run_dir}', f'--output_dir={output_dir}', face_video[0], short)
-  assert result.returncode == 1
-  assert (
-    result.stderr.strip().splitlines()[-1] == f'error: {short} has 10 frames, fewer than one clip (32 frames)'
+  missing = str(tmp_path / 'missing.mp4')
+  result = run_predict(
+    f'--workdir={run_dir}', f'--output_dir={output_dir}', short, face_video[0], missing, '--noplot'
   )
-  assert 'Traceback' not in result.stderr and not output_dir.exists()
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert errors == [
+    f'error: {short} has 10 frames, fewer than one clip (32 frames)',
+    f'error: {missing}: no such file',
+    f'error: 2 of 3 videos failed ({short}, {missing}); 1 done',
+  ]
+  assert sorted(os.listdir(output_dir)) == ['face.csv']
+  assert f'{face_video[0]}: {NUM_FRAMES} frames' in result.stdout
   # The overlay into the input's own folder would replace it: refused before any work.
   video = tmp_path / 'face.mp4'
   video.write_bytes(open(face_video[0], 'rb').read())

@@ -64,3 +64,19 @@ def test_eval_step_gives_nan_for_the_sequence_with_a_nan_log_mel():
   predictions, _ = jax.device_get(trainer.eval_step(variables, trainer.shard_batch(batch)))
   assert np.isfinite(predictions[0]).all()
   assert np.isnan(predictions[1]).any(axis=-1).all()  # the BLSTMs spread the NaN over the sequence
+
+
+def test_entry_points_keep_their_compiled_programs_between_commands(monkeypatch, tmp_path):
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    assert runtime.keep_compiled_programs() == str(tmp_path / 'iaca_jax' / 'jit')
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'iaca_jax' / 'jit')
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'mine'))
+    assert runtime.keep_compiled_programs() == str(tmp_path / 'mine')
+    monkeypatch.setenv('IACA_JIT_CACHE', '0')
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert runtime.keep_compiled_programs() is None and jax.config.jax_compilation_cache_dir is None
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)

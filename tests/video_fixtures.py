@@ -53,26 +53,41 @@ def voice(
   return (0.3 * wave * envelope).astype(np.float32)
 
 
-def write_video(path: str, frames: np.ndarray, audio: np.ndarray | None, fps: int = FPS) -> None:
-  """H.264 (and AAC when `audio` is given) in an mp4, written with PyAV."""
+def write_video(
+  path: str,
+  frames: np.ndarray,
+  audio: np.ndarray | None,
+  fps: int = FPS,
+  audio_start: float = 0.0,
+  rotation: int = 0,
+) -> None:
+  """H.264 (and AAC when `audio` is given) in an mp4, written with PyAV. `audio_start`: the audio's
+  first sample at this time (s) of the video's clock (negative: the video starts that much after the
+  audio). `rotation`: the frames are stored turned clockwise by these degrees (a multiple of 90) with
+  a display rotation that turns them back, as phones store portrait video."""
   with av.open(path, 'w') as out:
     video = out.add_stream('libx264', rate=fps)
-    video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
+    stored = np.rot90(frames, -rotation // 90, axes=(1, 2)) if rotation else frames
+    video.width, video.height, video.pix_fmt = stored.shape[2], stored.shape[1], 'yuv420p'
+    if rotation:
+      video.set_display_rotation(rotation)
     sound = None
     if audio is not None:
       sound = out.add_stream('aac', rate=SAMPLE_RATE)
       sound.layout = 'mono'
-    for i, rgb in enumerate(frames):
-      frame = av.VideoFrame.from_ndarray(rgb, format='rgb24')
-      frame.pts = i
+    video_offset = int(round(max(-audio_start, 0) * fps))
+    for i, rgb in enumerate(stored):
+      frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format='rgb24')
+      frame.pts = i + video_offset
       out.mux(video.encode(frame))
     out.mux(video.encode(None))
     if sound is not None:
+      audio_offset = int(round(max(audio_start, 0) * SAMPLE_RATE))
       for start in range(0, len(audio), 1024):
         chunk = audio[None, start : start + 1024]
         frame = av.AudioFrame.from_ndarray(chunk, format='flt', layout='mono')
         frame.sample_rate = SAMPLE_RATE
-        frame.pts = start
+        frame.pts = start + audio_offset
         frame.time_base = Fraction(1, SAMPLE_RATE)
         out.mux(sound.encode(frame))
       out.mux(sound.encode(None))

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 
 import tqdm
 
@@ -58,14 +59,19 @@ def track_preference(video: str) -> str:
   return 'score'
 
 
-def _write_folder(folder: str, crops: dict[int, bytes]) -> None:
+def _write_folder(folder: str, crops: Iterable[tuple[int, bytes]]) -> int:
+  """Writes the (frame, JPEG) crops as `<folder>/<frame, 5 digits>.jpg`, the folder appearing only when
+  complete; returns their count."""
   partial = folder + '.incomplete'
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
-  for frame, jpeg in crops.items():
+  count = 0
+  for frame, jpeg in crops:
     with open(os.path.join(partial, f'{frame:05d}.jpg'), 'wb') as f:
       f.write(jpeg)
+    count += 1
   os.replace(partial, folder)
+  return count
 
 
 def detect_crops(
@@ -100,18 +106,19 @@ def detect_crops(
           f'no raw video for {name} under {os.path.join(root, layout.RAW_VIDEOS_DIR)}'
         )
       model = model or faces.make_detector(detector, detect_size)
-      video = face_video.find_faces(
+      video = face_video.detect_faces(
         raw, model, detect_every=detect_every, prefer=track_preference(name), min_frames=1
       )
+      written = _write_folder(folder, face_video.face_crops(video))
     except face_video.VideoError as e:
+      shutil.rmtree(folder + '.incomplete', ignore_errors=True)
       if split != 'train':
         raise DataError(f'{split} video {name}: {e}') from None
       logging.warning('training video %s skipped: %s', name, e)
       stats.skipped.append(name)
       continue
-    _write_folder(folder, video.crops)
     stats.detected += 1
     stats.frames += video.num_frames
-    stats.face_frames += len(video.crops)
-    logging.info('%s: face in %d of %d frames of %s', name, len(video.crops), video.num_frames, raw)
+    stats.face_frames += written
+    logging.info('%s: face in %d of %d frames of %s', name, written, video.num_frames, raw)
   return stats

@@ -130,7 +130,7 @@ def clip_waveform(
   left-padded).
 
   Args:
-    track: mono samples of the whole video, sample 0 at time 0.
+    track: mono samples of the whole video, sample 0 at time 0 (anything sliced like a 1-D array).
     sample_rate: of `track`.
     fps: frame rate of the video.
     end_frame: 1-based end frame of the clip.
@@ -143,10 +143,10 @@ def clip_waveform(
   clip_start = int(round((end_frame - windows.FRAMES_PER_CLIP) * sample_rate / fps))
   out_start = stop - clip_samples  # sample index of out[0]
   lo = max(out_start, clip_start, 0)
-  hi = min(stop, len(track))
+  segment = track[lo:stop] if stop > lo else track[:0]  # shorter where the track ends (slicing only:
+  # `track` may be predict's streamed window of the audio, whose length is not known yet)
   out = np.zeros(clip_samples, np.float32)
-  if hi > lo:
-    out[lo - out_start : hi - out_start] = track[lo:hi]
+  out[lo - out_start : lo - out_start + len(segment)] = segment
   return out
 
 
