@@ -125,6 +125,7 @@ def build(
   if crops == 'detect':
     stats = detect_crops.detect_crops(manual_dir, detector=detector, detect_every=detect_every)
     logging.info('%s crops: %s', dataset, stats.summary())
+    builder.missing_crop_reasons = stats.skipped
   started = time.time()
   download_config = tfds.download.DownloadConfig(
     manual_dir=os.path.abspath(manual_dir),

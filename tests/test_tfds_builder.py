@@ -1,5 +1,6 @@
 """Bad raw input: what stops a build (DataError naming the file) and what is skipped and counted."""
 
+import io
 import json
 import os
 import re
@@ -173,7 +174,7 @@ def test_empty_crop_folder_is_treated_as_a_missing_one(raw):
   plans = tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True, stats)
   assert 'syn001' not in [p.name for p in plans['train']]
   assert stats['train'].counts['videos_without_crops'] == 1
-  assert any(folder in m and 'no <%05d>.jpg' in m for m in stats['train'].messages)
+  assert any(folder in m and 'holds no face crop' in m for m in stats['train'].messages)
   video = _val_video(raw)  # a validation video
   folder = os.path.join(raw, 'cropped_aligned', video)
   for name in os.listdir(folder):
@@ -181,6 +182,84 @@ def test_empty_crop_folder_is_treated_as_a_missing_one(raw):
   with pytest.raises(DataError, match='holds no') as e:
     tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
   assert folder in str(e.value)
+
+
+def test_a_skipped_training_video_is_reported_once_with_its_reason(raw):
+  """A training video skipped for an empty crop folder is not also a folder 'in no split'."""
+  folder = os.path.join(raw, 'cropped_aligned', 'syn001')
+  shutil.rmtree(folder)
+  os.makedirs(folder)
+  stats = {}
+  tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True, stats)
+  named = [m for s in stats.values() for m in s.messages if 'syn001' in m]
+  assert len(named) == 1 and 'holds no face crop' in named[0], named
+  assert not any(s.counts['crop_folders_in_no_split'] for s in stats.values())
+
+
+def _pixels(jpeg: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(jpeg)), np.float32)
+
+
+def test_a_training_video_that_detection_skips_is_reported_once_with_its_reason(raw, tmp_path, caplog):
+  """--crops=detect without a raw video: the build says once that it skips the video, and why."""
+  shutil.rmtree(os.path.join(raw, 'cropped_aligned', 'syn001'))
+  os.remove(os.path.join(raw, 'raw_videos', 'syn001.mp4'))
+  with caplog.at_level('INFO'):
+    builder = build.build('synthetic_av', raw, str(tmp_path / 'tfds'), min_valid_clips=1, crops='detect')
+  named = [m for s in builder.build_stats.values() for m in s.messages if 'syn001' in m]
+  assert len(named) == 1 and 'no raw video for syn001' in named[0] and 'skipped' in named[0], named
+  warned = [r.getMessage() for r in caplog.records if r.levelno >= 30 and 'syn001' in r.getMessage()]
+  assert len(warned) == 1, warned
+
+
+def _crops(raw, video):
+  folder = os.path.join(raw, 'cropped_aligned', video)
+  return folder, sorted(os.listdir(folder))
+
+
+def test_every_file_of_a_crop_folder_is_used_or_reported(raw, tmp_path):
+  """A PNG among the JPEGs is a face (converted and counted); files that are not crops are counted,
+  named unless they are file-system litter, and change nothing."""
+  reference, _ = _pipeline(raw, str(tmp_path / 'tfds_ref'), 'train')
+  folder, names = _crops(raw, 'syn001')
+  jpeg = os.path.join(folder, names[10])
+  original = open(jpeg, 'rb').read()
+  Image.open(jpeg).save(jpeg.replace('.jpg', '.png'), format='PNG')
+  os.remove(jpeg)
+  for name in ('notes.txt', 'frame_00001.jpg', 'Thumbs.db', '.DS_Store'):
+    _write(os.path.join(folder, name), 'x')
+  builder = build.make_builder('synthetic_av', str(tmp_path / 'tfds'), min_valid_clips=1)
+  plans = tfds_builder.plan_splits(raw, builder.builder_config, True, builder.build_stats)
+  out = dict(builder._generate_examples(plans['train'], builder.generation_settings('train', raw)))
+  counts = builder.build_stats['train'].counts
+  assert counts['reencoded_jpegs'] == 1 and counts['unreadable_jpegs'] == 0
+  assert out.keys() == reference.keys()
+  used = 0
+  for key, ex in reference.items():  # the PNG's frame where the JPEG's was, the rest unchanged
+    for ref_jpeg, jpeg in zip(ex['video'], out[key]['video']):
+      if ref_jpeg != original:
+        assert jpeg == ref_jpeg
+      else:
+        used += 1
+        assert np.abs(_pixels(jpeg) - _pixels(original)).mean() < 2
+  assert used
+  assert counts['crop_folder_other_entries'] == 2 and counts['crop_folder_system_files'] == 2
+  messages = builder.build_stats['train'].messages
+  named = [m for m in messages if folder in m]
+  assert len(named) == 1 and 'notes.txt' in named[0] and 'frame_00001.jpg' in named[0], messages
+  assert any('2 file-system files' in m for m in messages)
+
+
+def test_two_files_for_one_frame_stop_the_build_naming_them(raw):
+  folder, names = _crops(raw, 'syn001')
+  frame = int(names[3].split('.')[0])
+  shutil.copy(os.path.join(folder, names[3]), os.path.join(folder, f'{frame}.jpg'))
+  shutil.copy(os.path.join(folder, names[3]), os.path.join(folder, f'{frame:04d}.png'))
+  with pytest.raises(DataError) as e:
+    tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
+  message = str(e.value)
+  assert folder in message and f'frame {frame}:' in message
+  assert all(name in message for name in (names[3], f'{frame}.jpg', f'{frame:04d}.png')), message
 
 
 def test_video_missing_from_the_sidecar(raw):

@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import io
 import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,6 +37,10 @@ class BuildStats:
 
   def warn(self, kind: str, message: str, n: int = 1):
     self.counts[kind] += n
+    self.note(message)
+
+  def note(self, message: str):
+    """Logs and keeps a message without counting (what was counted is said once, in sum)."""
     self.messages.append(message)
     logging.warning('%s', message)
 
@@ -116,11 +121,11 @@ def load_crops(
   """Reads and checks the crops of frames 1..num_frames; unreadable ones are skipped (counted and
   named), resized ones counted and named, other conversions (mode, format) counted."""
   crops = {}
-  beyond = 0
+  beyond = []
   for frame in sorted(crop_paths):
     path = crop_paths[frame]
     if frame < 1 or frame > num_frames:
-      beyond += 1
+      beyond.append(path)
       continue
     try:
       with open(path, 'rb') as f:
@@ -137,8 +142,9 @@ def load_crops(
   if beyond:
     stats.warn(
       'crops_beyond_video',
-      f'{video}: {beyond} crops numbered beyond its {num_frames} frames are ignored',
-      n=beyond,
+      f'{video}: {len(beyond)} crops numbered outside its frames 1..{num_frames} ignored '
+      f'({", ".join(os.path.basename(p) for p in beyond[:3])}{" ..." if len(beyond) > 3 else ""})',
+      n=len(beyond),
     )
   return crops
 
