@@ -15,6 +15,8 @@ import os
 import av
 import numpy as np
 
+from iaca_jax.preprocessing.errors import reason
+
 # Status of a decoded track.
 OK = 'ok'
 MISSING_FILE = 'missing_file'  # no raw video for this name
@@ -106,7 +108,7 @@ def decode_audio(
   try:
     container = av.open(path)
   except (av.error.FFmpegError, OSError) as e:
-    return AudioTrack(empty, sample_rate, UNREADABLE, f'cannot open {path}: {e}')
+    return AudioTrack(empty, sample_rate, UNREADABLE, f'cannot open {path}: {reason(e)}')
   chunks = []
   status, message = OK, ''
   first_time = None
@@ -124,7 +126,7 @@ def decode_audio(
       for out in resampler.resample(None):
         chunks.append(out.to_ndarray().reshape(-1))
     except (av.error.FFmpegError, ValueError) as e:
-      status, message = TRUNCATED, f'decoding the audio of {path} stopped early: {e}'
+      status, message = TRUNCATED, f'decoding the audio of {path} stopped early: {reason(e)}'
   samples = np.concatenate(chunks).astype(np.float32) if chunks else empty
   # Align sample 0 with the first video frame.
   shift = int(round(((first_time or 0.0) - video_start) * sample_rate))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from iaca_jax.preprocessing import annotations, corruptions, windows
 from iaca_jax.preprocessing import mel as mel_lib
-from iaca_jax.preprocessing.errors import DataError
+from iaca_jax.preprocessing.errors import DataError, reason
 
 FACE_SIZE = 112
 FRAMES_PER_WINDOW = windows.CLIPS_PER_WINDOW * windows.FRAMES_PER_SAMPLE  # 128
@@ -63,6 +63,7 @@ class VideoInput:
   labels: np.ndarray | None = None  # (N, 2) with -5 = invalid; None for the test split
   corrupt_face: np.ndarray | None = None  # bool (N,) or None
   corrupt_audio: np.ndarray | None = None  # bool (N,) or None
+  audio_path: str | None = None  # the raw file the audio was decoded from, for messages
 
 
 JPEG_QUALITY = 95  # of every face crop this stage encodes (converted crops, the zero frame, detected faces)
@@ -132,7 +133,7 @@ def load_crops(
         data = f.read()
       data, change = check_jpeg(data, path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-      stats.warn('unreadable_jpegs', f'unreadable face crop {path} ({e}): treated as no face')
+      stats.warn('unreadable_jpegs', f'unreadable face crop {path} ({reason(e)}): treated as no face')
       continue
     if change and change.startswith('resized'):
       stats.warn('resized_jpegs', f'face crop {path} {change}')
@@ -240,9 +241,11 @@ def video_examples(
       )
     bad = np.flatnonzero(~np.isfinite(waves).all(axis=1))
     if bad.size:
+      first, last = windows.window_frames(end_frame)
       raise DataError(
-        f'{video.name}: the clip ending at frame {int(end_frame[bad[0]])} has non-finite audio samples '
-        '(the decoded track holds NaN or infinity)'
+        f'{video.name}: the window of frames {first}-{last} (the clip ending at frame '
+        f'{int(end_frame[bad[0]])}) has non-finite audio samples: the track decoded from '
+        f'{video.audio_path or "its raw video"} holds NaN or infinity'
       )
     audio = mel_lib.log_mel(waves, mel)
     # Padding clips get the log-mel of silence too (what a zero waveform gives).

@@ -406,7 +406,7 @@ def _plan_video(
     try:
       info = audio_lib.probe_media(raw)
     except Exception as e:  # pylint: disable=broad-except  (PyAV raises many types)
-      unreadable = f'{type(e).__name__}: {e}'
+      unreadable = type(e).__name__ + (f': {e}' if str(e).strip() else '')
   fps = info.fps if info and info.fps else None
   name_fps = layout.fps_from_name(layout.audio_source_name(name))
   if fps is None:
