@@ -9,7 +9,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
+from iaca_jax import prepared
 from iaca_jax.input_pipeline import (
   CACHED_TRAIN_KEYS,
   CLIPS,
@@ -49,6 +51,10 @@ class DataSource:
     else:
       self.name, self.data_dir = config.dataset.name, config.dataset.data_dir
     self.train_keys = CACHED_TRAIN_KEYS if self.cached else RAW_TRAIN_KEYS
+    # Opened once here: a missing or older dataset stops the run before any work, and the log says
+    # which version the run reads (a warning: the entry points show warnings only).
+    builder = get_builder(self.name, self.data_dir)
+    logging.warning('reading %s%s', 'cached features: ' if self.cached else '', prepared.describe(builder))
 
   def silent_audio(self) -> dict[str, np.ndarray]:
     """The model input of a silent clip: {'audio': (64, frames)} or {'audio_features': (C,)}."""

@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from iaca_jax import prepared
 from iaca_jax.data_checks import checked_finite, damaged_shard_message, non_finite_feature, non_finite_message
 from iaca_jax.preprocessing.errors import DataError
 
@@ -81,14 +82,17 @@ def get_builder(dataset: str, data_dir: str | None = None):
   """The tfds builder of a prepared dataset; no builder code is needed.
 
   Args:
-    dataset: 'synthetic_av', 'synthetic_av/sr16000', 'aff_wild2:1.0.0', ... (tfds
-      names, default config = the first one), or the path of a prepared
-      version folder (the one holding dataset_info.json).
+    dataset: 'synthetic_av', 'synthetic_av/sr16000', 'aff_wild2:1.0.0', ... (tfds names; the
+      default config, and the version this code reads unless one is named), or the path of a
+      prepared version folder (the one holding dataset_info.json).
     data_dir: tfds data dir holding the dataset (ignored for a path).
+
+  Raises:
+    DataError naming what the data dir holds instead, and how to build what is missing.
   """
-  if os.path.isfile(os.path.join(dataset, 'dataset_info.json')):
-    return tfds.builder_from_directory(dataset)
-  return tfds.builder(dataset, data_dir=data_dir)
+  if prepared.is_path(dataset):
+    return prepared.open_builder(os.path.expanduser(dataset))
+  return prepared.open_builder(prepared.version_dir(dataset, data_dir))
 
 
 def _process(process_index, process_count) -> tuple[int, int]:

@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import av
@@ -24,6 +26,7 @@ MICRO = generate.Settings(
   num_train_videos=3, num_validation_videos=1, num_test_videos=1, min_frames=70, max_frames=90
 )
 SILENCE = (-100 + 14.8) / 19.895
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Its module-scoped fixtures are built once: the module runs on one xdist worker (--dist=loadgroup).
 pytestmark = pytest.mark.xdist_group('tfds_builder')
@@ -378,6 +381,60 @@ def test_failure_in_the_middle_of_a_build_leaves_nothing_complete(raw, tmp_path,
 
 
 # --------------------------------------------------------- aff_wild2 builder
+# ------------------------------------------ a data dir that holds the dataset already
+def test_building_a_version_that_exists(micro, tmp_path):
+  """Complete: nothing to do, said so. Incomplete: a DataError saying why, and --overwrite. Finished
+  by another build while this one ran: a DataError saying so, not tfds's FileExistsError."""
+  first = build.build('synthetic_av', micro, str(tmp_path / 'a'), min_valid_clips=1)
+  again = build.build('synthetic_av', str(tmp_path / 'nowhere'), str(tmp_path / 'a'), min_valid_clips=1)
+  assert again.reused and not first.reused
+  said = build.reused_message(again)
+  assert str(first.data_dir) in said and 'already exists and is complete' in said and '--overwrite' in said
+
+  half = tmp_path / 'b' / 'synthetic_av' / 'sr44100_keep1' / '1.0.0'
+  half.mkdir(parents=True)
+  with pytest.raises(
+    DataError, match=r'holds no complete dataset \(no dataset_info.json\).*--overwrite'
+  ) as e:
+    build.build('synthetic_av', micro, str(tmp_path / 'b'), min_valid_clips=1)
+  assert str(half) in str(e.value)
+
+  real = tfds_builder.AvLayoutBuilder._split_generators
+
+  def other_build_finishes_first(self, dl_manager):
+    shutil.copytree(first.data_dir, os.path.join(tmp_path, 'c', 'synthetic_av', 'sr44100_keep1', '1.0.0'))
+    return real(self, dl_manager)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tfds_builder.AvLayoutBuilder, '_split_generators', other_build_finishes_first)
+    with pytest.raises(DataError) as e:
+      build.build('synthetic_av', micro, str(tmp_path / 'c'), min_valid_clips=1)
+  message = str(e.value)
+  assert 'another build' in message and '(complete: train ' in message and '--overwrite' in message
+
+
+def test_data_build_reports_a_user_error_in_one_line(tmp_path):
+  run = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'data.build',
+      '--dataset=aff_wild2',
+      f'--manual_dir={tmp_path / "none"}',
+      f'--data_dir={tmp_path / "tfds"}',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
+  assert run.returncode == 1 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert (
+    run.stderr.strip().splitlines()[-1]
+    == f'error: manual directory {tmp_path / "none"} does not exist (docs/DATA.md: the raw layout)'
+  )
+
+
 def test_aff_wild2_builder_reads_the_layout(micro, tmp_path):
   """The Aff-Wild2 builder on an Aff-Wild2-layout folder, at 16 kHz: no corruption flags. What an
   interrupted earlier build left beside it is removed; a build running now in another process is not."""

@@ -20,6 +20,9 @@ from iaca_jax.preprocessing import annotations, corruptions, windows
 from iaca_jax.preprocessing import mel as mel_lib
 from iaca_jax.preprocessing.errors import DataError, reason
 
+# The version of the example format: the builders write it (<data_dir>/<dataset>/<config>/<version>/),
+# the input pipeline reads only it. A change to what a window holds or means is a new version.
+DATASET_VERSION = '1.0.0'
 FACE_SIZE = 112
 FRAMES_PER_WINDOW = windows.CLIPS_PER_WINDOW * windows.FRAMES_PER_SAMPLE  # 128
 # [decision] Keep a training window when at least this many of its 16 clips are

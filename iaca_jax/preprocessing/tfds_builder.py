@@ -124,7 +124,7 @@ def local_dataset_info(builder: tfds.core.DatasetBuilder, **kwargs) -> LocalData
 class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base class: Aff-Wild2 layout in the manual dir -> windows as TFRecord shards."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version(examples.DATASET_VERSION)
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   HAS_CORRUPTIONS = False  # read `corruptions.json` and flag corrupted clips
   HOMEPAGE = ''
@@ -134,6 +134,7 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.build_stats: dict[str, examples.BuildStats] = {}
     self.num_workers = 1  # worker processes of the generator path (`data.build --num_workers`)
     self.missing_crop_reasons: dict[str, str] = {}  # video -> why it has no crop folder (--crops=detect)
+    self.reused = False  # `data.build.build` found this version complete and left it as it was
 
   @property
   def mel_settings(self) -> mel_lib.MelSettings:
