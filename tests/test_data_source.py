@@ -52,13 +52,13 @@ def test_a_run_names_the_dataset_version_it_needs_and_reads(tiny, tmp_path, capl
   old.mkdir(parents=True)
   (old / 'dataset_info.json').write_text('{}')
   with pytest.raises(DataError) as e:
-    DataSource(make_config(str(tmp_path / 'tfds')))
+    DataSource(make_config(str(tmp_path / 'tfds'))).steps_per_epoch()
   message = str(e.value)
   assert '\n' not in message and 'version 1.0.0' in message and 'found version 0.9.0' in message
   assert (
     f'python -m data.build --dataset=synthetic_av --config=sr44100 --data_dir={tmp_path / "tfds"}' in message
   )
   with caplog.at_level(logging.INFO):
-    DataSource(make_config(tiny.data_dir))
+    DataSource(make_config(tiny.data_dir)).steps_per_epoch()
   read = os.path.join(tiny.data_dir, 'synthetic_av', 'sr44100', '1.0.0')
   assert any(f'synthetic_av/sr44100 version 1.0.0 at {read}' in r.getMessage() for r in caplog.records)
