@@ -58,7 +58,13 @@ HEAD = 110  # pixels
 
 
 def write_long_video(path: str, seconds: float, fps: int) -> None:
-  """The test video, one frame in memory at a time."""
+  """The test video, one frame in memory at a time (written under another name, renamed when complete)."""
+  partial = path + '.partial.mp4'
+  _write_long_video(partial, seconds, fps)
+  os.replace(partial, path)
+
+
+def _write_long_video(path: str, seconds: float, fps: int) -> None:
   width, height = SIZE
   head = cv2.resize(video_fixtures.data.astronaut()[video_fixtures.FACE_REGION], (HEAD, HEAD))
   voice = video_fixtures.voice(10.0)  # repeated
@@ -141,8 +147,9 @@ def main(argv):
   work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix='iaca_bench_predict_memory_')
   os.makedirs(work_dir, exist_ok=True)
   run = os.path.join(work_dir, 'demo_run')
-  if not os.path.isdir(run):
-    common.make_run(run, synthetic_demo.get_config())
+  if not os.path.isdir(run):  # made under another name, renamed when complete
+    shutil.rmtree(run + '.partial', ignore_errors=True)
+    os.replace(common.make_run(run + '.partial', synthetic_demo.get_config()), run)
   result = {
     'machine': common.machine(),
     'load_average_before': common.load_average(),

@@ -14,7 +14,8 @@ that ships raw videos only (annotations and raw_videos/), with predict.py's dete
 into <manual_dir>/cropped_aligned/ (iaca_jax/preprocessing/detect_crops.py).
 --num_workers=N makes the windows in N worker processes (the same shards); --beam_pipeline_options
 with Apache Beam (a cluster); `tfds build data/<dataset>` runs the same builders and takes the same
-Beam options (docs/DATA.md).
+Beam options (docs/DATA.md). A complete version folder already there is left as it is (--overwrite
+rebuilds it); user errors end the build with one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
 from data.synthetic_av import generate
-from iaca_jax import faces
+from iaca_jax import cli, faces, prepared
 from iaca_jax.preprocessing import detect_crops, generation
 from iaca_jax.preprocessing.errors import DataError
 
@@ -66,6 +67,11 @@ def make_builder(
   """
   cls = builder_class(dataset)
   configs = {c.name: c for c in cls.BUILDER_CONFIGS}
+  if config is not None and config not in configs:
+    raise ValueError(
+      f'unknown config {config!r} of {dataset}; expected one of {", ".join(configs)} '
+      '(or --sample_rate / --min_valid_clips for a custom one)'
+    )
   base = configs[config or cls.BUILDER_CONFIGS[0].name]
   if sample_rate is None and min_valid_clips is None:
     cfg = base
@@ -95,7 +101,8 @@ def build(
   beam_pipeline_options: str | None = None,
   num_workers: int = 1,
 ):
-  """Prepares the dataset (no-op if already built, unless `overwrite`); returns the builder.
+  """Prepares the dataset (no-op if already built, unless `overwrite`: `builder.reused` says which);
+  returns the builder.
 
   `num_shards` fixes the number of TFRecord files per split (default: tfds picks by size).
   `crops='detect'` first writes the missing crop folders from the raw videos
@@ -105,26 +112,38 @@ def build(
   `tfds build` takes them) makes them in an Apache Beam pipeline instead (docs/DATA.md).
 
   Raises:
-    iaca_jax.preprocessing.DataError on input that cannot be used; nothing
-    complete-looking is left under `data_dir` then.
+    iaca_jax.preprocessing.DataError on input that cannot be used, an incomplete dataset folder in
+    the way (unless `overwrite`), or a build of the same version that finished first in another
+    process; nothing complete-looking is left under `data_dir` then.
   """
-  builder = make_builder(
-    dataset, data_dir, config=config, sample_rate=sample_rate, min_valid_clips=min_valid_clips
-  )
-  mode = (
-    tfds.download.GenerateMode.FORCE_REDOWNLOAD
-    if overwrite
-    else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-  )
   if num_workers < 1:
     raise ValueError(f'num_workers must be >= 1, got {num_workers}')
   if num_workers > 1 and beam_pipeline_options:
     raise ValueError('give num_workers or beam_pipeline_options, not both (Beam has its own workers)')
   if crops not in CROPS:
     raise ValueError(f'crops must be one of {CROPS}, got {crops!r}')
+  builder = make_builder(
+    dataset, data_dir, config=config, sample_rate=sample_rate, min_valid_clips=min_valid_clips
+  )
+  builder.reused = not overwrite and builder.data_path.exists()
+  if builder.reused:
+    problem = prepared.incomplete_reason(builder.data_path)
+    if problem:
+      raise DataError(
+        f'{builder.data_dir} exists but holds no complete dataset ({problem}): build with --overwrite '
+        'to replace it'
+      )
+    return builder
+  check_manual_dir(manual_dir)
+  mode = (
+    tfds.download.GenerateMode.FORCE_REDOWNLOAD
+    if overwrite
+    else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  )
   if crops == 'detect':
     stats = detect_crops.detect_crops(manual_dir, detector=detector, detect_every=detect_every)
     logging.info('%s crops: %s', dataset, stats.summary())
+    builder.missing_crop_reasons = stats.skipped
   started = time.time()
   download_config = tfds.download.DownloadConfig(
     manual_dir=os.path.abspath(manual_dir),
@@ -137,6 +156,10 @@ def build(
     builder.download_and_prepare(download_config=download_config)
   except DataError:
     raise
+  except FileExistsError:  # tfds renames its finished build into place; another build got there first
+    if not builder.data_path.exists():
+      raise
+    raise DataError(finished_elsewhere_message(builder)) from None
   except Exception as e:  # pylint: disable=broad-except  (Beam re-raises a worker's error wrapped)
     cause = worker_data_error(e)
     empty = re.search(r'generated examples is 0 for split (\w+)', str(e))
@@ -151,6 +174,42 @@ def build(
   for split, stats in getattr(builder, 'build_stats', {}).items():
     logging.info('%s %s: %s', dataset, split, stats.summary())
   return builder
+
+
+def check_manual_dir(manual_dir: str) -> None:
+  """DataError unless `manual_dir` is a folder with something in it (tfds would raise an
+  AssertionError several lines long)."""
+  if not os.path.isdir(manual_dir):
+    raise DataError(f'manual directory {manual_dir} does not exist (docs/DATA.md: the raw layout)')
+  if not os.listdir(manual_dir):
+    raise DataError(f'manual directory {manual_dir} is empty (docs/DATA.md: the raw layout)')
+
+
+def reused_message(builder) -> str:
+  """What `python -m data.build` says when the version it would build is there and complete."""
+  return (
+    f'{prepared.describe(builder)} already exists and is complete: nothing to do '
+    '(--overwrite rebuilds it from --manual_dir)'
+  )
+
+
+def finished_elsewhere_message(builder) -> str:
+  """What to say when another process built the same version while this build ran."""
+  problem = prepared.incomplete_reason(builder.data_path)
+  state = (
+    f'incomplete: {problem}'
+    if problem
+    else f'complete: {prepared.windows(prepared.open_builder(builder.data_path))}'
+  )
+  then = (
+    'build again with --overwrite to replace it'
+    if problem
+    else 'nothing to do if both builds read the same raw files, else build again with --overwrite'
+  )
+  return (
+    f'{builder.data_dir} was written by another build while this one ran ({state}); this build '
+    f'was discarded: {then}'
+  )
 
 
 def beam_options(text: str | None):
@@ -217,15 +276,25 @@ def _define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
+  start = time.time()
+  builder = cli.run_reporting_user_errors(lambda: _build_from_flags(f))
+  if builder.reused:
+    print(reused_message(builder))
+    return
+  splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+  print(f'{f.dataset}: {splits} windows in {builder.data_dir} ({time.time() - start:.1f} s)')
+
+
+def _build_from_flags(f):
   if (
     f.dataset == 'synthetic_av'
     and f.generate_if_missing
     and (not os.path.isdir(f.manual_dir) or not os.listdir(f.manual_dir))
+    and (f.overwrite or not _built_already(f))
   ):
     logging.info('generating the synthetic set into %s', f.manual_dir)
     generate.generate(f.manual_dir, generate.SIZES[f.synthetic_size], f.synthetic_seed, overwrite=True)
-  start = time.time()
-  builder = build(
+  return build(
     f.dataset,
     f.manual_dir,
     f.data_dir,
@@ -240,8 +309,13 @@ def main(argv):
     beam_pipeline_options=f.beam_pipeline_options,
     num_workers=f.num_workers,
   )
-  splits = {k: v.num_examples for k, v in builder.info.splits.items()}
-  print(f'{f.dataset}: {splits} windows in {builder.data_dir} ({time.time() - start:.1f} s)')
+
+
+def _built_already(f) -> bool:
+  builder = make_builder(
+    f.dataset, f.data_dir, config=f.config, sample_rate=f.sample_rate, min_valid_clips=f.min_valid_clips
+  )
+  return builder.data_path.exists()
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections.config_dict import FieldReference
 
 from iaca_jax import run_config
+from iaca_jax.preprocessing.errors import reason
 
 # Errors that a user's input or setting causes (DataError and ConversionError are ValueErrors). They are
 # reported as `error: <message>` with exit status 1; anything else is a bug and keeps its traceback.
@@ -36,7 +37,7 @@ def run_reporting_user_errors(fn: Callable[[], object]) -> object:
   try:
     return fn()
   except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
+    print(f'error: {reason(e)}', file=sys.stderr, flush=True)
     sys.exit(1)
 
 

@@ -9,7 +9,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
+from iaca_jax import prepared
 from iaca_jax.input_pipeline import (
   CACHED_TRAIN_KEYS,
   CLIPS,
@@ -49,18 +51,29 @@ class DataSource:
     else:
       self.name, self.data_dir = config.dataset.name, config.dataset.data_dir
     self.train_keys = CACHED_TRAIN_KEYS if self.cached else RAW_TRAIN_KEYS
+    self._builder = None
+
+  def open(self):
+    """The prepared dataset's builder, opened once, on first use (after the entry point's own checks,
+    before any batch): a missing or older version stops the run with one line, and the log says which
+    version the run reads (a warning: the entry points show warnings only)."""
+    if self._builder is None:
+      self._builder = get_builder(self.name, self.data_dir)
+      kind = 'cached features: ' if self.cached else ''
+      logging.warning('reading %s%s', kind, prepared.describe(self._builder))
+    return self._builder
 
   def silent_audio(self) -> dict[str, np.ndarray]:
     """The model input of a silent clip: {'audio': (64, frames)} or {'audio_features': (C,)}."""
     if self.cached:
       with np.load(os.path.join(self.name, SILENT_AUDIO_FILE)) as f:
         return {'audio_features': f['audio_features']}
-    builder = get_builder(self.name, self.data_dir)
-    return {'audio': mel.silent_log_mel(source_sample_rate(builder))}
+    return {'audio': mel.silent_log_mel(source_sample_rate(self.open()))}
 
   def train_batches(self, *, epoch: int, start_batch: int = 0) -> Batches:
     """One epoch of training batches from `start_batch` on; faces jittered (raw inputs only)."""
     config = self.config
+    self.open()
     return create_train_dataset(
       self.name,
       self.data_dir,
@@ -79,6 +92,7 @@ class DataSource:
   def eval_batches(self, split: str) -> Batches:
     """This process's share of every window of `split` (the same number of batches on every
     process, padded with invalid windows)."""
+    self.open()
     return create_eval_dataset(
       self.name,
       self.data_dir,
@@ -89,6 +103,7 @@ class DataSource:
     )
 
   def steps_per_epoch(self) -> int:
+    self.open()
     return num_train_batches(
       self.name,
       self.data_dir,

@@ -23,11 +23,12 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from iaca_jax import data_source, distributed, inference, input_pipeline, pretrained
+from iaca_jax import data_source, distributed, inference, input_pipeline, prepared, pretrained
 from iaca_jax.kernel_choice import build_model
 from iaca_jax.models import IACAModel, init_variables
 from iaca_jax.preprocessing import mel, tfds_builder
@@ -142,6 +143,7 @@ def cache_features(config: ml_collections.ConfigDict, *, batch_size: int = 8) ->
   out_dir = os.path.abspath(config.dataset.features_dir)
   storage_dtype(config)  # a bad setting stops before any work
   source = input_pipeline.get_builder(config.dataset.name, config.dataset.data_dir)
+  logging.warning('reading %s', prepared.describe(source))
   splits = list(source.info.splits.keys())
   model = build_model(config.model)
   global_batch = max(1, batch_size // jax.device_count()) * jax.device_count()

@@ -45,7 +45,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from iaca_jax.data_checks import NON_FINITE, checked_finite, damaged_shard_message
+from iaca_jax import prepared
+from iaca_jax.data_checks import checked_finite, damaged_shard_message, non_finite_feature, non_finite_message
 from iaca_jax.preprocessing.errors import DataError
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
@@ -81,14 +82,17 @@ def get_builder(dataset: str, data_dir: str | None = None):
   """The tfds builder of a prepared dataset; no builder code is needed.
 
   Args:
-    dataset: 'synthetic_av', 'synthetic_av/sr16000', 'aff_wild2:1.0.0', ... (tfds
-      names, default config = the first one), or the path of a prepared
-      version folder (the one holding dataset_info.json).
+    dataset: 'synthetic_av', 'synthetic_av/sr16000', 'aff_wild2:1.0.0', ... (tfds names; the
+      default config, and the version this code reads unless one is named), or the path of a
+      prepared version folder (the one holding dataset_info.json).
     data_dir: tfds data dir holding the dataset (ignored for a path).
+
+  Raises:
+    DataError naming what the data dir holds instead, and how to build what is missing.
   """
-  if os.path.isfile(os.path.join(dataset, 'dataset_info.json')):
-    return tfds.builder_from_directory(dataset)
-  return tfds.builder(dataset, data_dir=data_dir)
+  if prepared.is_path(dataset):
+    return prepared.open_builder(os.path.expanduser(dataset))
+  return prepared.open_builder(prepared.version_dir(dataset, data_dir))
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -162,15 +166,10 @@ class Batches:
       builder, split = self._source
       raise DataError(damaged_shard_message(builder, split, e.message)) from None
     except tf.errors.InvalidArgumentError as e:
-      if NON_FINITE not in e.message or self._source is None:
+      feature = non_finite_feature(e.message.replace("\\'", "'"))
+      if feature is None or self._source is None:
         raise
-      builder, split = self._source
-      detail = e.message[e.message.index(NON_FINITE) :].split('\n')[0].replace("\\'", "'")
-      detail = detail.replace('] [', ' ').rstrip(']')
-      raise DataError(
-        f'{split} split of {builder.name}: {detail}. Rebuild the shards or the cached '
-        'features from finite inputs.'
-      ) from None
+      raise DataError(non_finite_message(*self._source, feature)) from None
 
 
 def _decoders(builder, features: Sequence[str] | None):
@@ -259,7 +258,7 @@ def _prepare(example, *, jitter_seed=None, jitter_range: Sequence[float] | None 
         video = jitter_clips(video, jitter_seed, jitter_range)
       value = _normalise(video)
     elif value.dtype.is_floating:
-      value = checked_finite(name, tf.cast(value, tf.float32), example)
+      value = checked_finite(name, tf.cast(value, tf.float32))
     out[name] = value
   out['valid_window'] = tf.constant(True)
   return out

@@ -219,7 +219,7 @@ def _run_model(
   crop_iter = face_video.face_crops(video, progress)
   try:
     crops = streaming.SlidingCrops(np.flatnonzero(video.track.present) + 1, crop_iter)
-    item = examples.VideoInput(name, video.num_frames, video.fps, crops, audio)
+    item = examples.VideoInput(name, video.num_frames, video.fps, crops, audio, audio_path=video.path)
     windows_iter = examples.video_examples(item, settings, train=False, stats=examples.BuildStats())
     outputs = predict_split(model.trainer, model.variables, _batches(windows_iter, name, batch_size))
     for _ in crop_iter:  # the frames after the last face: the bar reaches the end

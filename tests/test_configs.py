@@ -170,3 +170,12 @@ def test_a_flat_layout_override_gets_its_new_name(capsys):
   assert capsys.readouterr().err.strip() == (
     'error: --config.max_steps is now --config.training.max_steps (the config is grouped: configs/default.py)'
   )
+
+
+def test_a_user_error_without_text_is_named_by_its_type(capsys):
+  def fails():
+    raise OSError()
+
+  with pytest.raises(SystemExit) as stop:
+    cli.run_reporting_user_errors(fails)
+  assert stop.value.code == 1 and capsys.readouterr().err.strip() == 'error: OSError'

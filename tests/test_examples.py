@@ -1,5 +1,7 @@
 """Per-video example assembly on a hand-made 40-frame video (no files, no tfds)."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -126,8 +128,12 @@ def test_crop_problems_are_named_and_counted_apart(tmp_path):
   assert f'{paths[3]} resized from 64x64 to 112x112' in text and 'BytesIO' not in text
 
 
-def test_non_finite_audio_stops_the_build_naming_the_video_and_clip():
+def test_non_finite_audio_stops_the_build_naming_the_video_window_clip_and_file():
   video = _video()
+  video.audio_path = '/raw/vid.mp4'
   video.audio[int(20 / 30 * 44_100)] = np.nan  # inside the clips ending at frames 21 and later
-  with pytest.raises(DataError, match=r'vid: the clip ending at frame \d+ has non-finite audio'):
+  with pytest.raises(DataError) as e:
     _run(video, train=False)
+  first_window = r'frames 1-\d+ \(the clip ending at frame (2[1-9]|[3-9]\d)\)'
+  assert re.search(rf'^vid: the window of {first_window} has non-finite audio', str(e.value)), str(e.value)
+  assert '/raw/vid.mp4' in str(e.value)

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 import av
 import numpy as np
@@ -447,17 +446,38 @@ def test_damaged_shard_is_named_at_read_time(cached, tmp_path):
   assert str(shard) in str(e.value)
 
 
-def test_non_finite_values_are_stopped_when_read():
-  """A NaN in a float feature of a window: iterating ends with a DataError naming the window."""
-  example = {
-    'audio': np.zeros((16, 64, 104), np.float32),
-    'video_name': b'vid7',
-    'end_frame': np.arange(1, 17, dtype=np.int32),
-  }
-  example['audio'][3, 5, 7] = np.nan
-  make = lambda: tf.data.Dataset.from_tensors(example).map(ip._prepare).batch(1)
-  builder = types.SimpleNamespace(name='synthetic_av')
-  with pytest.raises(
-    DataError, match=r"train split of synthetic_av: non-finite values in feature 'audio'.*vid7.*16"
-  ):
-    list(ip.Batches(make, 1, 1, 1, source=(builder, 'train')))
+def test_non_finite_values_are_stopped_when_read(tiny, tmp_path):
+  """A NaN in the log-mels of one window: training read without the names and frames still ends with
+  a DataError naming the window's video, frames, clip and shard file."""
+  source = os.path.join(tiny.data_dir, DATASET, 'sr44100', '1.0.0')
+  copy = tmp_path / '1.0.0'
+  copy.mkdir()
+  for name in os.listdir(source):  # the train shards copied (one is rewritten), the rest linked
+    if name.endswith('.json') or '-train.' in name:
+      shutil.copy(os.path.join(source, name), copy)
+    else:
+      os.symlink(os.path.join(source, name), copy / name)
+  shard = sorted(copy.glob('*-train.tfrecord-*'))[1]
+  records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(shard))]
+  window = records[2].features.feature
+  window['audio'].float_list.value[3 * 64 * 104 + 5] = np.nan  # clip 3
+  with tf.io.TFRecordWriter(str(shard)) as writer:
+    for record in records:
+      writer.write(record.SerializeToString())
+  video = window['video_name'].bytes_list.value[0].decode()
+  clip_end = window['end_frame'].int64_list.value[3]
+  batches = ip.create_train_dataset(
+    str(copy),
+    global_batch_size=4,
+    seed=0,
+    features=('audio', 'labels', 'mask'),
+    process_index=0,
+    process_count=1,
+  )
+  with pytest.raises(DataError) as e:
+    for _ in batches:
+      pass
+  message = str(e.value)
+  assert message.startswith("train split of synthetic_av: non-finite values in feature 'audio'"), message
+  assert f'video {video}, frames ' in message and f'(the clip ending at frame {clip_end})' in message
+  assert f'record 2 of shard {shard}' in message and ' in 1 window;' in message

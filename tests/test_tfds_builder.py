@@ -1,9 +1,12 @@
 """Bad raw input: what stops a build (DataError naming the file) and what is skipped and counted."""
 
+import io
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import av
@@ -23,6 +26,7 @@ MICRO = generate.Settings(
   num_train_videos=3, num_validation_videos=1, num_test_videos=1, min_frames=70, max_frames=90
 )
 SILENCE = (-100 + 14.8) / 19.895
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Its module-scoped fixtures are built once: the module runs on one xdist worker (--dist=loadgroup).
 pytestmark = pytest.mark.xdist_group('tfds_builder')
@@ -173,7 +177,7 @@ def test_empty_crop_folder_is_treated_as_a_missing_one(raw):
   plans = tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True, stats)
   assert 'syn001' not in [p.name for p in plans['train']]
   assert stats['train'].counts['videos_without_crops'] == 1
-  assert any(folder in m and 'no <%05d>.jpg' in m for m in stats['train'].messages)
+  assert any(folder in m and 'holds no face crop' in m for m in stats['train'].messages)
   video = _val_video(raw)  # a validation video
   folder = os.path.join(raw, 'cropped_aligned', video)
   for name in os.listdir(folder):
@@ -181,6 +185,84 @@ def test_empty_crop_folder_is_treated_as_a_missing_one(raw):
   with pytest.raises(DataError, match='holds no') as e:
     tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
   assert folder in str(e.value)
+
+
+def test_a_skipped_training_video_is_reported_once_with_its_reason(raw):
+  """A training video skipped for an empty crop folder is not also a folder 'in no split'."""
+  folder = os.path.join(raw, 'cropped_aligned', 'syn001')
+  shutil.rmtree(folder)
+  os.makedirs(folder)
+  stats = {}
+  tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True, stats)
+  named = [m for s in stats.values() for m in s.messages if 'syn001' in m]
+  assert len(named) == 1 and 'holds no face crop' in named[0], named
+  assert not any(s.counts['crop_folders_in_no_split'] for s in stats.values())
+
+
+def _pixels(jpeg: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(jpeg)), np.float32)
+
+
+def test_a_training_video_that_detection_skips_is_reported_once_with_its_reason(raw, tmp_path, caplog):
+  """--crops=detect without a raw video: the build says once that it skips the video, and why."""
+  shutil.rmtree(os.path.join(raw, 'cropped_aligned', 'syn001'))
+  os.remove(os.path.join(raw, 'raw_videos', 'syn001.mp4'))
+  with caplog.at_level('INFO'):
+    builder = build.build('synthetic_av', raw, str(tmp_path / 'tfds'), min_valid_clips=1, crops='detect')
+  named = [m for s in builder.build_stats.values() for m in s.messages if 'syn001' in m]
+  assert len(named) == 1 and 'no raw video for syn001' in named[0] and 'skipped' in named[0], named
+  warned = [r.getMessage() for r in caplog.records if r.levelno >= 30 and 'syn001' in r.getMessage()]
+  assert len(warned) == 1, warned
+
+
+def _crops(raw, video):
+  folder = os.path.join(raw, 'cropped_aligned', video)
+  return folder, sorted(os.listdir(folder))
+
+
+def test_every_file_of_a_crop_folder_is_used_or_reported(raw, tmp_path):
+  """A PNG among the JPEGs is a face (converted and counted); files that are not crops are counted,
+  named unless they are file-system litter, and change nothing."""
+  reference, _ = _pipeline(raw, str(tmp_path / 'tfds_ref'), 'train')
+  folder, names = _crops(raw, 'syn001')
+  jpeg = os.path.join(folder, names[10])
+  original = open(jpeg, 'rb').read()
+  Image.open(jpeg).save(jpeg.replace('.jpg', '.png'), format='PNG')
+  os.remove(jpeg)
+  for name in ('notes.txt', 'frame_00001.jpg', 'Thumbs.db', '.DS_Store'):
+    _write(os.path.join(folder, name), 'x')
+  builder = build.make_builder('synthetic_av', str(tmp_path / 'tfds'), min_valid_clips=1)
+  plans = tfds_builder.plan_splits(raw, builder.builder_config, True, builder.build_stats)
+  out = dict(builder._generate_examples(plans['train'], builder.generation_settings('train', raw)))
+  counts = builder.build_stats['train'].counts
+  assert counts['reencoded_jpegs'] == 1 and counts['unreadable_jpegs'] == 0
+  assert out.keys() == reference.keys()
+  used = 0
+  for key, ex in reference.items():  # the PNG's frame where the JPEG's was, the rest unchanged
+    for ref_jpeg, jpeg in zip(ex['video'], out[key]['video']):
+      if ref_jpeg != original:
+        assert jpeg == ref_jpeg
+      else:
+        used += 1
+        assert np.abs(_pixels(jpeg) - _pixels(original)).mean() < 2
+  assert used
+  assert counts['crop_folder_other_entries'] == 2 and counts['crop_folder_system_files'] == 2
+  messages = builder.build_stats['train'].messages
+  named = [m for m in messages if folder in m]
+  assert len(named) == 1 and 'notes.txt' in named[0] and 'frame_00001.jpg' in named[0], messages
+  assert any('2 file-system files' in m for m in messages)
+
+
+def test_two_files_for_one_frame_stop_the_build_naming_them(raw):
+  folder, names = _crops(raw, 'syn001')
+  frame = int(names[3].split('.')[0])
+  shutil.copy(os.path.join(folder, names[3]), os.path.join(folder, f'{frame}.jpg'))
+  shutil.copy(os.path.join(folder, names[3]), os.path.join(folder, f'{frame:04d}.png'))
+  with pytest.raises(DataError) as e:
+    tfds_builder.plan_splits(raw, tfds_builder.AvConfig(name='t'), True)
+  message = str(e.value)
+  assert folder in message and f'frame {frame}:' in message
+  assert all(name in message for name in (names[3], f'{frame}.jpg', f'{frame:04d}.png')), message
 
 
 def test_video_missing_from_the_sidecar(raw):
@@ -299,6 +381,60 @@ def test_failure_in_the_middle_of_a_build_leaves_nothing_complete(raw, tmp_path,
 
 
 # --------------------------------------------------------- aff_wild2 builder
+# ------------------------------------------ a data dir that holds the dataset already
+def test_building_a_version_that_exists(micro, tmp_path):
+  """Complete: nothing to do, said so. Incomplete: a DataError saying why, and --overwrite. Finished
+  by another build while this one ran: a DataError saying so, not tfds's FileExistsError."""
+  first = build.build('synthetic_av', micro, str(tmp_path / 'a'), min_valid_clips=1)
+  again = build.build('synthetic_av', str(tmp_path / 'nowhere'), str(tmp_path / 'a'), min_valid_clips=1)
+  assert again.reused and not first.reused
+  said = build.reused_message(again)
+  assert str(first.data_dir) in said and 'already exists and is complete' in said and '--overwrite' in said
+
+  half = tmp_path / 'b' / 'synthetic_av' / 'sr44100_keep1' / '1.0.0'
+  half.mkdir(parents=True)
+  with pytest.raises(
+    DataError, match=r'holds no complete dataset \(no dataset_info.json\).*--overwrite'
+  ) as e:
+    build.build('synthetic_av', micro, str(tmp_path / 'b'), min_valid_clips=1)
+  assert str(half) in str(e.value)
+
+  real = tfds_builder.AvLayoutBuilder._split_generators
+
+  def other_build_finishes_first(self, dl_manager):
+    shutil.copytree(first.data_dir, os.path.join(tmp_path, 'c', 'synthetic_av', 'sr44100_keep1', '1.0.0'))
+    return real(self, dl_manager)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tfds_builder.AvLayoutBuilder, '_split_generators', other_build_finishes_first)
+    with pytest.raises(DataError) as e:
+      build.build('synthetic_av', micro, str(tmp_path / 'c'), min_valid_clips=1)
+  message = str(e.value)
+  assert 'another build' in message and '(complete: train ' in message and '--overwrite' in message
+
+
+def test_data_build_reports_a_user_error_in_one_line(tmp_path):
+  run = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'data.build',
+      '--dataset=aff_wild2',
+      f'--manual_dir={tmp_path / "none"}',
+      f'--data_dir={tmp_path / "tfds"}',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
+  assert run.returncode == 1 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert (
+    run.stderr.strip().splitlines()[-1]
+    == f'error: manual directory {tmp_path / "none"} does not exist (docs/DATA.md: the raw layout)'
+  )
+
+
 def test_aff_wild2_builder_reads_the_layout(micro, tmp_path):
   """The Aff-Wild2 builder on an Aff-Wild2-layout folder, at 16 kHz: no corruption flags. What an
   interrupted earlier build left beside it is removed; a build running now in another process is not."""

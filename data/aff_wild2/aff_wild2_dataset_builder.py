@@ -24,7 +24,7 @@ class Builder(tfds_builder.AvLayoutBuilder):
   HOMEPAGE = 'https://ibug.doc.ic.ac.uk/resources/aff-wild2/'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Aff-Wild2 is licensed: request it from its authors, then point --manual_dir at a folder holding
-  cropped_aligned/<video>/<%05d>.jpg      (112x112 aligned faces, 1-based)
+  cropped_aligned/<video>/<%05d>.jpg      (112x112 aligned faces, 1-based; .png etc.: docs/DATA.md)
   raw_videos/<video>.mp4|.avi             (may be in sub-folders; `_left`/`_right` use `<video>`)
   <N>th_ABAW_Annotations/VA_Estimation_Challenge/Train_Set/<video>.txt
   <N>th_ABAW_Annotations/VA_Estimation_Challenge/Validation_Set/<video>.txt

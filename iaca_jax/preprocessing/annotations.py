@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from iaca_jax.preprocessing.errors import DataError
+from iaca_jax.preprocessing.errors import DataError, reason
 
 HEADER = ('valence', 'arousal')
 INVALID = -5.0
@@ -34,7 +34,7 @@ def read_annotation(path: str) -> np.ndarray:
     with open(path, encoding='utf-8-sig') as f:
       lines = f.read().splitlines()
   except OSError as e:
-    raise DataError(f'cannot read annotation file {path}: {e}') from e
+    raise DataError(f'cannot read annotation file {path}: {reason(e)}') from e
   except UnicodeDecodeError as e:
     raise DataError(f'annotation file {path} is not UTF-8 text (byte {e.start}: {e.reason})') from e
   if not lines:
@@ -78,7 +78,7 @@ def read_video_list(path: str) -> list[str]:
     with open(path, encoding='utf-8-sig') as f:
       lines = f.read().splitlines()
   except OSError as e:
-    raise DataError(f'cannot read video list {path}: {e}') from e
+    raise DataError(f'cannot read video list {path}: {reason(e)}') from e
   except UnicodeDecodeError as e:
     raise DataError(f'video list {path} is not UTF-8 text (byte {e.start}: {e.reason})') from e
   names = []

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import av
 import numpy as np
 
+from iaca_jax.preprocessing.errors import reason
+
 # Status of a decoded track.
 OK = 'ok'
 MISSING_FILE = 'missing_file'  # no raw video for this name
@@ -108,7 +110,7 @@ class AudioStream:
     try:
       container = av.open(path)
     except (av.error.FFmpegError, OSError) as e:
-      self._status, self._message = UNREADABLE, f'cannot open {path}: {e}'
+      self._status, self._message = UNREADABLE, f'cannot open {path}: {reason(e)}'
       return
     with container:
       if not container.streams.audio:
@@ -126,7 +128,7 @@ class AudioStream:
             pending = []
         pending += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
       except (av.error.FFmpegError, ValueError) as e:
-        self._status, self._message = TRUNCATED, f'decoding the audio of {path} stopped early: {e}'
+        self._status, self._message = TRUNCATED, f'decoding the audio of {path} stopped early: {reason(e)}'
       if drop is None:  # no timestamp at all: the audio starts at time 0
         drop = yield from self._start(0.0)
       yield from self._emit(pending, drop)

@@ -21,7 +21,7 @@ import json
 import numpy as np
 
 from iaca_jax.preprocessing import windows
-from iaca_jax.preprocessing.errors import DataError
+from iaca_jax.preprocessing.errors import DataError, reason
 
 FILENAME = 'corruptions.json'
 FORMAT = 'synthetic_av_corruptions/1'
@@ -38,7 +38,7 @@ def read_corruptions(path: str) -> dict:
     with open(path) as f:
       data = json.load(f)
   except (OSError, ValueError) as e:
-    raise DataError(f'cannot read the corruption sidecar {path}: {e}') from e
+    raise DataError(f'cannot read the corruption sidecar {path}: {reason(e)}') from e
   if not isinstance(data, dict) or data.get('format') != FORMAT or 'videos' not in data:
     raise DataError(f'{path} is not a {FORMAT} file')
   for name, v in data['videos'].items():

@@ -30,14 +30,16 @@ class DetectStats:
 
   detected: int = 0
   kept: int = 0
-  skipped: list[str] = dataclasses.field(default_factory=list)
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # training video -> why
   frames: int = 0
   face_frames: int = 0
 
   def summary(self) -> str:
     share = self.face_frames / self.frames if self.frames else 0.0
     text = f'{self.detected} videos detected (face in {share:.1%} of {self.frames} frames), {self.kept} kept'
-    return text + (f', {len(self.skipped)} skipped: {"; ".join(self.skipped)}' if self.skipped else '')
+    return text + (
+      f', {len(self.skipped)} training videos skipped (the build names them)' if self.skipped else ''
+    )
 
 
 def split_videos(root: str) -> dict[str, str]:
@@ -83,8 +85,8 @@ def detect_crops(
 ) -> DetectStats:
   """Writes the crop folder of every video of `root`'s splits that has none (see the module docstring).
 
-  A training video without a readable raw video is skipped (logged and counted; the build then skips
-  it too); a validation or test video without one raises DataError naming it.
+  A training video without a readable raw video is skipped (`DetectStats.skipped` says why; the build
+  then skips it, saying so); a validation or test video without one raises DataError naming it.
   """
   crops_root = os.path.join(root, layout.CROPS_DIR)
   try:
@@ -114,8 +116,8 @@ def detect_crops(
       shutil.rmtree(folder + '.incomplete', ignore_errors=True)
       if split != 'train':
         raise DataError(f'{split} video {name}: {e}') from None
-      logging.warning('training video %s skipped: %s', name, e)
-      stats.skipped.append(name)
+      logging.info('training video %s: %s', name, e)  # the build says it skips it, and why
+      stats.skipped[name] = str(e)
       continue
     stats.detected += 1
     stats.frames += video.num_frames

@@ -9,3 +9,9 @@ class DataError(ValueError):
   crop folder, ...); problems that can be skipped are logged and counted in
   `BuildStats` instead.
   """
+
+
+def reason(error: BaseException) -> str:
+  """What an exception says, or its type when it says nothing (`OSError()`), so that a message
+  quoting it never ends in an empty interpolation."""
+  return str(error).strip() or type(error).__name__

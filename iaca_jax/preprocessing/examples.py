@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import io
 import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,8 +18,11 @@ from PIL import Image
 
 from iaca_jax.preprocessing import annotations, corruptions, windows
 from iaca_jax.preprocessing import mel as mel_lib
-from iaca_jax.preprocessing.errors import DataError
+from iaca_jax.preprocessing.errors import DataError, reason
 
+# The version of the example format: the builders write it (<data_dir>/<dataset>/<config>/<version>/),
+# the input pipeline reads only it. A change to what a window holds or means is a new version.
+DATASET_VERSION = '1.0.0'
 FACE_SIZE = 112
 FRAMES_PER_WINDOW = windows.CLIPS_PER_WINDOW * windows.FRAMES_PER_SAMPLE  # 128
 # [decision] Keep a training window when at least this many of its 16 clips are
@@ -36,6 +40,10 @@ class BuildStats:
 
   def warn(self, kind: str, message: str, n: int = 1):
     self.counts[kind] += n
+    self.note(message)
+
+  def note(self, message: str):
+    """Logs and keeps a message without counting (what was counted is said once, in sum)."""
     self.messages.append(message)
     logging.warning('%s', message)
 
@@ -58,6 +66,7 @@ class VideoInput:
   labels: np.ndarray | None = None  # (N, 2) with -5 = invalid; None for the test split
   corrupt_face: np.ndarray | None = None  # bool (N,) or None
   corrupt_audio: np.ndarray | None = None  # bool (N,) or None
+  audio_path: str | None = None  # the raw file the audio was decoded from, for messages
 
 
 JPEG_QUALITY = 95  # of every face crop this stage encodes (converted crops, the zero frame, detected faces)
@@ -116,18 +125,18 @@ def load_crops(
   """Reads and checks the crops of frames 1..num_frames; unreadable ones are skipped (counted and
   named), resized ones counted and named, other conversions (mode, format) counted."""
   crops = {}
-  beyond = 0
+  beyond = []
   for frame in sorted(crop_paths):
     path = crop_paths[frame]
     if frame < 1 or frame > num_frames:
-      beyond += 1
+      beyond.append(path)
       continue
     try:
       with open(path, 'rb') as f:
         data = f.read()
       data, change = check_jpeg(data, path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-      stats.warn('unreadable_jpegs', f'unreadable face crop {path} ({e}): treated as no face')
+      stats.warn('unreadable_jpegs', f'unreadable face crop {path} ({reason(e)}): treated as no face')
       continue
     if change and change.startswith('resized'):
       stats.warn('resized_jpegs', f'face crop {path} {change}')
@@ -137,8 +146,9 @@ def load_crops(
   if beyond:
     stats.warn(
       'crops_beyond_video',
-      f'{video}: {beyond} crops numbered beyond its {num_frames} frames are ignored',
-      n=beyond,
+      f'{video}: {len(beyond)} crops numbered outside its frames 1..{num_frames} ignored '
+      f'({", ".join(os.path.basename(p) for p in beyond[:3])}{" ..." if len(beyond) > 3 else ""})',
+      n=len(beyond),
     )
   return crops
 
@@ -234,9 +244,11 @@ def video_examples(
       )
     bad = np.flatnonzero(~np.isfinite(waves).all(axis=1))
     if bad.size:
+      first, last = windows.window_frames(end_frame)
       raise DataError(
-        f'{video.name}: the clip ending at frame {int(end_frame[bad[0]])} has non-finite audio samples '
-        '(the decoded track holds NaN or infinity)'
+        f'{video.name}: the window of frames {first}-{last} (the clip ending at frame '
+        f'{int(end_frame[bad[0]])}) has non-finite audio samples: the track decoded from '
+        f'{video.audio_path or "its raw video"} holds NaN or infinity'
       )
     audio = mel_lib.log_mel(waves, mel)
     # Padding clips get the log-mel of silence too (what a zero waveform gives).

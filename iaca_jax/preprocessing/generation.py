@@ -79,6 +79,7 @@ def plan_examples(
     labels=v.labels,
     corrupt_face=face_mask,
     corrupt_audio=audio_mask,
+    audio_path=v.raw_path,
   )
   yield from examples.video_examples(
     video,

@@ -1,6 +1,6 @@
 """The Aff-Wild2 folder layout (docs/DESIGN.md §6), shared by both builders.
 
-    <root>/cropped_aligned/<video>/<%05d>.jpg          112x112 faces, 1-based
+    <root>/cropped_aligned/<video>/<frame>.jpg         112x112 faces, 1-based (see list_crops)
     <root>/raw_videos/**/<video>.mp4|.avi              audio source
     <root>/<N>th_ABAW_Annotations/VA_Estimation_Challenge/
         Train_Set/<video>.txt, Validation_Set/<video>.txt
@@ -12,6 +12,8 @@ the audio of `<base>`. Names like `12-24-1920x1080` carry id-fps-resolution.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import glob
 import logging
 import os
@@ -34,7 +36,11 @@ TEST_LIST_NAMES = (
 
 _ANNOTATION_ROOT = re.compile(r'^(\d+)(?:st|nd|rd|th)_ABAW_Annotations$')
 _FPS_IN_NAME = re.compile(r'^\d+-(\d+)-\d+x\d+')
-_CROP_NAME = re.compile(r'^(\d+)\.jpe?g$', re.IGNORECASE)
+# A face crop is `<frame number>.<image extension>`, any zero padding (`00010.jpg`, `10.png`).
+CROP_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+_CROP_NAME = re.compile(r'^(\d+)(\.[a-z]+)$', re.IGNORECASE)
+# What file systems and file browsers leave in folders: ignored without naming each one.
+SYSTEM_FILES = ('thumbs.db', 'desktop.ini', 'icon\r')
 
 
 def find_annotation_root(root: str) -> str:
@@ -121,11 +127,47 @@ def crop_dir(root: str, video: str) -> str:
   return os.path.join(root, CROPS_DIR, video)
 
 
+@dataclasses.dataclass
+class CropFolder:
+  """What one video's crop folder holds: its face crops and the entries that are not face crops."""
+
+  crops: dict[int, str]  # 1-based frame number -> path
+  others: list[str]  # names of the entries that are not `<frame number>.<CROP_EXTENSIONS>`
+  system: list[str]  # names of file-system litter (hidden files, Thumbs.db, desktop.ini)
+
+
+def is_system_file(name: str) -> bool:
+  return name.startswith('.') or name.lower() in SYSTEM_FILES
+
+
+def read_crop_folder(folder: str) -> CropFolder:
+  """The face crops and the other entries of one video's crop folder.
+
+  Raises:
+    DataError if two files name one frame (`00020.jpg`, `20.jpg`, `0020.png`): which one is the face
+    is not knowable.
+  """
+  named: dict[int, list[str]] = collections.defaultdict(list)
+  others, system = [], []
+  for name in sorted(os.listdir(folder)):
+    m = _CROP_NAME.match(name)
+    if m and m.group(2).lower() in CROP_EXTENSIONS and os.path.isfile(os.path.join(folder, name)):
+      named[int(m.group(1))].append(name)
+    elif is_system_file(name):
+      system.append(name)
+    else:
+      others.append(name)
+  clashes = {frame: names for frame, names in sorted(named.items()) if len(names) > 1}
+  if clashes:
+    listed = '; '.join(f'frame {frame}: {", ".join(names)}' for frame, names in list(clashes.items())[:5])
+    more = f' and {len(clashes) - 5} more frames' if len(clashes) > 5 else ''
+    raise DataError(
+      f'crop folder {folder} holds several files for one frame ({listed}{more}): keep one file per frame'
+    )
+  crops = {frame: os.path.join(folder, names[0]) for frame, names in named.items()}
+  return CropFolder(crops=crops, others=others, system=system)
+
+
 def list_crops(folder: str) -> dict[int, str]:
-  """{1-based frame number: path} of the face crops in one video's folder."""
-  crops = {}
-  for fname in os.listdir(folder):
-    m = _CROP_NAME.match(fname)
-    if m:
-      crops[int(m.group(1))] = os.path.join(folder, fname)
-  return crops
+  """{1-based frame number: path} of the face crops in one video's folder (see `read_crop_folder`)."""
+  return read_crop_folder(folder).crops

@@ -39,6 +39,7 @@ from iaca_jax.preprocessing import mel as mel_lib
 from iaca_jax.preprocessing.errors import DataError
 
 DEFAULT_FPS = 30.0
+CROP_NAMES = f'<frame number>{"|".join(layout.CROP_EXTENSIONS)}'  # for messages
 
 
 @dataclasses.dataclass(eq=False)
@@ -123,7 +124,7 @@ def local_dataset_info(builder: tfds.core.DatasetBuilder, **kwargs) -> LocalData
 class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base class: Aff-Wild2 layout in the manual dir -> windows as TFRecord shards."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version(examples.DATASET_VERSION)
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   HAS_CORRUPTIONS = False  # read `corruptions.json` and flag corrupted clips
   HOMEPAGE = ''
@@ -132,6 +133,8 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(*args, **kwargs)
     self.build_stats: dict[str, examples.BuildStats] = {}
     self.num_workers = 1  # worker processes of the generator path (`data.build --num_workers`)
+    self.missing_crop_reasons: dict[str, str] = {}  # video -> why it has no crop folder (--crops=detect)
+    self.reused = False  # `data.build.build` found this version complete and left it as it was
 
   @property
   def mel_settings(self) -> mel_lib.MelSettings:
@@ -170,7 +173,9 @@ class AvLayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
-    plans = plan_splits(root, self.builder_config, self.HAS_CORRUPTIONS, self.build_stats)
+    plans = plan_splits(
+      root, self.builder_config, self.HAS_CORRUPTIONS, self.build_stats, self.missing_crop_reasons
+    )
     settings = {split: self.generation_settings(split, root) for split in plans}
     if getattr(self, '_beam', False):
       return {split: beam_examples(plan, settings[split]) for split, plan in plans.items()}
@@ -288,11 +293,16 @@ def beam_counts(pipeline_result) -> dict[str, collections.Counter]:
 
 
 def plan_splits(
-  root: str, config: AvConfig, has_corruptions: bool, build_stats: dict | None = None
+  root: str,
+  config: AvConfig,
+  has_corruptions: bool,
+  build_stats: dict | None = None,
+  missing_crop_reasons: dict[str, str] | None = None,
 ) -> dict[str, list[generation.VideoPlan]]:
   """Lists and checks the videos of every split; raises DataError on what cannot be skipped.
 
-  Skipped (logged and counted): a training video without a crop folder.
+  Skipped (logged once, with the reason, and counted): a training video without a crop folder
+  (`missing_crop_reasons` says why a folder is missing, when known) or without a face crop.
   Fatal (DataError): a malformed annotation file, an annotation length that
   differs from the raw video's frame count by more than the tolerance, a
   validation or test video without a crop folder, a test video of unknown
@@ -310,11 +320,13 @@ def plan_splits(
     side = corruptions.read_corruptions(side_path)
   raw_index = layout.index_raw_videos(root)
   plans: dict[str, list[generation.VideoPlan]] = {}
+  listed: dict[str, list[str]] = collections.defaultdict(list)  # video -> the splits that list it
   for split in ('train', 'validation'):
     stats = build_stats.setdefault(split, examples.BuildStats())
     plans[split] = []
     files = layout.split_annotation_files(root, split)
     for name, path in tqdm.tqdm(sorted(files.items()), desc=f'checking {split}', unit='video'):
+      listed[name].append(split)
       labels = annotations.read_annotation(path)  # raises DataError
       plan = _plan_video(
         root,
@@ -325,9 +337,11 @@ def plan_splits(
         labels=labels,
         annotation_path=path,
         tolerance=config.frame_count_tolerance,
+        missing_reason=(missing_crop_reasons or {}).get(name),
       )
       if plan is not None:
         plans[split].append(plan)
+    _report_system_files(stats, split)
   test_list = layout.find_test_list(root)
   if test_list is None:
     logging.warning(
@@ -337,14 +351,16 @@ def plan_splits(
     stats = build_stats.setdefault('test', examples.BuildStats())
     plans['test'] = []
     for name in annotations.read_video_list(test_list):
+      listed[name].append('test')
       plans['test'].append(_plan_video(root, name, raw_index, 'test', stats))
-  seen = collections.Counter(v.name for p in plans.values() for v in p)
-  twice = sorted(n for n, c in seen.items() if c > 1)
+    _report_system_files(stats, 'test')
+  twice = sorted(f'{n} ({", ".join(splits)})' for n, splits in listed.items() if len(splits) > 1)
   if twice:
     raise DataError(f'videos in more than one split in {root}: {", ".join(twice)}')
   crops_root = os.path.join(root, layout.CROPS_DIR)
+  # Folders of listed videos were planned or skipped (and said why) above; the rest belong to no split.
   unused = sorted(
-    n for n in os.listdir(crops_root) if os.path.isdir(os.path.join(crops_root, n)) and n not in seen
+    n for n in os.listdir(crops_root) if os.path.isdir(os.path.join(crops_root, n)) and n not in listed
   )
   if unused:  # normal for Aff-Wild2 (other tracks' videos), a lost annotation file otherwise: say it once
     build_stats.setdefault('train', examples.BuildStats()).warn(
@@ -366,29 +382,32 @@ def plan_splits(
 
 
 def _plan_video(
-  root, name, raw_index, split, stats, *, labels=None, annotation_path=None, tolerance=0
+  root, name, raw_index, split, stats, *, labels=None, annotation_path=None, tolerance=0, missing_reason=None
 ) -> generation.VideoPlan | None:
   folder = layout.crop_dir(root, name)
   if not os.path.isdir(folder):
     if split == 'train':
-      stats.warn('videos_without_crop_folder', f'missing crop folder {folder}: training video {name} skipped')
-      return None
-    raise DataError(f'missing crop folder {folder} for {split} video {name}')
-  if not layout.list_crops(folder):  # an empty folder is no better than a missing one
-    if split == 'train':
+      why = f' ({missing_reason})' if missing_reason else ''
       stats.warn(
-        'videos_without_crops',
-        f'crop folder {folder} holds no <%05d>.jpg face crop: training video {name} skipped',
+        'videos_without_crop_folder', f'missing crop folder {folder}{why}: training video {name} skipped'
       )
       return None
-    raise DataError(f'crop folder {folder} of {split} video {name} holds no <%05d>.jpg face crop')
+    raise DataError(f'missing crop folder {folder} for {split} video {name}')
+  listing = layout.read_crop_folder(folder)  # raises DataError on two files for one frame
+  if not listing.crops:  # an empty folder is no better than a missing one
+    holds = f'holds no face crop ({CROP_NAMES}){_other_entries(listing.others)}'
+    if split == 'train':
+      stats.warn('videos_without_crops', f'crop folder {folder} {holds}: training video {name} skipped')
+      return None
+    raise DataError(f'crop folder {folder} of {split} video {name} {holds}')
+  _report_other_entries(folder, listing, stats)
   raw = layout.raw_video_for(name, raw_index)
   info, unreadable = None, None
   if raw is not None:
     try:
       info = audio_lib.probe_media(raw)
     except Exception as e:  # pylint: disable=broad-except  (PyAV raises many types)
-      unreadable = f'{type(e).__name__}: {e}'
+      unreadable = type(e).__name__ + (f': {e}' if str(e).strip() else '')
   fps = info.fps if info and info.fps else None
   name_fps = layout.fps_from_name(layout.audio_source_name(name))
   if fps is None:
@@ -414,12 +433,42 @@ def _plan_video(
   elif video_frames is not None:
     num_frames = video_frames
   else:
-    crops = layout.list_crops(folder)
-    if not crops:
-      raise DataError(f'test video {name}: unknown length (no readable raw video and no crop in {folder})')
-    num_frames = max(crops)
+    num_frames = max(listing.crops)
     stats.warn('length_from_crops', f'test video {name}: length taken from its last crop ({num_frames})')
   start = info.video_start if info else 0.0
   return generation.VideoPlan(
     name=name, crop_dir=folder, raw_path=raw, num_frames=num_frames, fps=fps, video_start=start, labels=labels
   )
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+  """'a, b, c' or 'a, b, c, d, e and 3 more'."""
+  more = f' and {len(names) - shown} more' if len(names) > shown else ''
+  return ', '.join(names[:shown]) + more
+
+
+def _other_entries(names: list[str]) -> str:
+  """'; it holds 3 other entries: a.txt, b, c.gif', or '' for none."""
+  return f'; it holds {len(names)} other entries: {_some(names)}' if names else ''
+
+
+def _report_system_files(stats: examples.BuildStats, split: str) -> None:
+  if stats.counts['crop_folder_system_files']:
+    stats.note(
+      f'{split}: {stats.counts["crop_folder_system_files"]} file-system files in crop folders '
+      '(hidden files, Thumbs.db, desktop.ini) ignored'
+    )
+
+
+def _report_other_entries(folder: str, listing: layout.CropFolder, stats: examples.BuildStats) -> None:
+  """Counts the entries of a crop folder that are not face crops, and names them once per folder,
+  except file-system litter (on some systems in every folder: said once per split)."""
+  if listing.others:
+    stats.warn(
+      'crop_folder_other_entries',
+      f'crop folder {folder}: {len(listing.others)} entries that are not face crops ({CROP_NAMES}) '
+      f'ignored: {_some(listing.others)}',
+      n=len(listing.others),
+    )
+  if listing.system:
+    stats.count('crop_folder_system_files', len(listing.system))

@@ -76,3 +76,10 @@ def select_frames(present: np.ndarray) -> np.ndarray:
   else:
     step = 1
   return present[::-1][::step][:FRAMES_PER_SAMPLE][::-1]
+
+
+def window_frames(end_frames: np.ndarray) -> tuple[int, int]:
+  """(first, last) frame a window's clips cover, from its clips' end frames (0 = padding clip; a
+  window has at least one real clip)."""
+  real = np.asarray(end_frames)[np.asarray(end_frames) > 0]
+  return max(int(real.min()) - FRAMES_PER_CLIP + 1, 1), int(real.max())
