@@ -249,7 +249,7 @@ def kind_difference_table(rows: Sequence[dict], label: str) -> str:
     f'Paired difference {label} of the mean CCC over the frames whose clip is corrupted in one way '
     '(at least 16 of its 32 frames) or clean (none), over the shared seeds: mean [95% t-interval].',
     '',
-    '| frames | n | difference | p (paired t) | replicas | at 95% |',
+    '| corruption | frames | difference | p (paired t) | replicas | at 95% |',
     '|---|---|---|---|---|---|',
   ]
   for row in rows:
