@@ -30,8 +30,19 @@ from absl import logging as absl_logging  # noqa: E402
 from configs import synthetic_demo  # noqa: E402
 from data import build  # noqa: E402
 from data.synthetic_av import generate  # noqa: E402
-from iaca_jax import cli, evaluate_lib, feature_cache, metrics, reports, runtime, stats, train_lib  # noqa: E402
+from iaca_jax import (  # noqa: E402
+  cli,
+  evaluate_lib,
+  feature_cache,
+  gate_analysis,
+  metrics,
+  reports,
+  runtime,
+  stats,
+  train_lib,
+)
 from iaca_jax.fileio import atomic_write  # noqa: E402
+from iaca_jax.preprocessing import corruptions  # noqa: E402
 
 DEMO_VARIANTS = (
   ('rjca_iaca', dict(cross_attention='rjca', gating='iaca')),
@@ -185,13 +196,16 @@ def comparison_table(rows: Sequence[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def bootstrap_headline(variant: dict, baseline: dict, split: str, resamples: int = 2000) -> dict:
+def bootstrap_headline(
+  variant: dict, baseline: dict, split: str, resamples: int = 2000, each: Sequence[list] | None = None
+) -> dict:
   """Bootstrap over validation videos of (replica-mean CCC of `variant`) - (that of `baseline`):
-  each resample draws videos with replacement and rescores every replica of both on them."""
+  each resample draws videos with replacement and rescores every replica of both on them.
+  `each`: the per-replica clips of the variant and of the baseline on `split`, when already predicted."""
+  each = each or [result['evaluator'].predict_each(split) for result in (variant, baseline)]
   frames = {}
-  for side, result in (('variant', variant), ('baseline', baseline)):
-    per_replica = [metrics.video_frames(c) for c in result['evaluator'].predict_each(split)]
-    frames[side] = per_replica
+  for side, clips_each in zip(('variant', 'baseline'), each):
+    frames[side] = [metrics.video_frames(c) for c in clips_each]
   videos = sorted(frames['variant'][0])
 
   def statistic(idx):
@@ -230,6 +244,27 @@ def missing_audio_comparisons(results: Sequence[dict], comparisons: Sequence[tup
   return rows
 
 
+def ground_truth_sections(
+  clips: dict, each: Sequence[list], sidecar_path: str, label: str, protocol: str = 'challenge'
+) -> tuple[list[str], dict]:
+  """RESULTS.md lines on the gates against the synthetic set's corruptions (`iaca_jax.gate_analysis`):
+  the AUROC of each gate value per corruption kind (`clips`: one model's, e.g. replica 0's gates) and
+  the paired difference `label` per kind (`each`: the per-replica clips of the variant and of the
+  baseline). Also the rows, for results.json. Without the sidecar, a line saying so."""
+  if not os.path.isfile(sidecar_path):
+    return [f"(No {sidecar_path}: the per-kind analysis needs the generated set's sidecar.)", ''], {}
+  groups = gate_analysis.clip_groups(clips, corruptions.read_corruptions(sidecar_path))
+  aurocs = gate_analysis.gate_aurocs(clips, groups)
+  kinds = gate_analysis.kind_differences(*each, groups, protocol)
+  lines = [
+    gate_analysis.gate_auroc_table(aurocs, int(groups[gate_analysis.CLEAN].sum())),
+    f'## {label} per kind of corruption (ground truth: `{corruptions.FILENAME}`)',
+    '',
+    gate_analysis.kind_difference_table(kinds, label),
+  ]
+  return lines, {'gate_aurocs': aurocs, 'kind_differences': kinds}
+
+
 def write_json(path: str, results: Sequence[dict], **extra) -> None:
   plain = [{k: v for k, v in r.items() if k != 'evaluator'} for r in results]
   atomic_write(path, json.dumps({'variants': plain, **extra}, indent=1, default=float))
@@ -252,7 +287,16 @@ def run_demo(results_dir: str, size: str = 'default', replicas: int = DEMO_REPLI
   comparisons = paired_comparisons(results, DEMO_COMPARISONS)
   comparisons += missing_audio_comparisons(results, DEMO_COMPARISONS)
   log('Bootstrap over validation videos')
-  headline = bootstrap_headline(results[0], results[1], config.dataset.eval_split)
+  each = [r['evaluator'].predict_each(config.dataset.eval_split) for r in results]
+  headline = bootstrap_headline(results[0], results[1], config.dataset.eval_split, each=each)
+  log('The gates against the corruptions')
+  truth, truth_rows = ground_truth_sections(
+    clips,
+    each,
+    os.path.join(results_dir, 'raw', corruptions.FILENAME),
+    'RJCA + IACA - no gate',
+    iaca.protocol,
+  )
   summary = [
     '# Demo results (synthetic set)',
     '',
@@ -273,6 +317,7 @@ def run_demo(results_dir: str, size: str = 'default', replicas: int = DEMO_REPLI
     '## What the gates do (RJCA + IACA replica 0, mean gate values over validation clips)',
     '',
     reports.gate_table(clips),
+    *truth,
     '## Missing audio (share of validation clips silenced; 3 silencing seeds)',
     '',
     reports.missing_audio_table(sweeps),
@@ -288,7 +333,11 @@ def run_demo(results_dir: str, size: str = 'default', replicas: int = DEMO_REPLI
   path = os.path.join(results_dir, 'RESULTS.md')
   atomic_write(path, '\n'.join(summary))
   write_json(
-    os.path.join(results_dir, 'results.json'), results, comparisons=comparisons, bootstrap_headline=headline
+    os.path.join(results_dir, 'results.json'),
+    results,
+    comparisons=comparisons,
+    bootstrap_headline=headline,
+    **truth_rows,
   )
   log(f'Done in {time.time() - start:.0f} s: see {path}')
   return path

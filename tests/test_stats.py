@@ -117,3 +117,55 @@ def test_experiment_tables_pair_variants_by_seed_and_state_the_interval():
   assert '95% t-interval] over 5 replicas' in experiments.ablation_table(
     [{'name': r['name'], 'validation': r['validation']} for r in results]
   )
+
+
+def test_seeds_needed_gives_the_textbook_sample_sizes_of_the_paired_t_test():
+  # G*Power / Cohen (1988): two-sided paired t-test at 5% with 80% power, effect size d = mean / sd.
+  for d, n in ((0.2, 199), (0.5, 34), (0.8, 15), (1.0, 10)):
+    assert stats.seeds_needed(sd=1.0, effect=d) == n
+    assert stats.seeds_needed(sd=0.04, effect=0.04 * d) == n  # only effect / sd matters
+  assert stats.paired_power(34, 1.0, 0.5) == pytest.approx(0.8078, abs=1e-4)  # G*Power's actual power
+  # The normal approximation, by hand: ((1.95996 + 0.84162) / 0.5)^2 = 31.4, below the exact 34.
+  assert stats.seeds_needed_normal(1.0, 0.5) == pytest.approx(((1.959964 + 0.841621) / 0.5) ** 2, rel=1e-5)
+
+
+def test_paired_power_is_the_share_of_simulated_paired_t_tests_that_reject():
+  rng = np.random.default_rng(5)
+  n, sd, effect, runs = 6, 0.03, 0.03, 40000
+  d = rng.normal(effect, sd, size=(runs, n))
+  t = d.mean(1) / (d.std(1, ddof=1) / np.sqrt(n))
+  rejected = np.mean(np.abs(t) > 2.570582)  # t_(0.975, 5) from the table
+  assert stats.paired_power(n, sd, effect) == pytest.approx(rejected, abs=0.01)
+  # Many seeds: the noncentral t tends to the normal, power Phi(d sqrt(n) - z_0.975) + Phi(-d sqrt(n) - z).
+  shift = 0.15 * np.sqrt(400)
+  normal = scipy.stats.norm.cdf(shift - 1.959964) + scipy.stats.norm.cdf(-shift - 1.959964)
+  assert stats.paired_power(400, 1.0, 0.15) == pytest.approx(normal, abs=2e-3)
+
+
+def test_seeds_needed_reads_the_spread_of_the_measured_differences():
+  differences = [0.01, 0.05, 0.03, 0.02, 0.04]  # sample sd sqrt(0.001 / 4) = 0.0158
+  sd = np.sqrt(np.sum((np.array(differences) - 0.03) ** 2) / 4)
+  n = stats.seeds_needed(differences)
+  assert n == stats.seeds_needed(sd=sd) and stats.seeds_needed(differences, effect=-0.02) == n
+  assert stats.paired_power(n - 1, sd) < 0.8 <= stats.paired_power(n, sd)
+  # d = 0.02 / 0.0158 = 1.26: between the tabulated d = 1.0 (10 seeds) and d = 1.5 (6 seeds).
+  assert 6 <= n <= 10
+  with pytest.raises(ValueError, match='one of the two'):
+    stats.seeds_needed(differences, sd=0.01)
+  with pytest.raises(ValueError, match='at least two'):
+    stats.seeds_needed([0.02])
+
+
+def test_bootstrap_over_videos_can_leave_out_resamples_where_the_statistic_is_undefined():
+  per_video = np.array([0.3, np.nan, 0.5, 0.1, np.nan])  # e.g. videos without a positive clip
+  statistic = lambda idx: np.nanmean(per_video[idx]) if np.isfinite(per_video[idx]).any() else np.nan
+  value, low, high = stats.bootstrap_videos(statistic, 5, resamples=3000, seed=1, omit_undefined=True)
+  assert value == pytest.approx(0.3) and np.isfinite([low, high]).all()
+  draws = np.random.default_rng(2).integers(0, 5, size=(40000, 5))
+  defined = [statistic(d) for d in draws if np.isfinite(per_video[d]).any()]
+  np.testing.assert_allclose((low, high), np.percentile(defined, [2.5, 97.5]), atol=0.03)
+  # Without undefined resamples, the same interval as scipy's.
+  plain = lambda idx: np.nan_to_num(per_video)[idx].mean()
+  assert stats.bootstrap_videos(plain, 5, seed=3, omit_undefined=True) == pytest.approx(
+    stats.bootstrap_videos(plain, 5, seed=3)
+  )
