@@ -19,14 +19,11 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from iaca_jax import cli, distributed, evaluate_lib, reports, runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  'config', 'configs/default.py', 'The training configuration.', lock_config=True
-)
+cli.define_config_flag('configs/default.py', 'The training configuration.')
 flags.DEFINE_string('workdir', None, 'The training run to evaluate.', required=True)
 flags.DEFINE_string('output_dir', None, 'Where results are written (default <workdir>/eval).')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint to load.')

@@ -11,12 +11,11 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from iaca_jax import cli, distributed, runtime, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training configuration.', lock_config=True)
+cli.define_config_flag('configs/default.py', 'Training configuration.')
 flags.DEFINE_string(
   'workdir', None, 'Directory for checkpoints, TensorBoard logs and results.', required=True
 )

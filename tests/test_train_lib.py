@@ -254,6 +254,47 @@ def test_user_mistakes_end_in_one_line_before_any_work(tmp_path):
   assert not (tmp_path / 'run').exists()  # nothing written for a bad config
 
 
+# Unknown `--config.` fields, with and without --config (ml_collections reads the default file when the
+# flag is defined, at import), each parsed as train.py parses its command line.
+UNKNOWN_FIELDS = r"""
+import sys
+from absl import flags
+cases = [
+  [],
+  ['--config=configs/tiny.py', '--config.nosuch=1'],
+  ['--config=configs/tiny.py', '--config.nosuch.deeper=1'],
+  ['--config=configs/tiny.py', '--config.model.gating=none'],
+]
+sys.argv = ['train.py', '--workdir=/nonexistent', '--config.model.gatin=1']
+import train
+from iaca_jax import cli
+for args in cases:
+  argv = sys.argv = sys.argv[:2] + args if args else sys.argv
+  try:
+    cli.parse_flags(argv)
+    print('parsed: gating', flags.FLAGS.config.model.gating, file=sys.stderr, flush=True)
+  except SystemExit as e:
+    print('exit', e.code, file=sys.stderr, flush=True)
+  flags.FLAGS.unparse_flags()
+"""
+
+
+def test_an_unknown_config_field_is_one_clean_line_naming_it():
+  run = subprocess.run(
+    [sys.executable, '-c', UNKNOWN_FIELDS], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  lines = [line for line in run.stderr.splitlines() if line.startswith(('error:', 'exit', 'parsed'))]
+  assert lines == [
+    "error: unknown config field 'model.gatin'; did you mean 'model.gating'? (see --helpfull)",
+    'exit 2',
+    "error: unknown config field 'nosuch' (see --helpfull)",
+    'exit 2',
+    "error: unknown config field 'nosuch.deeper': there is no 'nosuch' (see --helpfull)",
+    'exit 2',
+    'parsed: gating none',  # 'none' is a value of gating, not an unset optional field
+  ], run.stderr[-3000:]
+
+
 STOPPED_RUN = """
 import sys
 import numpy as np
