@@ -36,6 +36,14 @@ def check_writable_dir(path: str, what: str = 'workdir') -> str:
   return path
 
 
+def remove_if_empty(path: str) -> None:
+  """Removes the folder `path` if it holds nothing (made by `check_writable_dir` for a refused run)."""
+  try:
+    os.rmdir(path)
+  except OSError:  # not empty (the run wrote something), or gone
+    pass
+
+
 def run_reporting_user_errors(fn: Callable[[], object]) -> object:
   """Calls `fn`; a user error ends the process with one line on stderr and exit status 1."""
   try:

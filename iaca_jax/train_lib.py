@@ -101,7 +101,7 @@ def train_step(
   state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jax.Array, *, model: IACAModel
 ) -> tuple[TrainState, dict]:
   """One AdamW step on the global batch. A non-finite loss or gradient leaves the state unchanged
-  (the host stops at the next check with the last good checkpoint intact)."""
+  (the host stops at the next check, before any checkpoint of a later state)."""
   rng = jax.random.fold_in(rng, state.step)
   mutable = ['batch_stats'] if state.batch_stats and not model.freeze_encoders else False
 
@@ -302,9 +302,14 @@ def check_finite(step_metrics: dict, step: int) -> None:
     cause = 'a non-finite loss, gradient, update or parameter (lower the learning rate)'
   norms = ', '.join(f'{k}={step_metrics.get(k)}' for k in ('loss', 'grad_norm', 'update_norm'))
   where = f' in replica(s) {np.flatnonzero(~finite).tolist()}' if finite.ndim else ''
-  raise FloatingPointError(
-    f'Non-finite step {step}{where}: {cause} ({norms}). Training stopped; the last good checkpoint is intact.'
-  )
+  raise FloatingPointError(f'Non-finite step {step}{where}: {cause} ({norms}). Training stopped')
+
+
+def checkpoint_note(step: int | None, workdir: str) -> str:
+  """What a stopped run leaves: its newest complete checkpoint, or none."""
+  if step is None:
+    return f'no checkpoint was written (workdir {workdir})'
+  return f'the last complete checkpoint is step {step} (workdir {workdir})'
 
 
 def abstract_like(tree, sharding: NamedSharding):
@@ -338,12 +343,12 @@ def create_train_state(config, model: IACAModel, data: DataSource, trainer: Trai
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains with periodic validation and checkpoints; resumes from `workdir` if it holds a run.
 
+  Nothing is written to `workdir` before the run is set up (data opened, converted weights checked,
+  state built): a refused run leaves nothing behind.
+
   Returns the best validation metrics and where the best checkpoint is.
   """
   distributed.initialize(config)  # the entry points have done it already
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
   trainer = create_trainer(config)
   model = trainer.model
   data = DataSource(config, trainer.batch_share())
@@ -353,10 +358,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if training.max_steps is not None:
     total_steps = min(total_steps, training.max_steps)
   tx = make_optimizer(config, steps_per_epoch)
-  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), training.keep_checkpoints)
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  # Opened only if there: Orbax creates the folders, which a new run makes once its state exists.
+  checkpoints = (
+    Checkpoints(checkpoint_dir, training.keep_checkpoints) if os.path.isdir(checkpoint_dir) else None
+  )
   meta = validation.initial_meta(config.replicas.count)
   restored = best_state = None  # best_state: each replica at its best validation (replicas only)
-  if checkpoints.latest_step() is not None:
+  if checkpoints is not None and checkpoints.latest_step() is not None:
     abstract = abstract_train_state(config, trainer, data.input_shapes(), tx)
     restored = checkpoints.restore(abstract)
     if config.replicas.count > 1 and checkpoints.latest_step(best=True) is not None:
@@ -366,6 +375,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.warning('Resumed from step %d in %s.', int(np.max(state.step)), workdir)
   else:
     state = create_train_state(config, model, data, trainer, tx)
+    checkpoints = checkpoints or Checkpoints(checkpoint_dir, training.keep_checkpoints)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
   writer = create_metric_writer(workdir)
   schedule = learning_rate_schedule(config, steps_per_epoch)
   step = int(np.max(distributed.fetch(state.step)))
@@ -436,6 +449,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             best_state = trainer.select_replicas(improved, state, old)
           save(step, best=True)
         save(step)
+  except FloatingPointError as e:  # a rejected step: say what the run leaves, once the saves are done
+    checkpoints.wait()
+    raise FloatingPointError(f'{e}; {checkpoint_note(checkpoints.latest_step(), workdir)}.') from None
   finally:  # also when a step fails: a save in flight completes (its state passed the check)
     progress.close()
     checkpoints.wait()

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from iaca_jax import data_source, kernel_choice, models, train_lib
+from iaca_jax import data_source, kernel_choice, models, pretrained, train_lib
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.cpu_kernels import cpu_kernels
 
@@ -295,6 +295,37 @@ def test_an_unknown_config_field_is_one_clean_line_naming_it():
   ], run.stderr[-3000:]
 
 
+def converted_weights_for_other_settings(path) -> str:
+  """A converted-weights directory whose conversion.json asks for features=999."""
+  weights = {'params': {'joint_temporal': {'linear': {'kernel': np.ones((2, 2), np.float32)}}}}
+  return pretrained.save_converted(weights, str(path), metadata={'model_config': {'features': 999}})
+
+
+def test_a_run_refused_for_its_converted_weights_leaves_nothing_behind(cached, tmp_path):
+  converted = converted_weights_for_other_settings(tmp_path / 'converted')
+  workdir = tmp_path / 'new_run'
+  cmd = [sys.executable, 'train.py', '--config', 'configs/tiny.py', '--workdir', str(workdir)]
+  cmd += [f'--config.dataset.{k}={cached.dataset[k]}' for k in ('data_dir', 'features_dir')]
+  run = subprocess.run([*cmd, f'--config.pretrained={converted}'], cwd=REPO, capture_output=True, text=True)
+  assert run.returncode == 1, run.stderr[-2000:]
+  assert (
+    run.stderr.strip()
+    .splitlines()[-1]
+    .startswith(
+      f'error: The converted weights in {converted} were made for other model settings: features=16'
+    )
+  ), run.stderr[-2000:]
+  assert not workdir.exists()  # train.py made it, and removed it again
+  mine = tmp_path / 'my_run'  # a folder the user had: kept as it was
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('mine')
+  config = cached
+  config.pretrained = converted
+  with pytest.raises(pretrained.ConversionError, match='other model settings'):
+    train_lib.train_and_evaluate(config, str(mine))
+  assert os.listdir(mine) == ['notes.txt']
+
+
 STOPPED_RUN = """
 import sys
 import numpy as np
@@ -325,7 +356,28 @@ def test_a_run_stopped_by_a_bad_step_keeps_the_checkpoint_saved_before_it(cached
   args = [sys.executable, '-c', STOPPED_RUN, config.dataset.data_dir, config.dataset.features_dir, workdir]
   run = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert run.returncode != 0 and 'Non-finite step 3' in run.stderr, run.stderr[-2000:]
+  assert f'the last complete checkpoint is step 2 (workdir {workdir})' in run.stderr, run.stderr[-2000:]
   latest = os.path.join(workdir, 'checkpoints', 'latest')
   assert sorted(os.listdir(latest)) == ['2'], os.listdir(latest)  # complete, nothing temporary
   step, params = final_params(workdir)
   assert step == 2 and all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_a_non_finite_first_step_says_that_no_checkpoint_was_written(cached, tmp_path, monkeypatch):
+  config = cached
+  config.training.max_steps = 2
+  prefetch_to_devices = train_lib.prefetch_to_devices
+
+  def with_nan_in_first_batch(batches, *args):
+    batches = (
+      dict(b, audio_features=b['audio_features'] * np.nan) if i == 0 else b for i, b in enumerate(batches)
+    )
+    return prefetch_to_devices(batches, *args)
+
+  monkeypatch.setattr(train_lib, 'prefetch_to_devices', with_nan_in_first_batch)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(FloatingPointError) as stopped:
+    train_lib.train_and_evaluate(config, workdir)
+  assert 'Non-finite step 1' in str(stopped.value)
+  assert str(stopped.value).endswith(f'Training stopped; no checkpoint was written (workdir {workdir}).')
+  assert not os.listdir(os.path.join(workdir, 'checkpoints', 'latest'))
