@@ -15,7 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_dict import FieldReference
 
-from iaca_jax import run_config
+from iaca_jax import interrupts, run_config
 
 # Errors that a user's input or setting causes (DataError and ConversionError are ValueErrors). They are
 # reported as `error: <message>` with exit status 1; anything else is a bug and keeps its traceback.
@@ -45,9 +45,13 @@ def remove_if_empty(path: str) -> None:
 
 
 def run_reporting_user_errors(fn: Callable[[], object]) -> object:
-  """Calls `fn`; a user error ends the process with one line on stderr and exit status 1."""
+  """Calls `fn`; a user error ends the process with one line on stderr and exit status 1, a stop on
+  request (Ctrl-C, SIGTERM) with its line and 128 + the signal."""
   try:
     return fn()
+  except interrupts.Interrupted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_status)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)

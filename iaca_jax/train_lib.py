@@ -26,7 +26,7 @@ from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from iaca_jax import distributed, losses, pretrained, validation
+from iaca_jax import distributed, interrupts, losses, pretrained, validation
 from iaca_jax import replicas as replicas_lib
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.data_source import DataSource
@@ -344,10 +344,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains with periodic validation and checkpoints; resumes from `workdir` if it holds a run.
 
   Nothing is written to `workdir` before the run is set up (data opened, converted weights checked,
-  state built): a refused run leaves nothing behind.
+  state built): a refused run leaves nothing behind. Ctrl-C or SIGTERM stop it after the current
+  step, saved (`iaca_jax.interrupts`), with `interrupts.Interrupted`.
 
   Returns the best validation metrics and where the best checkpoint is.
   """
+  with interrupts.StopRequest() as stop:
+    return _train(config, workdir, stop)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: interrupts.StopRequest) -> dict:
   distributed.initialize(config)  # the entry points have done it already
   trainer = create_trainer(config)
   model = trainer.model
@@ -381,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
   writer = create_metric_writer(workdir)
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  step = int(np.max(distributed.fetch(state.step)))
+  step = first_step = int(np.max(distributed.fetch(state.step)))
   base_rng = trainer.replicate(dropout_keys(config))
   in_flight = collections.deque()  # losses of the steps dispatched and maybe not yet done
   report_progress = periodic_actions.ReportProgress(
@@ -416,8 +422,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flush(step_now)  # never checkpoint a state that went through a non-finite step
     checkpoints.save(step_now, best_state if best and best_state is not None else state, meta, best=best)
 
+  stopping = False
   try:
-    while step < total_steps:
+    while step < total_steps and not stopping:
+      if stop.pending():  # a request that came before this epoch's first step (setup, validation)
+        stopping = True
+        break
       epoch, offset = divmod(step, steps_per_epoch)
       batches = data.train_batches(epoch=epoch, start_batch=offset)
       for device_batch in prefetch_to_devices(batches, trainer.shard_batch, config.dataset.prefetch_batches):
@@ -434,10 +444,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           save(step)
         if step >= total_steps:
           break
+        if stop.after_step(step):
+          stopping = True
+          break
       epoch_done = (
         step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.evaluation.every_epochs == 0
       )
-      if epoch_done or step >= total_steps:
+      if epoch_done or step >= total_steps:  # also when stopping here: a resumed run would skip it
         flush(step)
         scores = validation.evaluate_state(trainer, state, data, config.dataset.eval_split)
         writer.write_scalars(step, validation.scalars(scores))
@@ -449,14 +462,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             best_state = trainer.select_replicas(improved, state, old)
           save(step, best=True)
         save(step)
+    if stopping and step > first_step:
+      save(step)
   except FloatingPointError as e:  # a rejected step: say what the run leaves, once the saves are done
     checkpoints.wait()
     raise FloatingPointError(f'{e}; {checkpoint_note(checkpoints.latest_step(), workdir)}.') from None
   finally:  # also when a step fails: a save in flight completes (its state passed the check)
     progress.close()
     checkpoints.wait()
+    last_checkpoint = checkpoints.latest_step()
     checkpoints.close()
     writer.close()
+  if stopping:
+    raise interrupts.Interrupted(
+      f'{stop.reason()} at step {step}; {checkpoint_note(last_checkpoint, workdir)}. '
+      'Rerun the same command to continue.',
+      stop.exit_status(),
+    )
   result = dict(meta, steps=step, workdir=workdir, replicas=config.replicas.count)
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, 'train_result.json'), json.dumps(result, indent=1, default=float))

@@ -5,8 +5,11 @@ schedule; the loss falls; a resumed run equals an uninterrupted one."""
 import collections
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -381,3 +384,43 @@ def test_a_non_finite_first_step_says_that_no_checkpoint_was_written(cached, tmp
   assert 'Non-finite step 1' in str(stopped.value)
   assert str(stopped.value).endswith(f'Training stopped; no checkpoint was written (workdir {workdir}).')
   assert not os.listdir(os.path.join(workdir, 'checkpoints', 'latest'))
+
+
+def completed_steps(workdir):
+  latest = os.path.join(workdir, 'checkpoints', 'latest')
+  return sorted(int(d) for d in os.listdir(latest) if d.isdigit()) if os.path.isdir(latest) else []
+
+
+@pytest.mark.heavy
+def test_ctrl_c_stops_training_after_the_step_and_saves_it(cached, tmp_path):
+  workdir = str(tmp_path / 'run')
+  cmd = [sys.executable, 'train.py', '--config', 'configs/tiny.py', '--workdir', workdir]
+  cmd += [f'--config.dataset.{k}={cached.dataset[k]}' for k in ('data_dir', 'features_dir')]
+  cmd += ['--config.training.num_epochs=100', '--config.training.checkpoint_every_steps=2']
+  log_path = tmp_path / 'train.log'
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 300
+    while not completed_steps(workdir):  # it is stepping
+      assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+  finally:
+    proc.kill()
+  output = log_path.read_text()
+  assert proc.returncode == 130, output[-3000:]
+  assert 'Traceback' not in output and 'Exception ignored' not in output, output[-3000:]
+  last = output.strip().splitlines()[-1]
+  stopped = re.fullmatch(
+    r'interrupted \(SIGINT\) at step (\d+); the last complete checkpoint is step (\d+) '
+    rf'\(workdir {re.escape(workdir)}\)\. Rerun the same command to continue\.',
+    last,
+  )
+  assert stopped, output[-3000:]
+  step = int(stopped.group(1))
+  assert int(stopped.group(2)) == step == max(completed_steps(workdir))  # saved where it stopped
+  assert not [d for d in os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) if not d.isdigit()]
+  restored, params = final_params(workdir)  # what a rerun resumes from (test_resumed_run_equals_...)
+  assert restored == step and all(np.isfinite(p).all() for p in jax.tree.leaves(params))
