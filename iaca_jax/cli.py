@@ -10,12 +10,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+import jax
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_dict import FieldReference
 
-from iaca_jax import interrupts, run_config
+from iaca_jax import distributed, interrupts, run_config
 
 # Errors that a user's input or setting causes (DataError and ConversionError are ValueErrors). They are
 # reported as `error: <message>` with exit status 1; anything else is a bug and keeps its traceback.
@@ -46,15 +47,22 @@ def remove_if_empty(path: str) -> None:
 
 def run_reporting_user_errors(fn: Callable[[], object]) -> object:
   """Calls `fn`; a user error ends the process with one line on stderr and exit status 1, a stop on
-  request (Ctrl-C, SIGTERM) with its line and 128 + the signal."""
+  request (Ctrl-C, SIGTERM) with its line and 128 + the signal, a collective that lost another
+  process of a multi-process run with one line and exit status 1."""
   try:
     return fn()
   except interrupts.Interrupted as e:
     print(e, file=sys.stderr, flush=True)
-    sys.exit(e.exit_status)
+    distributed.leave(e.exit_status)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    distributed.leave(1)
+  except jax.errors.JaxRuntimeError as e:
+    message = distributed.lost_peer_message(e)
+    if message is None:
+      raise
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    distributed.leave(1)
 
 
 _default_config: dict[str, str] = {}  # flag name -> the config file used when it is not given
