@@ -181,4 +181,16 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     for group in groups:
       holder = holder[group]
     holder[name] = None
+  _unset_overrides[:] = [arg.removeprefix('--config.').partition('=')[0] for arg in unset]
   return remaining
+
+
+_unset_overrides: list[str] = []  # the fields `parse_flags` unset (`--config.<key>=None`)
+
+
+def config_overrides() -> dict[str, object]:
+  """The `--config.<key>=<value>` of the command line `parse_flags` read: {key: value}, None for an
+  unset optional field."""
+  overrides = dict(flags.FLAGS['config'].override_values) if 'config' in flags.FLAGS else {}
+  overrides.update(dict.fromkeys(_unset_overrides))
+  return overrides
