@@ -11,14 +11,11 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from iaca_jax import cli, distributed, feature_cache, runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  'config', 'configs/synthetic_demo.py', 'Config whose encoders to cache.', lock_config=True
-)
+cli.define_config_flag('configs/synthetic_demo.py', 'Config whose encoders to cache.')
 
 
 def main(argv):

@@ -9,8 +9,10 @@ r"""Evaluates a trained IACA model. Thin entry point; the logic is in iaca_jax/e
 A run of K replicas (--config.replicas.count=K, as trained) is scored replica by replica, with the mean
 and its 95% t-interval over replicas; its submission file holds the replicas' mean prediction.
 
-Use the same --config and overrides as for training. Results go to --output_dir (default
-<workdir>/eval).
+The settings are the run's, recorded in <workdir>/config.json; --config.<key> overrides may change what
+is evaluated and how (the dataset, its data_dir and features_dir, batch_size, eval_split, model.kernels,
+model.dtype); one that would build another model (a model setting, replicas.count) is an error. Results
+go to --output_dir (default <workdir>/eval).
 """
 
 import builtins
@@ -19,14 +21,11 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from iaca_jax import cli, distributed, evaluate_lib, reports, runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  'config', 'configs/default.py', 'The training configuration.', lock_config=True
-)
+cli.define_config_flag('configs/default.py', 'The training configuration.')
 flags.DEFINE_string('workdir', None, 'The training run to evaluate.', required=True)
 flags.DEFINE_string('output_dir', None, 'Where results are written (default <workdir>/eval).')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint to load.')
@@ -62,8 +61,11 @@ def main(argv):
 def evaluate():
   print = builtins.print if distributed.is_main_process() else lambda *args: None  # process 0 reports
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'eval')
-  split = FLAGS.split or FLAGS.config.dataset.eval_split
-  evaluator = evaluate_lib.Evaluator(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.protocol)
+  config, notes = evaluate_lib.run_settings(FLAGS.workdir, FLAGS.config, cli.config_overrides())
+  for note in notes:
+    print(f'note: {note}')
+  split = FLAGS.split or config.dataset.eval_split
+  evaluator = evaluate_lib.Evaluator(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.protocol)
   steps = evaluator.steps if evaluator.replicas > 1 else evaluator.step
   print(f'Restored the {FLAGS.checkpoint} checkpoint (step {steps}) from {FLAGS.workdir}.')
   scores = evaluate_lib.score_split(evaluator, split, output_dir)

@@ -22,6 +22,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from configs import default  # noqa: E402
 from iaca_jax import cli, face_video, faces, predict_lib, predict_outputs, runtime  # noqa: E402
+from iaca_jax.preprocessing.errors import reason  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A training run, or a directory of converted weights.', required=True)
@@ -91,7 +92,7 @@ class PredictFailed(ValueError):
 
 
 def report_failure(error: Exception) -> str:
-  message = str(error)
+  message = reason(error)
   print(f'error: {message}', file=sys.stderr, flush=True)
   return message
 

@@ -11,12 +11,11 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from iaca_jax import cli, distributed, runtime, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training configuration.', lock_config=True)
+cli.define_config_flag('configs/default.py', 'Training configuration.')
 flags.DEFINE_string(
   'workdir', None, 'Directory for checkpoints, TensorBoard logs and results.', required=True
 )
@@ -27,8 +26,13 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   cli.run_reporting_user_errors(lambda: distributed.initialize(FLAGS.config))  # before any device use
+  new = not os.path.exists(os.path.expanduser(FLAGS.workdir))
   workdir = cli.run_reporting_user_errors(lambda: cli.check_writable_dir(FLAGS.workdir))
-  result = cli.run_reporting_user_errors(lambda: train_lib.train_and_evaluate(FLAGS.config, workdir))
+  try:
+    result = cli.run_reporting_user_errors(lambda: train_lib.train_and_evaluate(FLAGS.config, workdir))
+  finally:
+    if new:  # a run refused before it wrote anything leaves no empty workdir either
+      cli.remove_if_empty(workdir)
   logging.info('Best validation CCC_v + CCC_a = %.4f at step %d.', result['best_score'], result['best_step'])
 
 

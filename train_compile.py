@@ -20,13 +20,12 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from iaca_jax import cli, compile_report, runtime, topology  # noqa: E402
 from iaca_jax.fileio import atomic_write  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/tpu.py', 'Training configuration.', lock_config=True)
+cli.define_config_flag('configs/tpu.py', 'Training configuration.')
 flags.DEFINE_string(
   'topology', None, 'TPU slice, e.g. v5e:2x4, v5e:16x16, v4:2x2x2, v5p:4x4x8.', required=True
 )

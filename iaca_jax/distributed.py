@@ -12,11 +12,18 @@ On CPUs the cross-process collectives run over gloo (TCP). A process that stops 
 `config.cluster.timeout_s` seconds is declared dead and the others end with an error instead of
 waiting in a collective forever; the same bound applies to the shutdown barrier (joining waits at
 least 300 s for every process to start).
+
+When a process of the run dies, the others end with one `error: ...` line and exit status 1
+(`leave`, `_end_cleanly_on_abort`): a collective that fails, JAX's coordination client aborting the
+process (at once when process 0, the coordinator, is gone), or an error of this process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from typing import Any
 
 import jax
@@ -72,6 +79,74 @@ def initialize(config: ml_collections.ConfigDict) -> None:
     ) from e
   if not is_main_process():
     logging.set_verbosity(logging.ERROR)
+  if jax.process_count() > 1:
+    _end_cleanly_on_abort()
+    _leave_after_uncaught_exceptions()
+
+
+_leaving_with: int | None = None  # the exit status of a process on its way out (`leave`)
+_abort_handler = None  # the C callback of `_end_cleanly_on_abort`, kept alive
+
+
+def _end_cleanly_on_abort() -> None:
+  """JAX's coordination client ends a process whose coordinator or peer is lost with abort(): SIGABRT,
+  a C++ stack, "Fatal Python error: Aborted". jaxlib 0.10.2 has no hook for it that Python can use (a
+  Python `missed_heartbeat_callback` fails to receive its absl::Status and aborts all the same), so a
+  SIGABRT handler ends the process instead: JAX's message stays, followed by one line, exit status 1."""
+  global _abort_handler
+  where = f'process {jax.process_index()} of {jax.process_count()}'
+  coordinator = '' if is_main_process() else ', perhaps process 0 (the coordinator),'
+  message = (
+    f'\nerror: the JAX runtime stopped {where} (its message is above): another process{coordinator} died. '
+    'Rerun every process to resume from the last complete checkpoint.\n'
+  ).encode()
+
+  def on_abort(signum: int) -> None:
+    if _leaving_with is None:  # not already leaving on an error of its own, which was reported
+      os.write(2, message)
+    os._exit(_leaving_with or 1)
+
+  handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+  _abort_handler = handler_type(on_abort)
+  libc = ctypes.CDLL(None)
+  libc.signal.restype = ctypes.c_void_p
+  libc.signal.argtypes = (ctypes.c_int, handler_type)
+  libc.signal(signal.SIGABRT, _abort_handler)
+
+
+def _leave_after_uncaught_exceptions() -> None:
+  hook = sys.excepthook
+
+  def excepthook(*args) -> None:
+    hook(*args)
+    leave(1)
+
+  sys.excepthook = excepthook
+
+
+def leave(status: int) -> None:
+  """Ends the process with `status`. A process of a multi-process run that leaves early (an error, a
+  stop) skips JAX's shutdown barrier, which would wait for processes that may be waiting in a
+  collective for this one, and then abort."""
+  global _leaving_with
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if not jax.distributed.is_initialized() or jax.process_count() == 1:
+    sys.exit(status)
+  _leaving_with = status
+  os._exit(status)
+
+
+def lost_peer_message(error: Exception) -> str | None:
+  """One line for a collective that failed because another process of the run is gone, else None."""
+  text = str(error)
+  if jax.process_count() == 1 or not any(k in text for k in ('Gloo', 'peer', 'UNAVAILABLE', 'DEADLINE')):
+    return None
+  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  return (
+    f'process {jax.process_index()} of {jax.process_count()} lost another process of the run ({first}). '
+    'Rerun every process to resume from the last complete checkpoint.'
+  )
 
 
 def is_main_process() -> bool:

@@ -22,6 +22,7 @@ from iaca_jax import (
   metrics,
   replicas,
   reports,
+  run_config,
   stats,
   train_lib,
 )
@@ -30,6 +31,21 @@ from iaca_jax.fileio import atomic_write
 from iaca_jax.kernel_choice import build_model
 
 MISSING_AUDIO_FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+
+
+def run_settings(
+  workdir: str, given: ml_collections.ConfigDict, overrides: dict
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """The settings to evaluate the run in `workdir` with, and notes for the user: its recorded
+  config.json with the command line's evaluation settings (`run_config.for_evaluation`; ValueError
+  for other model settings), or for a run that recorded none, `given` (the command line's config)."""
+  path = os.path.join(workdir, train_lib.RUN_CONFIG_FILE)
+  if os.path.isfile(path):
+    return run_config.for_evaluation(run_config.read(path), given, overrides)
+  notes = []
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    notes.append(f'{workdir} has no {train_lib.RUN_CONFIG_FILE}: the settings are those of the command line')
+  return given, notes
 
 
 class Evaluator:
@@ -53,8 +69,16 @@ class Evaluator:
       raise missing
     checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
     abstract = train_lib.abstract_model_state(config, self.model, self.data, self.trainer)
-    restored = checkpoints.restore_part(abstract, best=which == 'best')
-    checkpoints.close()
+    try:
+      restored = checkpoints.restore_part(abstract, best=which == 'best')
+    except (TypeError, ValueError) as e:  # Orbax: another tree structure, or other shapes
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ValueError(
+        f'the {which} checkpoint in {workdir} does not fit the model these settings build ({reason}); '
+        'evaluate with the settings the run was trained with'
+      ) from None
+    finally:
+      checkpoints.close()
     if restored is None:
       raise missing
     parts, self.meta = restored

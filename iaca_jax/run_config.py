@@ -75,3 +75,111 @@ def read(path: str) -> ml_collections.ConfigDict:
   """The config recorded at `path` (a run's config.json), in the grouped layout."""
   with open(path) as f:
     return from_dict(json.load(f))
+
+
+# What evaluate.py takes from the command line over a run's recorded settings. A `--config.` key under
+# one of these may differ from the run's (what is evaluated, and how it is computed):
+EVALUATION_SETTINGS = (
+  'dataset.name',
+  'dataset.data_dir',
+  'dataset.eval_split',
+  'dataset.features_dir',
+  'dataset.features_dtype',
+  'dataset.batch_size',
+  'dataset.prefetch_batches',
+  'model.kernels',
+  'model.dtype',
+  'evaluation',
+  'cluster',
+)
+# ... these only train, and evaluation ignores them:
+TRAINING_SETTINGS = (
+  'seed',
+  'pretrained',
+  'dataset.train_split',
+  'dataset.jitter',
+  'dataset.shuffle_buffer',
+  'optimizer',
+  'schedule',
+  'training',
+  'replicas.first',
+  'replicas.shard',
+)
+# ... and every other one (the model's settings, replicas.count) builds the model the checkpoint fits.
+
+
+def _under(key: str, settings: tuple[str, ...]) -> bool:
+  return any(key == s or key.startswith(s + '.') for s in settings)
+
+
+def _plain(value: Any) -> Any:
+  return list(value) if isinstance(value, tuple) else value
+
+
+def _get(tree: dict[str, Any], key: str) -> Any:
+  for name in key.split('.'):
+    tree = tree[name]
+  return tree
+
+
+def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+  *groups, name = key.split('.')
+  for group in groups:
+    tree = tree.setdefault(group, {})
+  tree[name] = value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+  out = dict(base)
+  for key, value in update.items():
+    out[key] = (
+      _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    )
+  return out
+
+
+def for_evaluation(
+  recorded: ml_collections.ConfigDict, given: ml_collections.ConfigDict, overrides: dict[str, Any]
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """The config to evaluate a run with: its `recorded` settings (fields it lacks, from an older
+  layout, from `given`), `given`'s cluster (this launch's processes) and the command line's
+  `overrides` ({key: value}) of `EVALUATION_SETTINGS`.
+
+  Raises ValueError naming every override that would build another model than the run's, with both
+  values; returns notes on the other overrides that differ from the run's settings (used or ignored).
+  """
+  run = recorded.to_dict()
+  config = _merge(given.to_dict(), {k: v for k, v in run.items() if k != 'cluster'})
+  config['cluster'] = given.cluster.to_dict()
+  conflicts, used, ignored = [], [], []
+  for key, value in sorted(overrides.items()):
+    if _under(key, ('cluster',)):  # this launch's, whatever the run's were
+      continue
+    try:
+      have = _get(run, key)
+    except (KeyError, TypeError):  # a field the run's config does not record
+      _set(config, key, value)
+      continue
+    if _plain(value) == _plain(have):
+      continue
+    difference = f'{key}={value!r} (the run: {have!r})'
+    if key == 'dataset.features_dir' and (value is None) != (have is None):
+      conflicts.append(difference)  # cached features or the encoders: another model input
+    elif _under(key, EVALUATION_SETTINGS):
+      _set(config, key, value)
+      used.append(difference)
+    elif _under(key, TRAINING_SETTINGS):
+      ignored.append(difference)
+    else:
+      conflicts.append(difference)
+  if conflicts:
+    raise ValueError(
+      f'the run was trained with other model settings than the command line gives: {", ".join(conflicts)}. '
+      "Its settings come from its config.json: leave these out or give the run's values"
+    )
+  notes = []
+  if used:
+    notes.append(f"evaluating with settings other than the run's: {', '.join(used)}")
+  if ignored:
+    notes.append(f'ignored (training only): {", ".join(ignored)}')
+  return ml_collections.ConfigDict(config), notes

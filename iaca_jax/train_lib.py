@@ -26,7 +26,7 @@ from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from iaca_jax import distributed, losses, pretrained, validation
+from iaca_jax import distributed, interrupts, losses, pretrained, validation
 from iaca_jax import replicas as replicas_lib
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.data_source import DataSource
@@ -101,7 +101,7 @@ def train_step(
   state: TrainState, batch: Mapping[str, jnp.ndarray], rng: jax.Array, *, model: IACAModel
 ) -> tuple[TrainState, dict]:
   """One AdamW step on the global batch. A non-finite loss or gradient leaves the state unchanged
-  (the host stops at the next check with the last good checkpoint intact)."""
+  (the host stops at the next check, before any checkpoint of a later state)."""
   rng = jax.random.fold_in(rng, state.step)
   mutable = ['batch_stats'] if state.batch_stats and not model.freeze_encoders else False
 
@@ -302,9 +302,14 @@ def check_finite(step_metrics: dict, step: int) -> None:
     cause = 'a non-finite loss, gradient, update or parameter (lower the learning rate)'
   norms = ', '.join(f'{k}={step_metrics.get(k)}' for k in ('loss', 'grad_norm', 'update_norm'))
   where = f' in replica(s) {np.flatnonzero(~finite).tolist()}' if finite.ndim else ''
-  raise FloatingPointError(
-    f'Non-finite step {step}{where}: {cause} ({norms}). Training stopped; the last good checkpoint is intact.'
-  )
+  raise FloatingPointError(f'Non-finite step {step}{where}: {cause} ({norms}). Training stopped')
+
+
+def checkpoint_note(step: int | None, workdir: str) -> str:
+  """What a stopped run leaves: its newest complete checkpoint, or none."""
+  if step is None:
+    return f'no checkpoint was written (workdir {workdir})'
+  return f'the last complete checkpoint is step {step} (workdir {workdir})'
 
 
 def abstract_like(tree, sharding: NamedSharding):
@@ -338,12 +343,18 @@ def create_train_state(config, model: IACAModel, data: DataSource, trainer: Trai
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains with periodic validation and checkpoints; resumes from `workdir` if it holds a run.
 
+  Nothing is written to `workdir` before the run is set up (data opened, converted weights checked,
+  state built): a refused run leaves nothing behind. Ctrl-C or SIGTERM stop it after the current
+  step, saved (`iaca_jax.interrupts`), with `interrupts.Interrupted`.
+
   Returns the best validation metrics and where the best checkpoint is.
   """
+  with interrupts.StopRequest() as stop:
+    return _train(config, workdir, stop)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: interrupts.StopRequest) -> dict:
   distributed.initialize(config)  # the entry points have done it already
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
   trainer = create_trainer(config)
   model = trainer.model
   data = DataSource(config, trainer.batch_share())
@@ -353,10 +364,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if training.max_steps is not None:
     total_steps = min(total_steps, training.max_steps)
   tx = make_optimizer(config, steps_per_epoch)
-  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), training.keep_checkpoints)
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  # Opened only if there: Orbax creates the folders, which a new run makes once its state exists.
+  checkpoints = (
+    Checkpoints(checkpoint_dir, training.keep_checkpoints) if os.path.isdir(checkpoint_dir) else None
+  )
   meta = validation.initial_meta(config.replicas.count)
   restored = best_state = None  # best_state: each replica at its best validation (replicas only)
-  if checkpoints.latest_step() is not None:
+  if checkpoints is not None and checkpoints.latest_step() is not None:
     abstract = abstract_train_state(config, trainer, data.input_shapes(), tx)
     restored = checkpoints.restore(abstract)
     if config.replicas.count > 1 and checkpoints.latest_step(best=True) is not None:
@@ -366,9 +381,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.warning('Resumed from step %d in %s.', int(np.max(state.step)), workdir)
   else:
     state = create_train_state(config, model, data, trainer, tx)
+    checkpoints = checkpoints or Checkpoints(checkpoint_dir, training.keep_checkpoints)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    atomic_write(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=1))
   writer = create_metric_writer(workdir)
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  step = int(np.max(distributed.fetch(state.step)))
+  step = first_step = int(np.max(distributed.fetch(state.step)))
   base_rng = trainer.replicate(dropout_keys(config))
   in_flight = collections.deque()  # losses of the steps dispatched and maybe not yet done
   report_progress = periodic_actions.ReportProgress(
@@ -403,8 +422,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flush(step_now)  # never checkpoint a state that went through a non-finite step
     checkpoints.save(step_now, best_state if best and best_state is not None else state, meta, best=best)
 
+  stopping = False
   try:
-    while step < total_steps:
+    while step < total_steps and not stopping:
+      if stop.pending():  # a request that came before this epoch's first step (setup, validation)
+        stopping = True
+        break
       epoch, offset = divmod(step, steps_per_epoch)
       batches = data.train_batches(epoch=epoch, start_batch=offset)
       for device_batch in prefetch_to_devices(batches, trainer.shard_batch, config.dataset.prefetch_batches):
@@ -421,10 +444,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           save(step)
         if step >= total_steps:
           break
+        if stop.after_step(step):
+          stopping = True
+          break
       epoch_done = (
         step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.evaluation.every_epochs == 0
       )
-      if epoch_done or step >= total_steps:
+      if epoch_done or step >= total_steps:  # also when stopping here: a resumed run would skip it
         flush(step)
         scores = validation.evaluate_state(trainer, state, data, config.dataset.eval_split)
         writer.write_scalars(step, validation.scalars(scores))
@@ -436,11 +462,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             best_state = trainer.select_replicas(improved, state, old)
           save(step, best=True)
         save(step)
+    if stopping and step > first_step:
+      save(step)
+  except FloatingPointError as e:  # a rejected step: say what the run leaves, once the saves are done
+    checkpoints.wait()
+    raise FloatingPointError(f'{e}; {checkpoint_note(checkpoints.latest_step(), workdir)}.') from None
   finally:  # also when a step fails: a save in flight completes (its state passed the check)
     progress.close()
     checkpoints.wait()
+    last_checkpoint = checkpoints.latest_step()
     checkpoints.close()
     writer.close()
+  if stopping:
+    raise interrupts.Interrupted(
+      f'{stop.reason()} at step {step}; {checkpoint_note(last_checkpoint, workdir)}. '
+      'Rerun the same command to continue.',
+      stop.exit_status(),
+    )
   result = dict(meta, steps=step, workdir=workdir, replicas=config.replicas.count)
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, 'train_result.json'), json.dumps(result, indent=1, default=float))

@@ -38,10 +38,12 @@ def test_evaluate_end_to_end_with_missing_audio_and_submission(one_epoch_run, ti
   changed = np.abs(clips['predictions'] - clean['predictions']).max(-1) > 1e-6
   assert changed[clips['silenced']].mean() > 0.9  # silencing reaches the model
   out = str(tmp_path / 'eval')
+  # The run's settings come from its config.json (configs/tiny.py reads no cached features): only what
+  # is evaluated, and how, may be changed (batch_size); a training setting is ignored, and said so.
   run = run_evaluate(
     workdir,
-    f'--config.dataset.data_dir={tiny.data_dir}',
-    f'--config.dataset.features_dir={config.dataset.features_dir}',
+    '--config.dataset.batch_size=16',
+    '--config.training.num_epochs=7',
     '--output_dir',
     out,
     '--missing_audio',
@@ -51,6 +53,10 @@ def test_evaluate_end_to_end_with_missing_audio_and_submission(one_epoch_run, ti
     '--attention_figure=syn003',
   )
   assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.splitlines()[:2] == [
+    "note: evaluating with settings other than the run's: dataset.batch_size=16 (the run: 8)",
+    'note: ignored (training only): training.num_epochs=7 (the run: 1)',
+  ], run.stdout
   scores = json.load(open(os.path.join(out, 'metrics_validation.json')))
   assert np.isfinite(scores['ccc_mean']) and scores['n_frames'] > 0
   sweep = json.load(open(os.path.join(out, 'missing_audio.json')))
@@ -70,3 +76,20 @@ def test_evaluate_without_a_checkpoint_is_one_line_and_writes_nothing(tmp_path):
   result = run_evaluate(str(workdir))
   assert result.returncode == 1 and 'error: No best checkpoint' in result.stderr, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr and os.listdir(workdir) == []
+
+
+def test_evaluate_with_other_model_settings_than_the_run_names_them_in_one_line(one_epoch_run, tmp_path):
+  run = run_evaluate(
+    one_epoch_run.workdir,
+    '--config.model.gating=none',
+    '--config.replicas.count=2',
+    '--output_dir',
+    str(tmp_path),
+  )
+  assert run.returncode == 1 and 'Traceback' not in run.stderr, run.stderr[-2000:]
+  assert run.stderr.strip().splitlines()[-1] == (
+    "error: the run was trained with other model settings than the command line gives: model.gating='none' "
+    "(the run: 'iaca'), replicas.count=2 (the run: 1). Its settings come from its config.json: leave these out "
+    "or give the run's values"
+  )
+  assert os.listdir(tmp_path) == []

@@ -1,7 +1,8 @@
 """Two real processes (4 fake CPU devices each, the coordinator on 127.0.0.1, gloo collectives):
 train.py trains exactly as one process on 8 devices and reports the same validation metrics; when
-one process dies the other ends by itself with a message; rerunning the same commands after a kill
-resumes to the same parameters; cache_features.py writes the same features as one process."""
+one process dies (process 1, or process 0, the coordinator) the other ends by itself with one line and
+exit status 1; rerunning the same commands after the kills resumes to the same parameters;
+cache_features.py writes the same features as one process."""
 
 import json
 import os
@@ -93,10 +94,26 @@ def final_params(workdir):
   return step, jax.tree.map(np.asarray, params['params'])
 
 
+def survivor_ends(proc, log_prefix, i):
+  """Process `i`, whose peer was killed, ends by itself soon: one line, exit status 1."""
+  killed_at = time.monotonic()
+  try:
+    proc.wait(timeout=3 * HEARTBEAT_S + 60)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail(f'process {i} still runs long after the other one died:\n{tail(log_prefix, i)}')
+  print(f'process {i} ended {time.monotonic() - killed_at:.1f} s after the other one died')
+  log = tail(log_prefix, i, chars=None)
+  assert proc.returncode == 1, log[-3000:]  # not killed by SIGABRT (-6)
+  assert log.strip().splitlines()[-1].startswith('error: '), log[-3000:]
+  assert log.strip().endswith('Rerun every process to resume from the last complete checkpoint.'), log[-3000:]
+  assert 'Fatal Python error' not in log and 'Traceback' not in log, log[-3000:]
+
+
 # Not marked heavy, although it is the longest test: it needs the shared one-epoch run, which another
 # worker builds at the start, and run first its worker only waited for it (~70 s); in file order it
 # starts once the run exists.
-def test_two_processes_train_as_one_and_resume_after_a_kill(one_epoch_run, tmp_path):
+def test_two_processes_train_as_one_and_resume_after_kills(one_epoch_run, tmp_path):
   config, one, reference = one_epoch_run.config, one_epoch_run.workdir, one_epoch_run.result  # 1 process
   assert jax.device_count() == 8
   overrides = {k: config.training[k] for k in ('num_epochs', 'checkpoint_every_steps', 'log_every_steps')}
@@ -115,17 +132,18 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(one_epoch_run, tmp_p
     assert time.monotonic() < deadline, 'no checkpoint written:\n' + tail(logs, 0)
     time.sleep(0.05)
   procs[1].kill()  # one process dies: the other must end by itself, with a message
-  killed_at = time.monotonic()
-  try:
-    procs[0].wait(timeout=3 * HEARTBEAT_S + 60)
-  except subprocess.TimeoutExpired:
-    procs[0].kill()
-    pytest.fail('process 0 still runs long after process 1 died:\n' + tail(logs, 0))
-  survivor = tail(logs, 0, chars=None)
-  assert procs[0].returncode != 0, survivor[-3000:]
-  assert 'another task died' in survivor, survivor[-3000:]  # JAX's message when a peer stops
-  print(f'process 0 ended {time.monotonic() - killed_at:.1f} s after process 1 died')
+  survivor_ends(procs[0], logs, 0)
   assert max(completed_checkpoints(two)) < total, 'the kill came after the end of the run'
+
+  # The same commands resume; now the coordinator (process 0) dies, once process 0 has resumed.
+  procs = start(args, str(tmp_path / 'again'))
+  deadline = time.monotonic() + RUN_TIMEOUT_S
+  while 'Resumed from step' not in tail(str(tmp_path / 'again'), 0, chars=None):
+    assert procs[0].poll() is None and procs[1].poll() is None, tail(str(tmp_path / 'again'), 0)
+    assert time.monotonic() < deadline, 'no resume:\n' + tail(str(tmp_path / 'again'), 0)
+    time.sleep(0.05)
+  procs[0].kill()
+  survivor_ends(procs[1], str(tmp_path / 'again'), 1)
 
   procs = start(args, str(tmp_path / 'rerun'))  # the same commands resume from the checkpoint
   wait_all(procs, str(tmp_path / 'rerun'))

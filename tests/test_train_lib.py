@@ -5,8 +5,11 @@ schedule; the loss falls; a resumed run equals an uninterrupted one."""
 import collections
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from iaca_jax import data_source, kernel_choice, models, train_lib
+from iaca_jax import data_source, kernel_choice, models, pretrained, train_lib
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.cpu_kernels import cpu_kernels
 
@@ -254,6 +257,78 @@ def test_user_mistakes_end_in_one_line_before_any_work(tmp_path):
   assert not (tmp_path / 'run').exists()  # nothing written for a bad config
 
 
+# Unknown `--config.` fields, with and without --config (ml_collections reads the default file when the
+# flag is defined, at import), each parsed as train.py parses its command line.
+UNKNOWN_FIELDS = r"""
+import sys
+from absl import flags
+cases = [
+  [],
+  ['--config=configs/tiny.py', '--config.nosuch=1'],
+  ['--config=configs/tiny.py', '--config.nosuch.deeper=1'],
+  ['--config=configs/tiny.py', '--config.model.gating=none'],
+]
+sys.argv = ['train.py', '--workdir=/nonexistent', '--config.model.gatin=1']
+import train
+from iaca_jax import cli
+for args in cases:
+  argv = sys.argv = sys.argv[:2] + args if args else sys.argv
+  try:
+    cli.parse_flags(argv)
+    print('parsed: gating', flags.FLAGS.config.model.gating, file=sys.stderr, flush=True)
+  except SystemExit as e:
+    print('exit', e.code, file=sys.stderr, flush=True)
+  flags.FLAGS.unparse_flags()
+"""
+
+
+def test_an_unknown_config_field_is_one_clean_line_naming_it():
+  run = subprocess.run(
+    [sys.executable, '-c', UNKNOWN_FIELDS], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  lines = [line for line in run.stderr.splitlines() if line.startswith(('error:', 'exit', 'parsed'))]
+  assert lines == [
+    "error: unknown config field 'model.gatin'; did you mean 'model.gating'? (see --helpfull)",
+    'exit 2',
+    "error: unknown config field 'nosuch' (see --helpfull)",
+    'exit 2',
+    "error: unknown config field 'nosuch.deeper': there is no 'nosuch' (see --helpfull)",
+    'exit 2',
+    'parsed: gating none',  # 'none' is a value of gating, not an unset optional field
+  ], run.stderr[-3000:]
+
+
+def converted_weights_for_other_settings(path) -> str:
+  """A converted-weights directory whose conversion.json asks for features=999."""
+  weights = {'params': {'joint_temporal': {'linear': {'kernel': np.ones((2, 2), np.float32)}}}}
+  return pretrained.save_converted(weights, str(path), metadata={'model_config': {'features': 999}})
+
+
+def test_a_run_refused_for_its_converted_weights_leaves_nothing_behind(cached, tmp_path):
+  converted = converted_weights_for_other_settings(tmp_path / 'converted')
+  workdir = tmp_path / 'new_run'
+  cmd = [sys.executable, 'train.py', '--config', 'configs/tiny.py', '--workdir', str(workdir)]
+  cmd += [f'--config.dataset.{k}={cached.dataset[k]}' for k in ('data_dir', 'features_dir')]
+  run = subprocess.run([*cmd, f'--config.pretrained={converted}'], cwd=REPO, capture_output=True, text=True)
+  assert run.returncode == 1, run.stderr[-2000:]
+  assert (
+    run.stderr.strip()
+    .splitlines()[-1]
+    .startswith(
+      f'error: The converted weights in {converted} were made for other model settings: features=16'
+    )
+  ), run.stderr[-2000:]
+  assert not workdir.exists()  # train.py made it, and removed it again
+  mine = tmp_path / 'my_run'  # a folder the user had: kept as it was
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('mine')
+  config = cached
+  config.pretrained = converted
+  with pytest.raises(pretrained.ConversionError, match='other model settings'):
+    train_lib.train_and_evaluate(config, str(mine))
+  assert os.listdir(mine) == ['notes.txt']
+
+
 STOPPED_RUN = """
 import sys
 import numpy as np
@@ -284,7 +359,68 @@ def test_a_run_stopped_by_a_bad_step_keeps_the_checkpoint_saved_before_it(cached
   args = [sys.executable, '-c', STOPPED_RUN, config.dataset.data_dir, config.dataset.features_dir, workdir]
   run = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert run.returncode != 0 and 'Non-finite step 3' in run.stderr, run.stderr[-2000:]
+  assert f'the last complete checkpoint is step 2 (workdir {workdir})' in run.stderr, run.stderr[-2000:]
   latest = os.path.join(workdir, 'checkpoints', 'latest')
   assert sorted(os.listdir(latest)) == ['2'], os.listdir(latest)  # complete, nothing temporary
   step, params = final_params(workdir)
   assert step == 2 and all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_a_non_finite_first_step_says_that_no_checkpoint_was_written(cached, tmp_path, monkeypatch):
+  config = cached
+  config.training.max_steps = 2
+  prefetch_to_devices = train_lib.prefetch_to_devices
+
+  def with_nan_in_first_batch(batches, *args):
+    batches = (
+      dict(b, audio_features=b['audio_features'] * np.nan) if i == 0 else b for i, b in enumerate(batches)
+    )
+    return prefetch_to_devices(batches, *args)
+
+  monkeypatch.setattr(train_lib, 'prefetch_to_devices', with_nan_in_first_batch)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(FloatingPointError) as stopped:
+    train_lib.train_and_evaluate(config, workdir)
+  assert 'Non-finite step 1' in str(stopped.value)
+  assert str(stopped.value).endswith(f'Training stopped; no checkpoint was written (workdir {workdir}).')
+  assert not os.listdir(os.path.join(workdir, 'checkpoints', 'latest'))
+
+
+def completed_steps(workdir):
+  latest = os.path.join(workdir, 'checkpoints', 'latest')
+  return sorted(int(d) for d in os.listdir(latest) if d.isdigit()) if os.path.isdir(latest) else []
+
+
+@pytest.mark.heavy
+def test_ctrl_c_stops_training_after_the_step_and_saves_it(cached, tmp_path):
+  workdir = str(tmp_path / 'run')
+  cmd = [sys.executable, 'train.py', '--config', 'configs/tiny.py', '--workdir', workdir]
+  cmd += [f'--config.dataset.{k}={cached.dataset[k]}' for k in ('data_dir', 'features_dir')]
+  cmd += ['--config.training.num_epochs=100', '--config.training.checkpoint_every_steps=2']
+  log_path = tmp_path / 'train.log'
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 300
+    while not completed_steps(workdir):  # it is stepping
+      assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+  finally:
+    proc.kill()
+  output = log_path.read_text()
+  assert proc.returncode == 130, output[-3000:]
+  assert 'Traceback' not in output and 'Exception ignored' not in output, output[-3000:]
+  last = output.strip().splitlines()[-1]
+  stopped = re.fullmatch(
+    r'interrupted \(SIGINT\) at step (\d+); the last complete checkpoint is step (\d+) '
+    rf'\(workdir {re.escape(workdir)}\)\. Rerun the same command to continue\.',
+    last,
+  )
+  assert stopped, output[-3000:]
+  step = int(stopped.group(1))
+  assert int(stopped.group(2)) == step == max(completed_steps(workdir))  # saved where it stopped
+  assert not [d for d in os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) if not d.isdigit()]
+  restored, params = final_params(workdir)  # what a rerun resumes from (test_resumed_run_equals_...)
+  assert restored == step and all(np.isfinite(p).all() for p in jax.tree.leaves(params))
