@@ -297,6 +297,23 @@ def write_json(path: str, obj: Any) -> None:
       os.remove(temporary)
 
 
+def git_commit(folder: str) -> str:
+  """The short commit of the checkout at `folder`."""
+  import subprocess
+
+  return subprocess.run(
+    ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=folder
+  ).stdout.strip()
+
+
+def finish(result: dict, out: str) -> None:
+  """Adds the load average and this checkout's commit to `result`, writes it to `out` and says so."""
+  result['load_average_after'] = load_average()
+  result['commit'] = git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  write_json(out, result)
+  print(f'Wrote {out}')
+
+
 def make_run(workdir: str, config) -> str:
   """A training workdir as train.py leaves it (config.json, an initial state as the best checkpoint)
   for predict.py: its speed and memory do not depend on the weights."""

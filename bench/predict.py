@@ -239,12 +239,7 @@ def main(argv):
   )
   result['paper'] = paper
   print(f'paper: {json.dumps(paper)}', flush=True)
-  result['load_average_after'] = common.load_average()
-  result['commit'] = subprocess.run(
-    ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT
-  ).stdout.strip()
-  common.write_json(FLAGS.out, result)
-  print(f'Wrote {FLAGS.out}')
+  common.finish(result, FLAGS.out)
 
 
 if __name__ == '__main__':

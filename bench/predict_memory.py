@@ -154,9 +154,7 @@ def main(argv):
     'machine': common.machine(),
     'load_average_before': common.load_average(),
     'checkout': FLAGS.checkout,
-    'checkout_commit': subprocess.run(
-      ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=FLAGS.checkout
-    ).stdout.strip(),
+    'checkout_commit': common.git_commit(FLAGS.checkout),
     'video': f'{SIZE[0]}x{SIZE[1]} at {FLAGS.fps} fps',
     'memory': [],
   }
@@ -172,12 +170,7 @@ def main(argv):
     row.update(run_predict(run, path, os.path.join(work_dir, f'out_{minutes:g}min')))
     result['memory'].append(row)
     print(f'memory: {json.dumps(row)}', flush=True)
-  result['load_average_after'] = common.load_average()
-  result['commit'] = subprocess.run(
-    ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT
-  ).stdout.strip()
-  common.write_json(FLAGS.out, result)
-  print(f'Wrote {FLAGS.out}')
+  common.finish(result, FLAGS.out)
 
 
 if __name__ == '__main__':
