@@ -633,8 +633,8 @@ def test_worker_and_beam_builds_give_the_one_process_builds_examples_counts_and_
   samples[:1000] = np.nan
   sf.write(os.path.join(raw, 'raw_videos', 'syn000.wav'), samples, 44_100, subtype='FLOAT')
   expected = (
-    'syn000_left: the clip ending at frame 1 has non-finite audio samples (the decoded track holds NaN '
-    'or infinity)'
+    'syn000_left: the window of frames 1-65 (the clip ending at frame 1) has non-finite audio samples: '
+    f'the track decoded from {os.path.join(raw, "raw_videos", "syn000.wav")} holds NaN or infinity'
   )
   for name, options in (
     ('plain2', {}),
