@@ -84,8 +84,8 @@ def summary(path: str, prediction: VideoPrediction, written: Sequence[str], outp
     f'{path}: {n} frames ({n / prediction.faces.fps:.1f} s), face in {face.mean():.1%}, '
     f'sound in {audio.mean():.1%}; wrote {names} to {output_dir}'
   ]
-  if prediction.audio_message:
-    lines.append(f'  warning: {prediction.audio_message}')
+  if prediction.audio_message:  # it names the file, which the first line names already
+    lines.append(f'  warning: {prediction.audio_message.replace(prediction.faces.path, "the video")}')
   if 1 - face.mean() >= MOSTLY:
     lines.append(
       f'  warning: no face in {1 - face.mean():.0%} of the frames: their values come from the audio alone '
