@@ -183,15 +183,20 @@ def paired_comparisons(results: Sequence[dict], comparisons: Sequence[tuple]) ->
 def comparison_table(rows: Sequence[dict]) -> str:
   lines = [
     'Paired difference of the validation mean CCC over the shared seeds (replica k of both variants '
-    'has the same seed), mean [95% t-interval]; a claim is supported when the interval is above 0.',
+    'has the same seed), mean [95% t-interval]; a claim is supported when the interval is above 0. '
+    f'Seeds needed: how many seeds the paired t-test needs to detect a difference of '
+    f'{stats.EFFECT:+.2f} with {stats.POWER:.0%} power at the 5% level, given the spread of these '
+    'differences (`stats.seeds_needed`).',
     '',
-    '| comparison | difference | p (paired t) | replicas | at 95% |',
-    '|---|---|---|---|---|',
+    '| comparison | difference | p (paired t) | replicas | at 95% | seeds needed |',
+    '|---|---|---|---|---|---|',
   ]
   for row in rows:
+    sd = row.get('sd', float('nan'))
+    needed = stats.seeds_needed(sd=sd) if np.isfinite(sd) and sd > 0 else 'n/a'
     lines.append(
       f'| {row["label"]} | {stats.format_interval(row["mean"], row["low"], row["high"], signed=True)} | '
-      f'{row["p"]:.3f} | {row["n"]} | {row["verdict"]} |'
+      f'{row["p"]:.3f} | {row["n"]} | {row["verdict"]} | {needed} |'
     )
   return '\n'.join(lines) + '\n'
 

@@ -38,13 +38,15 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple
 def paired_difference(
   a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
 ) -> dict[str, float]:
-  """`t_interval` of a_k - b_k over replicas k, and the two-sided paired t-test's p-value."""
+  """`t_interval` of a_k - b_k over replicas k, the two-sided paired t-test's p-value and the
+  differences' standard deviation `sd`."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape:
     raise ValueError(f'paired_difference: {a.size} against {b.size} replicas; pair the same seeds')
   mean, low, high = t_interval(a - b, confidence)
   p = float(scipy.stats.ttest_rel(a, b).pvalue) if a.size >= 2 else float('nan')
-  return {'mean': mean, 'low': low, 'high': high, 'p': p, 'n': int(a.size)}
+  sd = float(np.std(a - b, ddof=1)) if a.size >= 2 else float('nan')
+  return {'mean': mean, 'low': low, 'high': high, 'p': p, 'n': int(a.size), 'sd': sd}
 
 
 def verdict(low: float, high: float) -> str:

@@ -114,6 +114,10 @@ def test_experiment_tables_pair_variants_by_seed_and_state_the_interval():
   assert (rows[0]['low'], rows[0]['high']) == pytest.approx((low, high)) and rows[0]['verdict'] == 'supported'
   table = experiments.comparison_table(rows)
   assert f'{d.mean():+.3f} [{low:+.3f}, {high:+.3f}]' in table and '95%' in table
+  # d's spread is ~0.005: far under the +0.02 to detect, so 80% power needs few seeds (hand-checked
+  # with the normal approximation: ((1.96 + 0.84) * 0.005 / 0.02)^2 = 0.5, the t-test's floor is 3-4).
+  assert table.splitlines()[-1].endswith(f'| 5 | supported | {stats.seeds_needed(sd=d.std(ddof=1))} |')
+  assert 3 <= stats.seeds_needed(sd=d.std(ddof=1)) <= 4
   assert '95% t-interval] over 5 replicas' in experiments.ablation_table(
     [{'name': r['name'], 'validation': r['validation']} for r in results]
   )
