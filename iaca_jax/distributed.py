@@ -32,6 +32,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from iaca_jax.preprocessing.errors import first_line
+
 ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
 ENV_PROCESS_ID = 'JAX_PROCESS_ID'
 
@@ -142,9 +144,9 @@ def lost_peer_message(error: Exception) -> str | None:
   text = str(error)
   if jax.process_count() == 1 or not any(k in text for k in ('Gloo', 'peer', 'UNAVAILABLE', 'DEADLINE')):
     return None
-  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
   return (
-    f'process {jax.process_index()} of {jax.process_count()} lost another process of the run ({first}). '
+    f'process {jax.process_index()} of {jax.process_count()} lost another process of the run '
+    f'({first_line(error)}). '
     'Rerun every process to resume from the last complete checkpoint.'
   )
 

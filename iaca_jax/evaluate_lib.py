@@ -29,6 +29,7 @@ from iaca_jax import (
 from iaca_jax.checkpoints import Checkpoints
 from iaca_jax.fileio import atomic_write
 from iaca_jax.kernel_choice import build_model
+from iaca_jax.preprocessing.errors import first_line
 
 MISSING_AUDIO_FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
@@ -72,9 +73,9 @@ class Evaluator:
     try:
       restored = checkpoints.restore_part(abstract, best=which == 'best')
     except (TypeError, ValueError) as e:  # Orbax: another tree structure, or other shapes
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise ValueError(
-        f'the {which} checkpoint in {workdir} does not fit the model these settings build ({reason}); '
+        f'the {which} checkpoint in {workdir} does not fit the model these settings build '
+        f'({first_line(e)}); '
         'evaluate with the settings the run was trained with'
       ) from None
     finally:

@@ -76,14 +76,6 @@ def raw_inputs(sample_rate: int, batch: int = 1) -> dict[str, np.ndarray]:
   }
 
 
-def _overlay(base: dict, update: dict) -> dict:
-  """`base` with every leaf of `update` put in place (nested dicts merged)."""
-  out = dict(base)
-  for key, value in update.items():
-    out[key] = _overlay(base[key], value) if isinstance(value, dict) and key in base else value
-  return out
-
-
 def _restore_run(config: ml_collections.ConfigDict, workdir: str, which: str) -> LoadedModel:
   """A training run: encoders as the run had them (restored, or for a cached-feature run the seeded
   initialisation and `config.pretrained` that `feature_cache` used), the rest from the checkpoint."""
@@ -106,7 +98,7 @@ def _restore_run(config: ml_collections.ConfigDict, workdir: str, which: str) ->
     raise PredictError(f'No {which} checkpoint under {workdir}/checkpoints: train first.')
   parts = jax.device_get(restored[0])
   trained = train_lib.model_variables(parts['params'], parts['frozen_params'], parts['batch_stats'])
-  variables = trainer.replicate(_overlay(variables, trained))
+  variables = trainer.replicate(run_config.merge(variables, trained))
   step = int(np.max(parts['step']))  # replicas: one step each
   return LoadedModel(config, trainer, variables, sample_rate, f'{workdir} ({which} checkpoint, step {step})')
 
@@ -222,10 +214,10 @@ def _run_model(
     item = examples.VideoInput(name, video.num_frames, video.fps, crops, audio, audio_path=video.path)
     windows_iter = examples.video_examples(item, settings, train=False, stats=examples.BuildStats())
     outputs = predict_split(model.trainer, model.variables, _batches(windows_iter, name, batch_size))
-    for _ in crop_iter:  # the frames after the last face: the bar reaches the end
-      pass
   finally:
-    crop_iter.close()
+    crop_iter.close()  # the frames after the last face need no second decoding
+  if progress is not None:
+    progress.update(progress.total - progress.n)
   audio.read_all()
   return outputs, stream, audio.silent_frames(SILENT_RMS)
 

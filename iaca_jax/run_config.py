@@ -129,11 +129,12 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> None:
   tree[name] = value
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+  """`base` with every leaf of `update` put in place (nested dicts merged)."""
   out = dict(base)
   for key, value in update.items():
     out[key] = (
-      _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+      merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     )
   return out
 
@@ -149,7 +150,7 @@ def for_evaluation(
   values; returns notes on the other overrides that differ from the run's settings (used or ignored).
   """
   run = recorded.to_dict()
-  config = _merge(given.to_dict(), {k: v for k, v in run.items() if k != 'cluster'})
+  config = merge(given.to_dict(), {k: v for k, v in run.items() if k != 'cluster'})
   config['cluster'] = given.cluster.to_dict()
   conflicts, used, ignored = [], [], []
   for key, value in sorted(overrides.items()):
