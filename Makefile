@@ -11,7 +11,7 @@ RESULTS ?= results/demo
 HOST_MALLOC ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615
 export GLIBC_TUNABLES = $(HOST_MALLOC)
 
-.PHONY: setup demo ablation lint format test bench clean
+.PHONY: setup demo ablation claims lint format test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,6 @@ clean:
 
 ablation: setup
 	$(PY) experiments.py --mode=ablation --results_dir=$(RESULTS)
+
+claims: setup
+	$(PY) experiments.py --mode=claims --results_dir=$(RESULTS)

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.rjca_iterations = 2
   config.model.cross_attention_dropout = 0.6
   config.model.gating = 'iaca'  # none | stage1 | iaca
-  config.model.stage2 = placeholder(str)  # gating='iaca' only: modality (None) | sum | iteration | raw
+  config.model.stage2 = placeholder(str)  # gating='iaca' only: modality (None) | mlp | sum | iteration | raw
   config.model.gate_temperature = 0.1
   config.model.stage2_temperature = placeholder(float)  # None: the same as gate_temperature
   config.model.head_hidden = 128

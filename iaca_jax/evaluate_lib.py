@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -113,6 +114,19 @@ class Evaluator:
   def score_each(self, split: str, **kwargs) -> list[dict]:
     """`metrics.score_clips` of every replica (a list of one for a plain run)."""
     return [metrics.score_clips(c, self.protocol) for c in self.predict_each(split, **kwargs)]
+
+
+def predict_each_intervened(
+  config: ml_collections.ConfigDict, workdir: str, split: str, interceptor: Callable
+) -> list[dict]:
+  """`Evaluator.predict_each` of the run's best checkpoint with `interceptor`
+  (`flax.linen.intercept_methods`) changing what the traced model computes: a counterfactual."""
+  train_lib.forget_compiled_steps()  # traced without the interceptor
+  try:
+    with nn.intercept_methods(interceptor):
+      return Evaluator(config, workdir, 'best').predict_each(split)
+  finally:
+    train_lib.forget_compiled_steps()  # traced with it
 
 
 def summarize(per_replica: list[dict]) -> dict:

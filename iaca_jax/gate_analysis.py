@@ -4,8 +4,11 @@
   missing; audio: noise, silence, inconsistent), read from the sidecar by (video, end frame);
 - `gate_aurocs`: how well each gate output separates the clips of each kind from the clean clips
   (AUROC, with a percentile bootstrap over videos);
+- `replica_gate_aurocs`: the same AUROCs of every replica (seed), with their t-interval over seeds;
 - `kind_differences`: the paired CCC difference of two variants over the frames of each kind, over
-  their shared seeds.
+  their shared seeds;
+- `scale_stage2_audio`: an interceptor that forces the stage-2 audio weight up or down, to ask
+  whether the loss would reward a gate that moved it (`evaluate_lib.predict_each_intervened`).
 
 The examples carry only one flag per modality (`corrupt_video`, `corrupt_audio`), so the kind of a
 clip comes from the sidecar with the build's rule (`corruptions.clip_corrupt`: at least half of
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
@@ -28,6 +32,20 @@ CLEAN = 'clean'
 # (the clip flag's modality, the sidecar's key, its kinds)
 MODALITIES = (('video', 'face', corruptions.FACE_KINDS), ('audio', 'audio', corruptions.AUDIO_KINDS))
 CORRUPT_FRAMES = corruptions.CLIP_CORRUPT_FRACTION * windows.FRAMES_PER_CLIP
+
+
+def scale_stage2_audio(scale: float):
+  """A `flax.linen.intercept_methods` interceptor: every stage-2 modality weight pair [w_a, w_v]
+  (`_Gate.modality_weights`) becomes [s w_a, w_v] / (s w_a + w_v)."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    weights = next_fun(*args, **kwargs)
+    if context.method_name != 'modality_weights':
+      return weights
+    audio, video = weights[..., :1] * scale, weights[..., 1:]
+    return jnp.concatenate([audio, video], axis=-1) / (audio + video)
+
+  return interceptor
 
 
 def mann_whitney_u(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -168,16 +186,36 @@ def gate_aurocs(
   return rows
 
 
-def gate_auroc_table(rows: Sequence[dict], clean: int, resamples: int = 2000) -> str:
-  """`gate_aurocs` rows as a Markdown table ('' without rows or gates); `clean`: the clean clips."""
+def replica_gate_aurocs(
+  each: Sequence[Mapping[str, np.ndarray]], groups: Mapping[str, np.ndarray]
+) -> list[dict]:
+  """As `gate_aurocs`, from every replica's clips (`each`, the same windows): per gate column label
+  the mean AUROC over the replicas and its 95% t-interval (the spread over seeds, where
+  `gate_aurocs` gives one model's spread over videos)."""
+  rows = []
+  for group, selected in groups.items():
+    if group == CLEAN:
+      continue
+    scored = selected | groups[CLEAN]
+    row = {
+      'clips': group,
+      'n': int(selected.sum()),
+      'videos': int(np.unique(_names(each[0])[selected.any(-1)]).size),
+    }
+    for key, index, label in gate_columns(each[0]):
+      values = [auroc(np.asarray(c[key][..., index])[scored], selected[scored]) for c in each]
+      row[label] = stats.t_interval(values)
+    rows.append(row)
+  return rows
+
+
+def _auroc_rows(rows: Sequence[dict], caption: str) -> str:
   labels = [k for k in (rows[0] if rows else {}) if k not in ('clips', 'n', 'videos')]
   if not labels:
     return ''
   lines = [
-    f'AUROC of each gate value separating the clips corrupted in one way from the {clean} clean clips '
-    '(none of their 32 frames corrupted in either modality), with the 95% percentile interval of a '
-    f'bootstrap over the validation videos ({resamples} resamples). Above 0.5 the value is higher on '
-    'the corrupted clips, below 0.5 lower; 0.5 does not separate them.',
+    caption + ' Above 0.5 the value is higher on the corrupted clips, below 0.5 lower; 0.5 does not '
+    'separate them.',
     '',
     '| corruption | clips | videos | ' + ' | '.join(labels) + ' |',
     '|---' * (len(labels) + 3) + '|',
@@ -186,6 +224,26 @@ def gate_auroc_table(rows: Sequence[dict], clean: int, resamples: int = 2000) ->
     cells = ' | '.join(stats.format_interval(*row[label]) for label in labels)
     lines.append(f'| {row["clips"]} | {row["n"]} | {row["videos"]} | {cells} |')
   return '\n'.join(lines) + '\n'
+
+
+def gate_auroc_table(rows: Sequence[dict], clean: int, resamples: int = 2000) -> str:
+  """`gate_aurocs` rows as a Markdown table ('' without rows or gates); `clean`: the clean clips."""
+  return _auroc_rows(
+    rows,
+    f'AUROC of each gate value separating the clips corrupted in one way from the {clean} clean clips '
+    '(none of their 32 frames corrupted in either modality), with the 95% percentile interval of a '
+    f'bootstrap over the validation videos ({resamples} resamples).',
+  )
+
+
+def replica_auroc_table(rows: Sequence[dict], clean: int, replicas: int) -> str:
+  """`replica_gate_aurocs` rows as a Markdown table."""
+  return _auroc_rows(
+    rows,
+    f'AUROC of each gate value separating the clips corrupted in one way from the {clean} clean clips '
+    f'(none of their 32 frames corrupted in either modality): mean [95% t-interval] over {replicas} '
+    'replicas (seeds).',
+  )
 
 
 def frame_subsets(

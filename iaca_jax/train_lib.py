@@ -229,6 +229,12 @@ def batch_share(mesh: Mesh, process_index: int) -> tuple[int, int]:
   return first // held, size // held
 
 
+def forget_compiled_steps() -> None:
+  """Drops the cached steps of `_jitted_steps`, for an analysis that traces the model under
+  `flax.linen.intercept_methods` (the cached steps were traced without it)."""
+  _jitted_steps.cache_clear()
+
+
 @functools.lru_cache(maxsize=16)
 def _jitted_steps(key: tuple, layout: replicas_lib.Layout) -> tuple[Callable, Callable, Callable | None]:
   """The jitted steps of (model, mesh devices, replicas): one per process, so that every Trainer of

@@ -204,3 +204,115 @@ def test_the_demo_writes_the_auroc_and_per_kind_tables_from_the_sidecar(tmp_path
     clips, each, str(tmp_path / 'absent.json'), 'IACA - no gate'
   )
   assert rows == {} and 'No ' in lines[0]
+
+
+def test_replica_gate_aurocs_give_each_seeds_auroc_and_their_t_interval():
+  rng = np.random.default_rng(6)
+  base = random_clips(rng)
+  kind = rng.random(base['end_frame'].shape)
+  groups = {'clean': kind < 0.5, 'audio: noise': kind > 0.7}
+  each = []
+  for shift in (0.1, 0.2, 0.25):
+    clips = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in base.items()}
+    clips['gate_modality'] = rng.random(base['gate_modality'].shape)
+    clips['gate_audio'] = rng.random(base['gate_audio'].shape)
+    clips['gate_modality'][groups['audio: noise'], 0] -= shift
+    each.append(clips)
+  (row,) = gate_analysis.replica_gate_aurocs(each, groups)
+  assert (row['clips'], row['n']) == ('audio: noise', int(groups['audio: noise'].sum()))
+  for key, column, label in (
+    ('gate_modality', 0, 'stage-2 audio weight'),
+    ('gate_audio', 1, 'stage-1 weight on the attended audio'),
+  ):
+    per_seed = [
+      brute_force_auroc(c[key][..., column][groups['audio: noise']], c[key][..., column][groups['clean']])
+      for c in each
+    ]
+    low, high = scipy.stats.t.interval(0.95, 2, loc=np.mean(per_seed), scale=scipy.stats.sem(per_seed))
+    assert row[label] == pytest.approx((np.mean(per_seed), low, high))
+  table = gate_analysis.replica_auroc_table([row], int(groups['clean'].sum()), 3)
+  assert 'over 3 replicas (seeds)' in table and '| audio: noise |' in table
+
+
+def test_the_claims_decide_each_kinds_difference_on_both_seed_sets(tmp_path, monkeypatch):
+  import experiments  # noqa: PLC0415 - the entry point's helpers, without running it
+
+  rng = np.random.default_rng(7)
+  clips = dict(tiny_clips(), **{k: v for k, v in random_clips(rng, 3, 1, 4).items() if k != 'video_name'})
+  clips['end_frame'] = tiny_clips()['end_frame']
+
+  class Predicted:  # an Evaluator's per-replica clips, 4 replicas
+    protocol, config = 'challenge', None
+
+    def __init__(self, noise):
+      self.each = [
+        dict(clips, predictions=clips['frame_labels'] + rng.normal(0, noise, (3, 4, 2))) for _ in range(4)
+      ]
+
+    def predict_each(self, split):
+      assert split == 'validation'
+      return self.each
+
+  results = [
+    {'name': name, 'workdir': name, 'evaluator': Predicted(0.1 if overrides['gating'] == 'iaca' else 0.4)}
+    for name, overrides in experiments.CLAIMS_VARIANTS
+  ]
+  forced = []
+
+  def intervened(config, workdir, split, interceptor):  # the counterfactual runs of rjca_iaca
+    forced.append(workdir)
+    return Predicted(0.3).each
+
+  monkeypatch.setattr(experiments.evaluate_lib, 'predict_each_intervened', intervened)
+  path = tmp_path / 'corruptions.json'
+  path.write_text(json.dumps({'format': 'synthetic_av_corruptions/1', 'seed': 0, 'videos': SIDECAR}))
+  lines, rows = experiments.claims_gate_sections(results, str(path), 'validation', 'challenge')
+  text = '\n'.join(lines)
+  gated = [n for n, o in experiments.CLAIMS_VARIANTS if n.startswith('rjca_') and o['gating'] != 'none']
+  assert list(rows['gate_aurocs']) == gated and all(f'### {n}' in text for n in gated)
+  assert 'over 4 replicas (seeds)' in text
+  labels = [r['label'] for r in rows['kind_differences']]
+  assert (
+    len(labels) == 3 * 4 and labels[0] == 'CA: IACA - no gate, clean (1 frames)'
+  )  # one clip, scored at its end frame
+  assert [len(r['sets']) for r in rows['kind_differences']] == [2] * 12
+  assert '| seeds 0-1 | seeds 2-3 |' in text
+  assert forced == ['rjca_iaca'] * len(experiments.STAGE2_AUDIO_SCALES)
+  assert [r['label'] for r in rows['stage2_audio_scaled']][:2] == [
+    'audio weight x 0.5, clean',
+    'audio weight x 0.5, video: blur',
+  ]
+  json.dumps(rows, default=float)  # claims.json
+
+
+def test_scaling_the_stage2_audio_weight_rescales_and_renormalises_the_modality_weights():
+  import flax.linen as nn  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+
+  from iaca_jax.models import Attended, make_gate  # noqa: PLC0415
+
+  rng = np.random.default_rng(8)
+  audio, video = (rng.normal(size=(2, 3, 4)).astype(np.float32) for _ in range(2))
+  attended = Attended(audio, video, np.ones((2, 3)), np.ones((2, 3)), ((audio, video),))
+  gate = make_gate('iaca', temperature=1.0)
+  variables = gate.init(jax.random.key(0), audio, video, attended)
+  fused, gates = gate.apply(variables, audio, video, attended)
+  w = np.asarray(gates['modality'])
+  for scale in (0.0, 0.5, 3.0):
+    with nn.intercept_methods(gate_analysis.scale_stage2_audio(scale)):
+      scaled_fused, scaled = gate.apply(variables, audio, video, attended)
+    expected = np.stack([scale * w[..., 0], w[..., 1]], -1) / (scale * w[..., :1] + w[..., 1:])
+    np.testing.assert_allclose(np.asarray(scaled['modality']), expected, rtol=1e-6)
+    # Fused = [w_v * gated video, w_a * gated audio]: each half rescaled by its new weight.
+    np.testing.assert_allclose(
+      np.asarray(scaled_fused[..., 4:]),
+      np.asarray(fused[..., 4:]) * expected[..., :1] / w[..., :1],
+      rtol=1e-5,
+      atol=1e-6,
+    )
+    np.testing.assert_allclose(
+      np.asarray(scaled_fused[..., :4]),
+      np.asarray(fused[..., :4]) * expected[..., 1:] / w[..., 1:],
+      rtol=1e-5,
+      atol=1e-6,
+    )

@@ -140,6 +140,7 @@ COMBINATIONS = [
   ('rjca', 'iaca', None),
   ('rjca', 'iaca', 'sum'),
   ('rjca', 'iaca', 'iteration'),
+  ('ca', 'iaca', 'mlp'),
 ]
 assert {c for c, _, _ in COMBINATIONS} == set(CROSS_ATTENTION_TYPES)
 assert {(g, s or ('modality' if g == 'iaca' else None)) for _, g, s in COMBINATIONS} == set(models.GATES)
@@ -182,6 +183,7 @@ def test_gate_variants_are_chosen_by_keyword_and_a_stage2_without_iaca_is_refuse
     'SumGate',
     'IterationGate',
     'RawGate',
+    'MLPGate',
   }
   with pytest.raises(ValueError, match="applies to gating='iaca' only"):
     make_gate('stage1', 'sum')
@@ -270,25 +272,18 @@ def test_gate_weights_sum_to_one_and_pick_one_branch_as_temperature_vanishes():
   np.testing.assert_allclose(np.asarray(fused[..., :3]), expected, atol=1e-6)
 
 
-def test_stage2_learns_to_down_weight_a_constant_modality():
-  """Both modalities carry the target; each is replaced by a constant in its own time steps. IACA's
-  stage 2 should turn, per time step, to the modality that still carries the signal."""
-  rng = np.random.default_rng(0)
-  batch, clips, dim = 64, 8, 8
-  signal = rng.normal(size=(batch, clips, 1))
-  audio = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
-  video = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
-  which = rng.integers(0, 3, size=(batch, clips))  # 0 clean, 1 audio corrupted, 2 video corrupted
-  audio = np.where((which == 1)[..., None], 2.0, audio)
-  video = np.where((which == 2)[..., None], 2.0, video)
-  audio, video, target = (jnp.asarray(x, jnp.float32) for x in (audio, video, signal[..., 0]))
-  gate = make_gate('iaca', 'modality')
+def _train_stage2(stage2: str, audio: np.ndarray, video: np.ndarray, target: np.ndarray, steps: int = 800):
+  """Trains IACA's gate (stage 2 `stage2`) and a small MLP head on the fused features to regress
+  `target` (B, L) from audio and video (B, L, d) (the attended features = the inputs). Returns the
+  final loss and the stage-2 audio weight (B, L)."""
+  audio, video, target = (jnp.asarray(x, jnp.float32) for x in (audio, video, target))
+  gate = make_gate('iaca', stage2)
   attended = Attended(audio, video, jnp.ones(audio.shape[:2]), jnp.ones(audio.shape[:2]), ())
   mlp = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(1)])
   head = lambda params, fused: mlp.apply({'params': params['head']}, fused)[..., 0]
   params = {
     'gate': gate.init(jax.random.key(0), audio, video, attended)['params'],
-    'head': mlp.init(jax.random.key(1), jnp.zeros((1, 2 * dim)))['params'],
+    'head': mlp.init(jax.random.key(1), jnp.zeros((1, 2 * audio.shape[-1])))['params'],
   }
   optimizer = optax.adam(1e-2)
   opt_state = optimizer.init(params)
@@ -303,10 +298,24 @@ def test_stage2_learns_to_down_weight_a_constant_modality():
     updates, s = optimizer.update(grads, s)
     return optax.apply_updates(p, updates), s, loss
 
-  for _ in range(800):
+  for _ in range(steps):
     params, opt_state, loss = step(params, opt_state)
-  _, gates = loss_fn(params)
-  audio_weight = np.asarray(gates['modality'][..., 0])
-  assert float(loss) < 0.1
+  loss, gates = loss_fn(params)
+  return float(loss), np.asarray(gates['modality'][..., 0])
+
+
+def test_stage2_learns_to_down_weight_a_constant_modality():
+  """Both modalities carry the target; each is replaced by a constant in its own time steps. IACA's
+  stage 2 should turn, per time step, to the modality that still carries the signal."""
+  rng = np.random.default_rng(0)
+  batch, clips, dim = 64, 8, 8
+  signal = rng.normal(size=(batch, clips, 1))
+  audio = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
+  video = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
+  which = rng.integers(0, 3, size=(batch, clips))  # 0 clean, 1 audio corrupted, 2 video corrupted
+  audio = np.where((which == 1)[..., None], 2.0, audio)
+  video = np.where((which == 2)[..., None], 2.0, video)
+  loss, audio_weight = _train_stage2('modality', audio, video, signal[..., 0])
+  assert loss < 0.1
   assert audio_weight[which == 1].mean() < 0.1  # constant audio: weight on video
   assert audio_weight[which == 2].mean() > 0.9  # constant video: weight on audio

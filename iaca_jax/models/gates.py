@@ -6,7 +6,10 @@ Stage 2 (across modalities, `gating='iaca'`), one of:
               weight before the concatenation (the default: down-weights a corrupted modality);
   `sum`       the same weights, but a weighted sum instead of a concatenation (output d, not 2d);
   `iteration` per modality, a softmax gate over [X, X_att after iteration 1, ..., N] (no stage 1);
-  `raw`       per modality, a softmax gate choosing between the stage-1 output and the raw input.
+  `raw`       per modality, a softmax gate choosing between the stage-1 output and the raw input;
+  `mlp`       as `modality`, with the weights from a one-hidden-layer MLP over [Xg_a, Xg_v]: it can
+              compare the modalities (ReLU(u.a - w.v) + ReLU(w.v - u.a) measures their disagreement),
+              which the linear `modality` gate, a sum of a part of audio and a part of video, cannot.
 Every variant maps (audio (B, L, d), video (B, L, d), the cross-attention's `Attended`) to
 (fused features, gate values): video first, then audio, as in the authors' code: (B, L, 2d) (or
 (B, L, d) for `sum`); gate values (B, L, K) by name. A new variant is a module here and an entry of
@@ -84,11 +87,13 @@ class _Gate(nn.Module):
     gated_a, weights_a = gate('audio_gate')(audio, attended.audio)
     return gated_a, gated_v, {'video': weights_v, 'audio': weights_a}
 
-  def modality_weights(self, gated_a, gated_v) -> jax.Array:
-    """Stage 2's softmax over the modalities, (B, L, 2) = [audio, video]."""
-    logits = self.kernels.dense(2, dtype=self.dtype, name='modality_gate')(
-      jnp.concatenate([gated_a, gated_v], axis=-1)
-    )
+  def modality_weights(self, gated_a, gated_v, hidden: int = 0) -> jax.Array:
+    """Stage 2's softmax over the modalities, (B, L, 2) = [audio, video]; its logits linear in
+    [gated_a, gated_v], or with `hidden` > 0 from a ReLU layer of that width."""
+    features = jnp.concatenate([gated_a, gated_v], axis=-1)
+    if hidden:
+      features = nn.relu(self.kernels.dense(hidden, dtype=self.dtype, name='modality_hidden')(features))
+    logits = self.kernels.dense(2, dtype=self.dtype, name='modality_gate')(features)
     return gate_weights(logits, self.stage2_temperature or self.temperature)
 
   def candidates(self, name: str, candidates: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -119,6 +124,17 @@ class ModalityGate(_Gate):
   def __call__(self, audio, video, attended: Attended) -> Gated:
     gated_a, gated_v, gates = self.stage1(audio, video, attended)
     w = gates['modality'] = self.modality_weights(gated_a, gated_v)
+    fused = jnp.concatenate([w[..., 1:] * gated_v, w[..., :1] * gated_a], axis=-1)
+    return fused.astype(audio.dtype), gates
+
+
+class MLPGate(_Gate):
+  """IACA as `ModalityGate`, its stage-2 weights from a hidden ReLU layer as wide as a modality."""
+
+  @nn.compact
+  def __call__(self, audio, video, attended: Attended) -> Gated:
+    gated_a, gated_v, gates = self.stage1(audio, video, attended)
+    w = gates['modality'] = self.modality_weights(gated_a, gated_v, hidden=audio.shape[-1])
     fused = jnp.concatenate([w[..., 1:] * gated_v, w[..., :1] * gated_a], axis=-1)
     return fused.astype(audio.dtype), gates
 
@@ -167,6 +183,7 @@ GATES = {
   ('iaca', 'sum'): SumGate,
   ('iaca', 'iteration'): IterationGate,
   ('iaca', 'raw'): RawGate,
+  ('iaca', 'mlp'): MLPGate,
 }
 GATE_TYPES = ('none', 'stage1', 'iaca')
 STAGE2_TYPES = tuple(stage2 for _, stage2 in GATES if stage2)
