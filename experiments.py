@@ -72,7 +72,16 @@ CLAIMS_VARIANTS = ABLATION_VARIANTS[:9] + tuple(
   (f'rjca_iaca_{stage2}', dict(cross_attention='rjca', gating='iaca', stage2=stage2))
   for stage2 in ('mlp', 'sum', 'iteration', 'raw')
 )
-DEMO_REPLICAS, ABLATION_REPLICAS, CLAIMS_REPLICAS = 3, 5, 18
+# Why stage 2 does not turn away from an inconsistent voice: training length and stage-2 temperature
+# (`make claims` has the stage-2 designs and the counterfactual weights).
+RJCA_IACA = dict(cross_attention='rjca', gating='iaca')
+WHY_VARIANTS = (
+  ('rjca_iaca', RJCA_IACA),
+  ('rjca_iaca_8_epochs', dict(RJCA_IACA, training=dict(num_epochs=8))),
+  ('rjca_iaca_t2_0.3', dict(RJCA_IACA, stage2_temperature=0.3)),
+  ('rjca_iaca_t2_0.1', dict(RJCA_IACA, stage2_temperature=0.1)),
+)
+DEMO_REPLICAS, ABLATION_REPLICAS, CLAIMS_REPLICAS, WHY_REPLICAS = 3, 5, 18, 9
 CLAIMS_MISSING_AUDIO = (0.5, 0.9)  # shares of validation clips silenced
 STAGE2_AUDIO_SCALES = (0.5, 2.0)  # the counterfactual stage-2 audio weights of the claims
 # (label, variant, baseline): paired differences over the shared seeds; the paper's claims.
@@ -99,12 +108,15 @@ def log(message: str) -> None:
   print(f'[{time.strftime("%H:%M:%S")}] {message}', flush=True)
 
 
-def demo_config(results_dir: str, replicas: int = 1, **model_overrides) -> ml_collections.ConfigDict:
+def demo_config(
+  results_dir: str, replicas: int = 1, training: dict | None = None, **model_overrides
+) -> ml_collections.ConfigDict:
   config = synthetic_demo.get_config()
   config.dataset.data_dir = os.path.join(results_dir, 'tfds')
   config.dataset.features_dir = os.path.join(results_dir, 'features')
   config.replicas.count = replicas
   config.model.update(model_overrides)
+  config.training.update(training or {})
   return config
 
 
@@ -571,6 +583,57 @@ def run_claims(results_dir: str, size: str = 'default', replicas: int = CLAIMS_R
   return path
 
 
+def stage2_audio_table(rows_by_variant: dict[str, list[dict]]) -> str:
+  """The stage-2 audio weight's AUROC per audio corruption and a missing face, one row per variant
+  (`gate_analysis.replica_gate_aurocs` rows)."""
+  kinds = [f'audio: {k}' for k in corruptions.AUDIO_KINDS] + ['video: missing']
+  lines = ['| variant | ' + ' | '.join(kinds) + ' |', '|---' * (len(kinds) + 1) + '|']
+  for name, rows in rows_by_variant.items():
+    by_kind = {r['clips']: r for r in rows}
+    cells = [
+      stats.format_interval(*by_kind[k]['stage-2 audio weight']) if k in by_kind else '-' for k in kinds
+    ]
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def run_why(results_dir: str, size: str = 'default', replicas: int = WHY_REPLICAS) -> str:
+  """RJCA + IACA trained longer and with other stage-2 temperatures: does its stage-2 audio weight
+  separate each kind of corruption (AUROC over seeds)? Writes why.md and why.json in results_dir."""
+  start = time.time()
+  config = prepare_data(results_dir, size=size)
+  sidecar = corruptions.read_corruptions(os.path.join(results_dir, 'raw', corruptions.FILENAME))
+  results, aurocs = [], {}
+  for name, overrides in WHY_VARIANTS:
+    result = run_variant(
+      results_dir, name, overrides, replicas=replicas, missing_audio=False, runs_dir='why_runs'
+    )
+    each = result['evaluator'].predict_each(config.dataset.eval_split)
+    groups = gate_analysis.clip_groups(each[0], sidecar)
+    aurocs[name] = gate_analysis.replica_gate_aurocs(each, groups)
+    results.append(result)
+  path = os.path.join(results_dir, 'why.md')
+  body = [
+    '# Why stage 2 does not turn away from an inconsistent voice (validation)',
+    '',
+    f'Made by `python experiments.py --mode=why` in {time.time() - start:.0f} s; {replicas} replicas '
+    '(seeds) per variant.',
+    '',
+    ablation_table(results),
+    'AUROC of the stage-2 audio weight separating the clips of each kind from the clean clips: mean '
+    f'[95% t-interval] over {replicas} seeds; below 0.5 the weight is lower on the corrupted clips.',
+    '',
+    stage2_audio_table(aurocs),
+  ]
+  clean = int(groups[gate_analysis.CLEAN].sum())  # the same validation clips for every variant
+  for name, rows in aurocs.items():
+    body += [f'## {name}', '', gate_analysis.replica_auroc_table(rows, clean, replicas), '']
+  atomic_write(path, '\n'.join(body))
+  write_json(os.path.join(results_dir, 'why.json'), results, gate_aurocs=aurocs)
+  log(f'Why: {path} ({time.time() - start:.0f} s)')
+  return path
+
+
 def main(argv):
   runtime.configure_process()  # before JAX starts its backends (iaca_jax/runtime.py)
   del argv
@@ -580,13 +643,14 @@ def main(argv):
     'demo': (run_demo, DEMO_REPLICAS),
     'ablation': (run_ablation, ABLATION_REPLICAS),
     'claims': (run_claims, CLAIMS_REPLICAS),
+    'why': (run_why, WHY_REPLICAS),
   }[f.mode]
   replicas = f.replicas or replicas
   cli.run_reporting_user_errors(lambda: run(f.results_dir, f.size, replicas))
 
 
 if __name__ == '__main__':
-  flags.DEFINE_enum('mode', 'demo', ['demo', 'ablation', 'claims'], 'What to run.')
+  flags.DEFINE_enum('mode', 'demo', ['demo', 'ablation', 'claims', 'why'], 'What to run.')
   flags.DEFINE_string('results_dir', 'results/demo', 'Where data, runs, tables and figures go.')
   flags.DEFINE_enum('size', 'default', ['default', 'tiny'], 'Size of the generated synthetic set.')
   flags.DEFINE_integer(

@@ -316,3 +316,25 @@ def test_scaling_the_stage2_audio_weight_rescales_and_renormalises_the_modality_
       rtol=1e-5,
       atol=1e-6,
     )
+
+
+def test_the_why_table_gives_the_stage2_audio_weights_auroc_per_kind_and_variant():
+  import experiments  # noqa: PLC0415 - the entry point's helpers, without running it
+
+  row = lambda kind, value: {
+    'clips': kind,
+    'n': 5,
+    'videos': 2,
+    'stage-2 audio weight': (value, value - 0.1, value + 0.1),
+  }
+  table = experiments.stage2_audio_table(
+    {
+      'base': [row('audio: noise', 0.2), row('audio: inconsistent', 0.6)],
+      'longer': [row('video: missing', 0.7)],
+    }
+  ).splitlines()
+  assert table[0] == '| variant | audio: noise | audio: silence | audio: inconsistent | video: missing |'
+  assert table[2] == '| base | 0.200 [0.100, 0.300] | - | 0.600 [0.500, 0.700] | - |'
+  assert table[3] == '| longer | - | - | - | 0.700 [0.600, 0.800] |'
+  config = experiments.demo_config('r', 2, training=dict(num_epochs=8), stage2_temperature=0.3)
+  assert (config.training.num_epochs, config.model.stage2_temperature, config.replicas.count) == (8, 0.3, 2)
