@@ -610,7 +610,7 @@ def run_why(results_dir: str, size: str = 'default', replicas: int = WHY_REPLICA
     )
     each = result['evaluator'].predict_each(config.dataset.eval_split)
     groups = gate_analysis.clip_groups(each[0], sidecar)
-    aurocs[name] = gate_analysis.replica_gate_aurocs(each, groups)
+    aurocs[name] = gate_analysis.replica_gate_aurocs(each, groups, scores=('score_audio', 'score_video'))
     results.append(result)
   path = os.path.join(results_dir, 'why.md')
   body = [

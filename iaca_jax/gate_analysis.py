@@ -187,11 +187,12 @@ def gate_aurocs(
 
 
 def replica_gate_aurocs(
-  each: Sequence[Mapping[str, np.ndarray]], groups: Mapping[str, np.ndarray]
+  each: Sequence[Mapping[str, np.ndarray]], groups: Mapping[str, np.ndarray], scores: Sequence[str] = ()
 ) -> list[dict]:
   """As `gate_aurocs`, from every replica's clips (`each`, the same windows): per gate column label
   the mean AUROC over the replicas and its 95% t-interval (the spread over seeds, where
-  `gate_aurocs` gives one model's spread over videos)."""
+  `gate_aurocs` gives one model's spread over videos). `scores`: other per-clip values (N, L) to
+  treat alike, e.g. the cross-attention's `score_audio`."""
   rows = []
   for group, selected in groups.items():
     if group == CLEAN:
@@ -202,8 +203,9 @@ def replica_gate_aurocs(
       'n': int(selected.sum()),
       'videos': int(np.unique(_names(each[0])[selected.any(-1)]).size),
     }
-    for key, index, label in gate_columns(each[0]):
-      values = [auroc(np.asarray(c[key][..., index])[scored], selected[scored]) for c in each]
+    columns = [(key, (Ellipsis, index), label) for key, index, label in gate_columns(each[0])]
+    for key, at, label in columns + [(key, Ellipsis, key) for key in scores]:
+      values = [auroc(np.asarray(c[key])[at][scored], selected[scored]) for c in each]
       row[label] = stats.t_interval(values)
     rows.append(row)
   return rows

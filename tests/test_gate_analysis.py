@@ -218,8 +218,15 @@ def test_replica_gate_aurocs_give_each_seeds_auroc_and_their_t_interval():
     clips['gate_audio'] = rng.random(base['gate_audio'].shape)
     clips['gate_modality'][groups['audio: noise'], 0] -= shift
     each.append(clips)
-  (row,) = gate_analysis.replica_gate_aurocs(each, groups)
+  for clips in each:
+    clips['score_audio'] = rng.random(base['end_frame'].shape)
+  (row,) = gate_analysis.replica_gate_aurocs(each, groups, scores=('score_audio',))
   assert (row['clips'], row['n']) == ('audio: noise', int(groups['audio: noise'].sum()))
+  per_seed = [
+    brute_force_auroc(c['score_audio'][groups['audio: noise']], c['score_audio'][groups['clean']])
+    for c in each
+  ]
+  assert row['score_audio'][0] == pytest.approx(np.mean(per_seed))
   for key, column, label in (
     ('gate_modality', 0, 'stage-2 audio weight'),
     ('gate_audio', 1, 'stage-1 weight on the attended audio'),
