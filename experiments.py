@@ -386,10 +386,16 @@ def run_demo(results_dir: str, size: str = 'default', replicas: int = DEMO_REPLI
   return path
 
 
-def run_ablation(results_dir: str, size: str = 'default', replicas: int = ABLATION_REPLICAS) -> str:
-  start = time.time()
-  config = prepare_data(results_dir, size=size)
-  results = [
+def train_grid(
+  results_dir: str,
+  variants: Sequence[tuple[str, dict]],
+  replicas: int,
+  runs_dir: str,
+  fractions: Sequence[float] = evaluate_lib.MISSING_AUDIO_FRACTIONS,
+) -> list[dict]:
+  """`run_variant` of each (name, model overrides) in `results_dir/runs_dir`; the missing-audio sweep
+  (one silencing seed, at `fractions`) for the plain no-gate and IACA variants of each fusion."""
+  return [
     run_variant(
       results_dir,
       name,
@@ -397,12 +403,19 @@ def run_ablation(results_dir: str, size: str = 'default', replicas: int = ABLATI
       replicas=replicas,
       missing_audio=overrides.get('gating') in ('none', 'iaca') and len(overrides) == 2,
       seeds=(0,),
-      # Apart from the demo's runs: `rjca_iaca` there has another number of replicas, and resuming
-      # a checkpoint of 3 replicas as 5 fails.
-      runs_dir='ablation_runs',
+      fractions=fractions,
+      runs_dir=runs_dir,
     )
-    for name, overrides in ABLATION_VARIANTS
+    for name, overrides in variants
   ]
+
+
+def run_ablation(results_dir: str, size: str = 'default', replicas: int = ABLATION_REPLICAS) -> str:
+  start = time.time()
+  config = prepare_data(results_dir, size=size)
+  # Apart from the demo's runs: `rjca_iaca` there has another number of replicas, and resuming a
+  # checkpoint of 3 replicas as 5 fails.
+  results = train_grid(results_dir, ABLATION_VARIANTS, replicas, 'ablation_runs')
   comparisons = paired_comparisons(results, ABLATION_COMPARISONS)
   comparisons += missing_audio_comparisons(results, ABLATION_COMPARISONS[:3])
   log('Bootstrap over validation videos')
@@ -521,19 +534,7 @@ def run_claims(results_dir: str, size: str = 'default', replicas: int = CLAIMS_R
   start = time.time()
   sets = claims.seed_sets(replicas)  # refuses a count that does not split before any training
   config = prepare_data(results_dir, size=size)
-  results = [
-    run_variant(
-      results_dir,
-      name,
-      overrides,
-      replicas=replicas,
-      missing_audio=overrides['gating'] in ('none', 'iaca') and len(overrides) == 2,
-      seeds=(0,),
-      fractions=CLAIMS_MISSING_AUDIO,
-      runs_dir='claims_runs',
-    )
-    for name, overrides in CLAIMS_VARIANTS
-  ]
+  results = train_grid(results_dir, CLAIMS_VARIANTS, replicas, 'claims_runs', CLAIMS_MISSING_AUDIO)
   by_name = {r['name']: r for r in results}
   ccc = lambda name: _per_replica(by_name[name], 'ccc_mean')
   verdicts = [claims.decide(label, ccc(v), ccc(b), sets) for label, v, b in CLAIMS_COMPARISONS]
