@@ -515,12 +515,12 @@ def claims_gate_sections(
       label = f'audio weight x {scale}, {group}'
       scaled.append(claims.decide(label, [f[key] for f in forced], [t[key] for t in trained], sets))
   lines += [
-    '## Would the loss reward a stage-2 gate that moved? (RJCA + IACA)',
+    '## What the loss makes of a stage-2 audio weight forced down or up (RJCA + IACA)',
     '',
     'Every stage-2 weight pair [w_a, w_v] of the trained models replaced by [s w_a, w_v] / (s w_a + w_v) '
     "(`gate_analysis.scale_stage2_audio`): the change of the mean CCC over each kind's frames. Where "
-    'a lower audio weight costs less than on clean frames, or gains, a gate that lowered it there '
-    'would be rewarded.',
+    'a lower audio weight costs less than on clean frames, the loss favours a gate that gives those '
+    'clips less audio weight than clean ones; a gain says how much it would pay.',
     '',
     claims.verdict_table(scaled, "the mean CCC over the kind's frames (forced - trained model)"),
   ]

@@ -93,3 +93,24 @@ def test_evaluate_with_other_model_settings_than_the_run_names_them_in_one_line(
     "or give the run's values"
   )
   assert os.listdir(tmp_path) == []
+
+
+def test_a_counterfactual_prediction_retraces_the_model_under_its_interceptor(one_epoch_run):
+  """`predict_each_intervened` must trace the model anew (the compiled steps are cached per model):
+  with the stage-2 audio weight scaled by 0 every audio weight is 0 and the predictions move; the
+  plain evaluation before and after is untouched."""
+  from iaca_jax import gate_analysis  # noqa: PLC0415
+
+  config, workdir = one_epoch_run.config, one_epoch_run.workdir
+  split = config.dataset.eval_split
+  plain = evaluate_lib.Evaluator(config, workdir, 'best').predict_each(split)[0]
+  (forced,) = evaluate_lib.predict_each_intervened(
+    config, workdir, split, gate_analysis.scale_stage2_audio(0.0)
+  )
+  after = evaluate_lib.Evaluator(config, workdir, 'best').predict_each(split)[0]
+  real = plain['end_frame'] > 0
+  assert (plain['gate_modality'][..., 0][real] > 0).all()
+  np.testing.assert_array_equal(forced['gate_modality'][..., 0][real], 0.0)
+  np.testing.assert_allclose(forced['gate_modality'][..., 1][real], 1.0)
+  assert np.abs(forced['predictions'] - plain['predictions'])[real].max() > 1e-4
+  np.testing.assert_array_equal(after['predictions'], plain['predictions'])

@@ -220,8 +220,9 @@ def test_replica_gate_aurocs_give_each_seeds_auroc_and_their_t_interval():
     each.append(clips)
   for clips in each:
     clips['score_audio'] = rng.random(base['end_frame'].shape)
+  groups['audio: noise'][base['video_name'] == b'v2'] = False  # one video without such clips
   (row,) = gate_analysis.replica_gate_aurocs(each, groups, scores=('score_audio',))
-  assert (row['clips'], row['n']) == ('audio: noise', int(groups['audio: noise'].sum()))
+  assert (row['clips'], row['n'], row['videos']) == ('audio: noise', int(groups['audio: noise'].sum()), 4)
   per_seed = [
     brute_force_auroc(c['score_audio'][groups['audio: noise']], c['score_audio'][groups['clean']])
     for c in each

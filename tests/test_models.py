@@ -272,18 +272,25 @@ def test_gate_weights_sum_to_one_and_pick_one_branch_as_temperature_vanishes():
   np.testing.assert_allclose(np.asarray(fused[..., :3]), expected, atol=1e-6)
 
 
-def _train_stage2(stage2: str, audio: np.ndarray, video: np.ndarray, target: np.ndarray, steps: int = 800):
-  """Trains IACA's gate (stage 2 `stage2`) and a small MLP head on the fused features to regress
-  `target` (B, L) from audio and video (B, L, d) (the attended features = the inputs). Returns the
-  final loss and the stage-2 audio weight (B, L)."""
-  audio, video, target = (jnp.asarray(x, jnp.float32) for x in (audio, video, target))
-  gate = make_gate('iaca', stage2)
+def test_stage2_learns_to_down_weight_a_constant_modality():
+  """Both modalities carry the target; each is replaced by a constant in its own time steps. IACA's
+  stage 2 should turn, per time step, to the modality that still carries the signal."""
+  rng = np.random.default_rng(0)
+  batch, clips, dim = 64, 8, 8
+  signal = rng.normal(size=(batch, clips, 1))
+  audio = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
+  video = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
+  which = rng.integers(0, 3, size=(batch, clips))  # 0 clean, 1 audio corrupted, 2 video corrupted
+  audio = np.where((which == 1)[..., None], 2.0, audio)
+  video = np.where((which == 2)[..., None], 2.0, video)
+  audio, video, target = (jnp.asarray(x, jnp.float32) for x in (audio, video, signal[..., 0]))
+  gate = make_gate('iaca', 'modality')
   attended = Attended(audio, video, jnp.ones(audio.shape[:2]), jnp.ones(audio.shape[:2]), ())
   mlp = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(1)])
   head = lambda params, fused: mlp.apply({'params': params['head']}, fused)[..., 0]
   params = {
     'gate': gate.init(jax.random.key(0), audio, video, attended)['params'],
-    'head': mlp.init(jax.random.key(1), jnp.zeros((1, 2 * audio.shape[-1])))['params'],
+    'head': mlp.init(jax.random.key(1), jnp.zeros((1, 2 * dim)))['params'],
   }
   optimizer = optax.adam(1e-2)
   opt_state = optimizer.init(params)
@@ -298,24 +305,38 @@ def _train_stage2(stage2: str, audio: np.ndarray, video: np.ndarray, target: np.
     updates, s = optimizer.update(grads, s)
     return optax.apply_updates(p, updates), s, loss
 
-  for _ in range(steps):
+  for _ in range(800):
     params, opt_state, loss = step(params, opt_state)
-  loss, gates = loss_fn(params)
-  return float(loss), np.asarray(gates['modality'][..., 0])
-
-
-def test_stage2_learns_to_down_weight_a_constant_modality():
-  """Both modalities carry the target; each is replaced by a constant in its own time steps. IACA's
-  stage 2 should turn, per time step, to the modality that still carries the signal."""
-  rng = np.random.default_rng(0)
-  batch, clips, dim = 64, 8, 8
-  signal = rng.normal(size=(batch, clips, 1))
-  audio = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
-  video = signal * rng.normal(size=(1, 1, dim)) + 0.1 * rng.normal(size=(batch, clips, dim))
-  which = rng.integers(0, 3, size=(batch, clips))  # 0 clean, 1 audio corrupted, 2 video corrupted
-  audio = np.where((which == 1)[..., None], 2.0, audio)
-  video = np.where((which == 2)[..., None], 2.0, video)
-  loss, audio_weight = _train_stage2('modality', audio, video, signal[..., 0])
-  assert loss < 0.1
+  _, gates = loss_fn(params)
+  audio_weight = np.asarray(gates['modality'][..., 0])
+  assert float(loss) < 0.1
   assert audio_weight[which == 1].mean() < 0.1  # constant audio: weight on video
   assert audio_weight[which == 2].mean() > 0.9  # constant video: weight on audio
+
+
+def test_the_mlp_stage2_computes_its_weights_through_a_hidden_relu_layer():
+  """MLPGate against NumPy: stage 1 per modality, then softmax(Dense_2(ReLU(Dense_d([g_a, g_v]))) / T2)
+  scaling [g_v, g_a]."""
+  rng = np.random.default_rng(3)
+  audio, video, att_a, att_v = (rng.normal(size=(2, 3, 4)).astype(np.float32) for _ in range(4))
+  attended = Attended(att_a, att_v, np.ones((2, 3)), np.ones((2, 3)), ((att_a, att_v),))
+  gate = make_gate('iaca', 'mlp', temperature=0.5, stage2_temperature=2.0)
+  variables = gate.init(jax.random.key(0), audio, video, attended)
+  fused, gates = gate.apply(variables, audio, video, attended)
+  p = jax.tree_util.tree_map(np.asarray, variables['params'])
+  dense = lambda x, name: x @ p[name]['kernel'] + p[name]['bias']
+  softmax = lambda z: (
+    np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  )
+
+  def stage1(x, att, name):
+    w = softmax((att @ p[name]['fc']['kernel'] + p[name]['fc']['bias']) / 0.5)
+    return np.maximum(w[..., :1] * x + w[..., 1:] * att, 0)
+
+  g_a, g_v = stage1(audio, att_a, 'audio_gate'), stage1(video, att_v, 'video_gate')
+  hidden = np.maximum(dense(np.concatenate([g_a, g_v], -1), 'modality_hidden'), 0)
+  w = softmax(dense(hidden, 'modality_gate') / 2.0)
+  np.testing.assert_allclose(np.asarray(gates['modality']), w, rtol=1e-5, atol=1e-6)
+  expected = np.concatenate([w[..., 1:] * g_v, w[..., :1] * g_a], -1)
+  np.testing.assert_allclose(np.asarray(fused), expected, rtol=1e-5, atol=1e-6)
+  assert p['modality_hidden']['kernel'].shape == (8, 4)
