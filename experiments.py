@@ -287,6 +287,11 @@ def missing_audio_comparisons(results: Sequence[dict], comparisons: Sequence[tup
   return rows
 
 
+def no_sidecar(sidecar_path: str) -> tuple[list[str], dict]:
+  """The per-kind sections' stand-in where the set has no corruption sidecar (not a generated set)."""
+  return [f"(No {sidecar_path}: the per-kind analysis needs the generated set's sidecar.)", ''], {}
+
+
 def ground_truth_sections(
   clips: dict, each: Sequence[list], sidecar_path: str, label: str, protocol: str = 'challenge'
 ) -> tuple[list[str], dict]:
@@ -295,7 +300,7 @@ def ground_truth_sections(
   the paired difference `label` per kind (`each`: the per-replica clips of the variant and of the
   baseline). Also the rows, for results.json. Without the sidecar, a line saying so."""
   if not os.path.isfile(sidecar_path):
-    return [f"(No {sidecar_path}: the per-kind analysis needs the generated set's sidecar.)", ''], {}
+    return no_sidecar(sidecar_path)
   groups = gate_analysis.clip_groups(clips, corruptions.read_corruptions(sidecar_path))
   aurocs = gate_analysis.gate_aurocs(clips, groups)
   kinds = gate_analysis.kind_differences(*each, groups, protocol)
@@ -465,7 +470,7 @@ def claims_gate_sections(
   (`gate_analysis.replica_gate_aurocs`); and per kind of corruption each fusion's IACA - no gate,
   decided on both seed sets. Without the sidecar, a line saying so."""
   if not os.path.isfile(sidecar_path):
-    return [f"(No {sidecar_path}: the per-kind analysis needs the generated set's sidecar.)", ''], {}
+    return no_sidecar(sidecar_path)
   sidecar = corruptions.read_corruptions(sidecar_path)
   by_name = {r['name']: r for r in results}
   each = {}
@@ -477,23 +482,40 @@ def claims_gate_sections(
 
   groups = gate_analysis.clip_groups(clips_of('rjca_none')[0], sidecar)
   clean = int(groups[gate_analysis.CLEAN].sum())
-  lines, rows = [], {'gate_aurocs': {}, 'kind_differences': []}
+  sets = claims.seed_sets(len(clips_of('rjca_none')))
+
+  def kind_scores(per_replica):
+    return [gate_analysis.kind_scores(c, groups, protocol) for c in per_replica]
+
+  def per_kind(label, variant, baseline):
+    """`claims.decide` on each kind's frames; variant, baseline: per replica `kind_scores`."""
+    return [
+      claims.decide(
+        label(group, int(variant[0][f'{group}/n_frames'])),
+        [v[f'{group}/ccc_mean'] for v in variant],
+        [b[f'{group}/ccc_mean'] for b in baseline],
+        sets,
+      )
+      for group in groups
+    ]
+
+  lines, rows = [], {'gate_aurocs': {}}
   for name in (n for n, o in CLAIMS_VARIANTS if n.startswith('rjca_') and o['gating'] != 'none'):
     aurocs = gate_analysis.replica_gate_aurocs(clips_of(name), groups)
     rows['gate_aurocs'][name] = aurocs
     lines += [f'### {name}', '', gate_analysis.replica_auroc_table(aurocs, clean, len(each[name])), '']
-  sets = claims.seed_sets(len(clips_of('rjca_none')))
-  kind_rows = []
-  for ca in ('ca', 'jca', 'rjca'):
-    variant, baseline = (
-      [gate_analysis.kind_scores(c, groups, protocol) for c in clips_of(f'{ca}_{gate}')]
-      for gate in ('iaca', 'none')
+  scores = {
+    name: kind_scores(clips_of(name)) for ca in ('ca', 'jca', 'rjca') for name in (f'{ca}_iaca', f'{ca}_none')
+  }
+  rows['kind_differences'] = kind_rows = [
+    row
+    for ca in ('ca', 'jca', 'rjca')
+    for row in per_kind(
+      lambda group, frames, ca=ca: f'{ca.upper()}: IACA - no gate, {group} ({frames} frames)',
+      scores[f'{ca}_iaca'],
+      scores[f'{ca}_none'],
     )
-    for group in groups:
-      key = f'{group}/ccc_mean'
-      label = f'{ca.upper()}: IACA - no gate, {group} ({int(variant[0][f"{group}/n_frames"])} frames)'
-      kind_rows.append(claims.decide(label, [v[key] for v in variant], [b[key] for b in baseline], sets))
-  rows['kind_differences'] = kind_rows
+  ]
   lines += [
     f'## IACA - no gate per kind of corruption (ground truth: `{corruptions.FILENAME}`)',
     '',
@@ -503,17 +525,16 @@ def claims_gate_sections(
   ]
   rows['stage2_audio_scaled'] = scaled = []
   iaca = by_name['rjca_iaca']
-  trained = [gate_analysis.kind_scores(c, groups, protocol) for c in clips_of('rjca_iaca')]
   for scale in STAGE2_AUDIO_SCALES:
     log(f'rjca_iaca with its stage-2 audio weight scaled by {scale}')
     forced = evaluate_lib.predict_each_intervened(
       iaca['evaluator'].config, iaca['workdir'], split, gate_analysis.scale_stage2_audio(scale)
     )
-    forced = [gate_analysis.kind_scores(c, groups, protocol) for c in forced]
-    for group in groups:
-      key = f'{group}/ccc_mean'
-      label = f'audio weight x {scale}, {group}'
-      scaled.append(claims.decide(label, [f[key] for f in forced], [t[key] for t in trained], sets))
+    scaled += per_kind(
+      lambda group, frames, scale=scale: f'audio weight x {scale}, {group}',
+      kind_scores(forced),
+      scores['rjca_iaca'],
+    )
   lines += [
     '## What the loss makes of a stage-2 audio weight forced down or up (RJCA + IACA)',
     '',

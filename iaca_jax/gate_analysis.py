@@ -7,8 +7,8 @@
 - `replica_gate_aurocs`: the same AUROCs of every replica (seed), with their t-interval over seeds;
 - `kind_differences`: the paired CCC difference of two variants over the frames of each kind, over
   their shared seeds;
-- `scale_stage2_audio`: an interceptor that forces the stage-2 audio weight up or down, to ask
-  whether the loss would reward a gate that moved it (`evaluate_lib.predict_each_intervened`).
+- `scale_stage2_audio`: an interceptor that forces the stage-2 audio weight up or down, to measure
+  what the loss makes of a gate that moved it (`evaluate_lib.predict_each_intervened`).
 
 The examples carry only one flag per modality (`corrupt_video`, `corrupt_audio`), so the kind of a
 clip comes from the sidecar with the build's rule (`corruptions.clip_corrupt`: at least half of

@@ -19,7 +19,7 @@ Every variant maps (audio (B, L, d), video (B, L, d), the cross-attention's `Att
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -120,23 +120,21 @@ class Stage1Gate(_Gate):
 class ModalityGate(_Gate):
   """IACA: stage 1, then each modality scaled by its stage-2 weight and concatenated."""
 
+  hidden_layer: ClassVar[bool] = False  # stage 2's logits through a ReLU layer as wide as a modality
+
   @nn.compact
   def __call__(self, audio, video, attended: Attended) -> Gated:
     gated_a, gated_v, gates = self.stage1(audio, video, attended)
-    w = gates['modality'] = self.modality_weights(gated_a, gated_v)
+    hidden = audio.shape[-1] if self.hidden_layer else 0
+    w = gates['modality'] = self.modality_weights(gated_a, gated_v, hidden)
     fused = jnp.concatenate([w[..., 1:] * gated_v, w[..., :1] * gated_a], axis=-1)
     return fused.astype(audio.dtype), gates
 
 
-class MLPGate(_Gate):
+class MLPGate(ModalityGate):
   """IACA as `ModalityGate`, its stage-2 weights from a hidden ReLU layer as wide as a modality."""
 
-  @nn.compact
-  def __call__(self, audio, video, attended: Attended) -> Gated:
-    gated_a, gated_v, gates = self.stage1(audio, video, attended)
-    w = gates['modality'] = self.modality_weights(gated_a, gated_v, hidden=audio.shape[-1])
-    fused = jnp.concatenate([w[..., 1:] * gated_v, w[..., :1] * gated_a], axis=-1)
-    return fused.astype(audio.dtype), gates
+  hidden_layer: ClassVar[bool] = True
 
 
 class SumGate(_Gate):
